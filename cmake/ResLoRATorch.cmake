@@ -1,0 +1,21 @@
+# Finds Torch through the Python interpreter that will import the package, so the library is
+# built against exactly the installed torch. Sets RESLORA_TORCH_HAS_CUDA.
+find_package(Python3 REQUIRED COMPONENTS Interpreter Development.Module)
+execute_process(
+  COMMAND "${Python3_EXECUTABLE}" -c "import torch.utils; print(torch.utils.cmake_prefix_path)"
+  OUTPUT_VARIABLE _torch_prefix OUTPUT_STRIP_TRAILING_WHITESPACE RESULT_VARIABLE _rc)
+if(NOT _rc EQUAL 0)
+  message(FATAL_ERROR "reslora needs PyTorch (>= 2.4) importable by ${Python3_EXECUTABLE}")
+endif()
+list(APPEND CMAKE_PREFIX_PATH "${_torch_prefix}")
+find_package(Torch REQUIRED)
+get_filename_component(TORCH_INSTALL_PREFIX "${_torch_prefix}/../.." ABSOLUTE)
+if(Torch_VERSION VERSION_LESS 2.4)
+  message(FATAL_ERROR "reslora needs torch >= 2.4, found ${Torch_VERSION}")
+endif()
+set(RESLORA_TORCH_HAS_CUDA OFF)
+if(TORCH_CUDA_LIBRARIES)
+  set(RESLORA_TORCH_HAS_CUDA ON)
+endif()
+# Torch's own flags (the C++11 ABI setting among them) apply to everything we compile for C++.
+set(CMAKE_CXX_FLAGS "${CMAKE_CXX_FLAGS} ${TORCH_CXX_FLAGS}")

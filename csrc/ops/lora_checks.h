@@ -1,0 +1,91 @@
+// Argument checks shared by every backend of the ops (Meta included, so fake tensors fail the
+// same way). Messages name the op, the argument, the expected and the received value.
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace reslora {
+namespace detail {
+
+inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "reslora::", op, ": ", name,
+              " must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t,
+                       const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "reslora::", op, ": ", name,
+              " must have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), "reslora::", op, ": ", name,
+              " must be on the device of x (", x.device(), "), got ", t.device());
+}
+
+inline void check_dropout(const char* op, double p) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "reslora::", op, ": dropout must be in [0, 1), got ", p);
+}
+
+inline void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "reslora::", op,
+              ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
+  check_float_dtype(op, "x", x);
+}
+
+inline void check_down(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+                       const at::Tensor& A, double dropout, int64_t segment_rank) {
+  check_x(op, x);
+  const int64_t d_in = x.size(-1);
+  TORCH_CHECK(A.dim() == 2, "reslora::", op, ": A must be a 2-D tensor [r, d_in] = [r, ", d_in,
+              "], got a ", A.dim(), "-D tensor of shape ", A.sizes());
+  TORCH_CHECK(A.size(1) == d_in, "reslora::", op, ": A must have shape [r, d_in] = [",
+              A.size(0), ", ", d_in, "], got ", A.sizes());
+  TORCH_CHECK(A.size(0) >= 1, "reslora::", op, ": A must have r >= 1 rows, got shape ",
+              A.sizes());
+  TORCH_CHECK(segment_rank >= 1 && A.size(0) % segment_rank == 0, "reslora::", op,
+              ": segment_rank must be >= 1 and divide the rows of A (", A.size(0), "), got ",
+              segment_rank);
+  check_same(op, "A", A, x);
+  if (x_prev.has_value()) {
+    TORCH_CHECK(x_prev->sizes() == x.sizes(), "reslora::", op,
+                ": x_prev must have the shape of x ", x.sizes(), ", got ", x_prev->sizes());
+    check_same(op, "x_prev", *x_prev, x);
+  }
+  check_dropout(op, dropout);
+}
+
+inline void check_up(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, const at::Tensor& z,
+                     const at::Tensor& B, double scaling) {
+  check_x(op, x);
+  const int64_t d_in = x.size(-1);
+  TORCH_CHECK(weight.dim() == 2, "reslora::", op, ": weight must be a 2-D tensor [d_out, d_in]",
+              ", got a ", weight.dim(), "-D tensor of shape ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == d_in, "reslora::", op, ": weight must have shape [d_out, d_in] = [",
+              weight.size(0), ", ", d_in, "], got ", weight.sizes());
+  const int64_t d_out = weight.size(0);
+  TORCH_CHECK(B.dim() == 2, "reslora::", op, ": B must be a 2-D tensor [d_out, r] = [", d_out,
+              ", r], got a ", B.dim(), "-D tensor of shape ", B.sizes());
+  TORCH_CHECK(B.size(0) == d_out, "reslora::", op, ": B must have shape [d_out, r] = [", d_out,
+              ", ", B.size(1), "], got ", B.sizes());
+  std::vector<int64_t> z_shape(x.sizes().begin(), x.sizes().end());
+  z_shape.back() = B.size(1);
+  TORCH_CHECK(z.sizes() == at::IntArrayRef(z_shape), "reslora::", op,
+              ": z must have shape [..., r] = ", at::IntArrayRef(z_shape), ", got ", z.sizes());
+  check_same(op, "weight", weight, x);
+  check_same(op, "z", z, x);
+  check_same(op, "B", B, x);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out, "reslora::", op,
+                ": bias must have shape [d_out] = [", d_out, "], got ", bias->sizes());
+    check_same(op, "bias", *bias, x);
+  }
+  TORCH_CHECK(std::isfinite(scaling), "reslora::", op, ": scaling must be finite, got ", scaling);
+}
+
+}  // namespace detail
+}  // namespace reslora

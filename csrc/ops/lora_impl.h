@@ -1,0 +1,130 @@
+// Backend-generic bodies of the ops. Each backend supplies only the dropout kernel
+// (DropoutSumFn); the matrix products go through ATen (cuBLAS on CUDA, shape-only on Meta), so
+// one body serves CPU, CUDA and Meta and the shapes cannot drift apart between them.
+#pragma once
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "lora_checks.h"
+
+namespace reslora {
+namespace detail {
+
+// Returns (x [+ x_prev]) * keep / (1 - p) for segment `segment`, shape [N, d] contiguous.
+// Called only with p > 0. x_prev may be null.
+using DropoutSumFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor* x_prev, double p,
+                                    int64_t seed, int64_t segment);
+
+inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = last;
+  return out;
+}
+
+inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+                                 const at::Tensor& A, double dropout, int64_t seed,
+                                 int64_t segment_rank, DropoutSumFn dropout_sum) {
+  check_down("lora_down", x, x_prev, A, dropout, segment_rank);
+  const int64_t d_in = x.size(-1);
+  const int64_t R = A.size(0);
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
+  at::Tensor z;
+  if (dropout == 0.0) {
+    // No mask: every segment sees the same input, so one GEMM covers all of them.
+    z = at::mm(xp2.defined() ? x2 + xp2 : x2, A.t());
+  } else {
+    z = at::empty({x2.size(0), R}, x.options());
+    for (int64_t k = 0; k < R / segment_rank; ++k) {
+      const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
+      z.narrow(1, k * segment_rank, segment_rank)
+          .copy_(at::mm(u, A.narrow(0, k * segment_rank, segment_rank).t()));
+    }
+  }
+  return z.view(with_last(x.sizes(), R));
+}
+
+inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
+    const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+    const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x,
+    DropoutSumFn dropout_sum) {
+  check_down("_lora_down_backward", x, x_prev, A, dropout, segment_rank);
+  const int64_t d_in = x.size(-1);
+  const int64_t R = A.size(0);
+  TORCH_CHECK(grad_z.sizes() == at::IntArrayRef(with_last(x.sizes(), R)),
+              "reslora::_lora_down_backward: grad_z must have shape ",
+              at::IntArrayRef(with_last(x.sizes(), R)), ", got ", grad_z.sizes());
+  check_same("_lora_down_backward", "grad_z", grad_z, x);
+  const at::Tensor g = grad_z.reshape({-1, R});
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
+  at::Tensor grad_x;
+  at::Tensor grad_A;
+  if (dropout == 0.0) {
+    grad_A = at::mm(g.t(), xp2.defined() ? x2 + xp2 : x2);
+    if (compute_grad_x) grad_x = at::mm(g, A);
+  } else {
+    grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
+    for (int64_t k = 0; k < R / segment_rank; ++k) {
+      const at::Tensor g_k = g.narrow(1, k * segment_rank, segment_rank);
+      const at::Tensor A_k = A.narrow(0, k * segment_rank, segment_rank);
+      // The mask is regenerated from the seed, never stored.
+      const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
+      grad_A.narrow(0, k * segment_rank, segment_rank).copy_(at::mm(g_k.t(), u));
+      if (compute_grad_x) {
+        at::Tensor gx_k = dropout_sum(at::mm(g_k, A_k), nullptr, dropout, seed, k);
+        grad_x = grad_x.defined() ? grad_x.add_(gx_k) : gx_k;
+      }
+    }
+  }
+  grad_x = compute_grad_x ? grad_x.view(x.sizes()) : at::empty({0}, x.options());
+  return {grad_x, grad_A};
+}
+
+inline at::Tensor lora_up_impl(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& z,
+                               const at::Tensor& B, double scaling) {
+  check_up("lora_up", x, weight, bias, z, B, scaling);
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  const at::Tensor z2 = z.reshape({-1, B.size(1)});
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
+  // The low-rank term accumulates into the base output: y is written once more, not copied.
+  y.addmm_(z2, B.t(), /*beta=*/1, /*alpha=*/scaling);
+  return y.view(with_last(x.sizes(), weight.size(0)));
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward_impl(
+    const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& z, const at::Tensor& B,
+    double scaling, bool compute_grad_x) {
+  const char* op = "_lora_up_backward";
+  TORCH_CHECK(grad_y.dim() >= 1, "reslora::", op, ": grad_y must have at least 1 dimension");
+  check_float_dtype(op, "grad_y", grad_y);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == grad_y.size(-1), "reslora::", op,
+              ": weight must have shape [d_out, d_in] with d_out = ", grad_y.size(-1), ", got ",
+              weight.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == grad_y.size(-1), "reslora::", op,
+              ": B must have shape [d_out, r] with d_out = ", grad_y.size(-1), ", got ", B.sizes());
+  TORCH_CHECK(z.sizes() == at::IntArrayRef(with_last(grad_y.sizes(), B.size(1))), "reslora::", op,
+              ": z must have shape ", at::IntArrayRef(with_last(grad_y.sizes(), B.size(1))),
+              ", got ", z.sizes());
+  check_same(op, "weight", weight, grad_y);
+  check_same(op, "z", z, grad_y);
+  check_same(op, "B", B, grad_y);
+  TORCH_CHECK(std::isfinite(scaling), "reslora::", op, ": scaling must be finite, got ", scaling);
+  const int64_t d_out = weight.size(0);
+  const at::Tensor g = grad_y.reshape({-1, d_out});
+  const at::Tensor z2 = z.reshape({-1, B.size(1)});
+  at::Tensor grad_x = compute_grad_x
+                          ? at::mm(g, weight).view(with_last(grad_y.sizes(), weight.size(1)))
+                          : at::empty({0}, grad_y.options());
+  at::Tensor grad_z = at::mm(g, B).mul_(scaling).view(z.sizes());
+  at::Tensor grad_B = at::mm(g.t(), z2).mul_(scaling);
+  return {grad_x, grad_z, grad_B};
+}
+
+}  // namespace detail
+}  // namespace reslora

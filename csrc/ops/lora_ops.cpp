@@ -1,0 +1,83 @@
+// Schemas of the reslora ops and their C++ entry points (through the dispatcher).
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "reslora/ops.h"
+
+namespace reslora {
+
+TORCH_LIBRARY(reslora, m) {
+  // z = drop(x [+ x_prev]) A^T. x: [..., d_in]; A: [R, d_in]; returns [..., R] in x's dtype
+  // (float32 accumulation for float16 / bfloat16). One dropout mask per segment_rank rows of A,
+  // regenerated in backward from (seed, segment, element index).
+  m.def(
+      "lora_down(Tensor x, Tensor? x_prev, Tensor A, float dropout, int seed, int segment_rank) "
+      "-> Tensor");
+  // y = x W^T + bias + scaling * z B^T. W: [d_out, d_in] and bias: [d_out] are frozen (no
+  // gradient); z: [..., R]; B: [d_out, R]; returns [..., d_out].
+  m.def(
+      "lora_up(Tensor x, Tensor weight, Tensor? bias, Tensor z, Tensor B, float scaling) -> "
+      "Tensor");
+  // (grad_x, grad_A) of lora_down; grad_x is also x_prev's gradient, empty unless compute_grad_x.
+  m.def(
+      "_lora_down_backward(Tensor grad_z, Tensor x, Tensor? x_prev, Tensor A, float dropout, "
+      "int seed, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor)");
+  // (grad_x, grad_z, grad_B) of lora_up from one read of grad_y; grad_x empty unless asked.
+  m.def(
+      "_lora_up_backward(Tensor grad_y, Tensor weight, Tensor z, Tensor B, float scaling, "
+      "bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
+  // Writes ||x||_F, ||z||_F into slot count % len of the float32 rings; count += 1. On device.
+  m.def(
+      "record_stats_(Tensor(a!) x_norms, Tensor(b!) z_norms, Tensor(c!) count, Tensor x, "
+      "Tensor z) -> ()");
+  // Mean of the filled slots of a ring written by record_stats_ (0 when none), float32 0-d.
+  m.def("stats_mean(Tensor ring, Tensor count) -> Tensor");
+}
+
+namespace {
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+}  // namespace
+
+at::Tensor lora_down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+                     const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank) {
+  static auto op = handle<decltype(lora_down)>("reslora::lora_down");
+  return op.call(x, x_prev, A, dropout, seed, segment_rank);
+}
+
+at::Tensor lora_up(const at::Tensor& x, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, const at::Tensor& z,
+                   const at::Tensor& B, double scaling) {
+  static auto op = handle<decltype(lora_up)>("reslora::lora_up");
+  return op.call(x, weight, bias, z, B, scaling);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_down_backward(
+    const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+    const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
+  static auto op = handle<decltype(lora_down_backward)>("reslora::_lora_down_backward");
+  return op.call(grad_z, x, x_prev, A, dropout, seed, segment_rank, compute_grad_x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
+    const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& z, const at::Tensor& B,
+    double scaling, bool compute_grad_x) {
+  static auto op = handle<decltype(lora_up_backward)>("reslora::_lora_up_backward");
+  return op.call(grad_y, weight, z, B, scaling, compute_grad_x);
+}
+
+void record_stats_(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,
+                   const at::Tensor& x, const at::Tensor& z) {
+  static auto op = handle<void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+                               const at::Tensor&)>("reslora::record_stats_");
+  op.call(x_norms, z_norms, count, x, z);
+}
+
+at::Tensor stats_mean(const at::Tensor& ring, const at::Tensor& count) {
+  static auto op = handle<decltype(stats_mean)>("reslora::stats_mean");
+  return op.call(ring, count);
+}
+
+}  // namespace reslora

@@ -1,0 +1,61 @@
+// Norm statistics for the is / ms merges. Composite ops made of ATen calls: they run on the
+// tensors' device, never read a value back to the host, and trace under torch.compile.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace reslora {
+namespace {
+
+void check_ring(const at::Tensor& ring, const char* name) {
+  TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1 && ring.scalar_type() == at::kFloat,
+              "reslora::record_stats_: ", name,
+              " must be a 1-D float32 tensor with at least one slot, got ", ring.scalar_type(),
+              " of shape ", ring.sizes());
+}
+
+void check_count(const at::Tensor& count, const at::Tensor& ring, const char* op) {
+  TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kLong, "reslora::", op,
+              ": count must be an int64 tensor with one element, got ", count.scalar_type(),
+              " of shape ", count.sizes());
+  TORCH_CHECK(count.device() == ring.device(), "reslora::", op,
+              ": count must be on the device of the ring (", ring.device(), "), got ",
+              count.device());
+}
+
+void record_stats_impl(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,
+                       const at::Tensor& x, const at::Tensor& z) {
+  check_ring(x_norms, "x_norms");
+  check_ring(z_norms, "z_norms");
+  TORCH_CHECK(z_norms.size(0) == x_norms.size(0),
+              "reslora::record_stats_: z_norms must have the length of x_norms (",
+              x_norms.size(0), "), got ", z_norms.size(0));
+  check_count(count, x_norms, "record_stats_");
+  const at::Tensor slot = count.reshape({1}).remainder(x_norms.size(0));
+  // Statistics carry no gradient.
+  const auto norm = [](const at::Tensor& t) {
+    return at::linalg_vector_norm(t.detach(), 2, std::nullopt, false, at::kFloat)
+        .reshape({1})
+        .to(at::kFloat);
+  };
+  x_norms.index_copy_(0, slot, norm(x).to(x_norms.device()));
+  z_norms.index_copy_(0, slot, norm(z).to(z_norms.device()));
+  count.add_(1);
+}
+
+at::Tensor stats_mean_impl(const at::Tensor& ring, const at::Tensor& count) {
+  TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1, "reslora::stats_mean: ring must be a 1-D ",
+              "tensor with at least one slot, got shape ", ring.sizes());
+  check_count(count, ring, "stats_mean");
+  const at::Tensor filled = count.reshape({}).clamp(0, ring.size(0));
+  const at::Tensor used = at::arange(ring.size(0), count.options()).lt(filled);
+  return at::where(used, ring.to(at::kFloat), 0).sum() / filled.clamp_min(1).to(at::kFloat);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reslora, CompositeImplicitAutograd, m) {
+  m.impl("record_stats_", &record_stats_impl);
+  m.impl("stats_mean", &stats_mean_impl);
+}
+
+}  // namespace reslora

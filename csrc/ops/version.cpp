@@ -1,0 +1,10 @@
+#include "reslora/version.h"
+
+namespace reslora {
+
+BuildInfo build_info() {
+  return BuildInfo{RESLORA_VERSION, RESLORA_TORCH_VERSION, RESLORA_CUDA_VERSION,
+                   RESLORA_CUDA_KERNELS != 0};
+}
+
+}  // namespace reslora

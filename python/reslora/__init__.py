@@ -1,0 +1,18 @@
+"""reslora: ResLoRA (LoRA plus residual shortcuts between the LoRA blocks of successive layers)
+as PyTorch custom ops (torch.ops.reslora.*) with C++/CUDA kernels."""
+
+from ._lib import load as _load
+
+_C = _load()
+
+from .layers import ResLoRAChain, ResLoRALinear, merge_chain  # noqa: E402
+
+__version__ = _C.build_info()["version"]
+
+
+def build_info():
+    """What the compiled core was built with: version, torch_version, cuda_version, cuda_kernels."""
+    return dict(_C.build_info())
+
+
+__all__ = ["ResLoRAChain", "ResLoRALinear", "merge_chain", "build_info"]
