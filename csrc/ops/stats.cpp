@@ -33,7 +33,9 @@ void record_stats_impl(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& cou
   const at::Tensor slot = count.reshape({1}).remainder(x_norms.size(0));
   // Statistics carry no gradient.
   const auto norm = [](const at::Tensor& t) {
-    return at::linalg_vector_norm(t.detach(), 2, std::nullopt, false, at::kFloat)
+    const auto dt = t.scalar_type();
+    const auto acc = (dt == at::kHalf || dt == at::kBFloat16) ? at::kFloat : dt;
+    return at::linalg_vector_norm(t.detach(), 2, std::nullopt, false, acc)
         .reshape({1})
         .to(at::kFloat);
   };
