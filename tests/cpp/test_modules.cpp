@@ -1,0 +1,263 @@
+// The C++ modules on random shapes against a plain LibTorch float64 reference, training from
+// C++, statistics, CUDA against CPU, and the messages of bad input.
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "reslora/modules.h"
+#include "reslora/ops.h"
+
+using reslora::MergeKind;
+using reslora::ResLoRAChain;
+using reslora::ResLoRALinear;
+using reslora::ResLoRAOptions;
+using reslora::Variant;
+
+namespace {
+
+// Plain LibTorch reference of one chain pass (dropout 0), with its own leaf copies of A and B.
+struct Reference {
+  std::vector<torch::Tensor> W, b, A, B;
+  std::vector<torch::Tensor> forward(const std::vector<torch::Tensor>& xs, Variant v, int64_t pre,
+                                     double s) {
+    std::vector<torch::Tensor> hs, zs;
+    for (size_t n = 0; n < xs.size(); ++n) {
+      const int64_t k_max = reslora::reach(static_cast<int64_t>(n), pre);
+      torch::Tensor base = torch::matmul(xs[n], W[n].t()) + b[n];
+      torch::Tensor z_own = torch::matmul(xs[n], A[n].t());
+      torch::Tensor lora;
+      switch (v) {
+        case Variant::kLoRA: lora = torch::matmul(z_own, B[n].t()); break;
+        case Variant::kIS: {
+          const auto& xp = n == 0 ? xs[n] : xs[n - 1];
+          lora = torch::matmul(torch::matmul(xs[n] + xp, A[n].t()), B[n].t());
+          break;
+        }
+        case Variant::kBS:
+          lora = torch::matmul(z_own, B[n].t());
+          for (int64_t k = 1; k <= k_max; ++k)
+            lora = lora + torch::matmul(torch::matmul(xs[n], A[n - k].t()), B[n - k].t());
+          break;
+        case Variant::kMS: {
+          torch::Tensor z = z_own;
+          for (int64_t k = 1; k <= k_max; ++k) z = z + zs[n - k];
+          lora = torch::matmul(z, B[n].t());
+          break;
+        }
+      }
+      zs.push_back(z_own);
+      hs.push_back(base + s * lora);
+    }
+    return hs;
+  }
+};
+
+struct RandomCase {
+  Variant variant;
+  int64_t pre_num;
+};
+
+class RandomShapes : public ::testing::TestWithParam<RandomCase> {};
+
+TEST_P(RandomShapes, MatchReferenceFloat64) {
+  const auto [variant, pre] = GetParam();
+  torch::manual_seed(static_cast<int>(variant) * 10 + pre + 3);
+  const int64_t d_in = 1 + torch::randint(1, 24, {1}).item<int64_t>();
+  const int64_t d_out = 1 + torch::randint(1, 24, {1}).item<int64_t>();
+  const int64_t r = torch::randint(1, 6, {1}).item<int64_t>();
+  const int64_t n_blocks = 4;
+  const auto f64 = torch::kFloat64;
+  ResLoRAChain chain("random");
+  Reference ref;
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    const auto W = torch::randn({d_out, d_in}, f64), b = torch::randn({d_out}, f64);
+    ResLoRALinear blk(W, b, ResLoRAOptions(r).variant(variant).lora_alpha(3.0).pre_num(pre));
+    torch::NoGradGuard g;
+    blk->lora_B.normal_();
+    chain->push_back(blk);
+    ref.W.push_back(W);
+    ref.b.push_back(b);
+    ref.A.push_back(blk->lora_A.detach().clone().requires_grad_());
+    ref.B.push_back(blk->lora_B.detach().clone().requires_grad_());
+  }
+  std::vector<torch::Tensor> xs, xr;
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    xs.push_back(torch::randn({2, 3, d_in}, f64).requires_grad_());
+    xr.push_back(xs.back().detach().clone().requires_grad_());
+  }
+  const auto hs = chain->forward(xs);
+  const auto hr = ref.forward(xr, variant, pre, 3.0 / r);
+  torch::Tensor loss = torch::zeros({}, f64), loss_r = torch::zeros({}, f64);
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    const auto w = torch::randn_like(hr[i]);
+    loss = loss + (hs[i] * w).sum();
+    loss_r = loss_r + (hr[i] * w).sum();
+    ASSERT_TRUE(torch::allclose(hs[i], hr[i], 1e-10, 1e-10)) << "output of block " << i;
+  }
+  loss.backward();
+  loss_r.backward();
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    EXPECT_TRUE(torch::allclose(chain[i]->lora_A.grad(), ref.A[i].grad(), 1e-10, 1e-10)) << "dA " << i;
+    EXPECT_TRUE(torch::allclose(chain[i]->lora_B.grad(), ref.B[i].grad(), 1e-10, 1e-10)) << "dB " << i;
+    EXPECT_TRUE(torch::allclose(xs[i].grad(), xr[i].grad(), 1e-10, 1e-10)) << "dx " << i;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Variants, RandomShapes,
+                         ::testing::Values(RandomCase{Variant::kLoRA, 1}, RandomCase{Variant::kIS, 1},
+                                           RandomCase{Variant::kBS, 1}, RandomCase{Variant::kBS, 2},
+                                           RandomCase{Variant::kBS, -1}, RandomCase{Variant::kMS, 1},
+                                           RandomCase{Variant::kMS, -1}),
+                         [](const ::testing::TestParamInfo<RandomCase>& info) {
+                           const int64_t p = info.param.pre_num;
+                           return reslora::to_string(info.param.variant) + "_pre" +
+                                  (p < 0 ? std::string("all") : std::to_string(p));
+                         });
+
+TEST(Modules, TrainsFromCpp) {
+  torch::manual_seed(0);
+  ResLoRAChain chain("train");
+  for (int i = 0; i < 3; ++i) {
+    chain->push_back(ResLoRALinear(torch::randn({8, 8}) * 0.3, torch::zeros({8}),
+                                   ResLoRAOptions(4).variant(Variant::kMS).dropout(0.1)));
+  }
+  torch::optim::Adam opt(chain->parameters(), torch::optim::AdamOptions(1e-2));
+  const auto x = torch::randn({16, 8});
+  const auto target = torch::randn({16, 8});
+  double first = 0, last = 0;
+  for (int step = 0; step < 60; ++step) {
+    opt.zero_grad();
+    torch::Tensor h = x;
+    for (size_t n = 0; n < chain->size(); ++n) h = chain->forward(n, h);
+    const auto loss = torch::mse_loss(h, target);
+    loss.backward();
+    opt.step();
+    (step == 0 ? first : last) = loss.item<double>();
+  }
+  EXPECT_LT(last, 0.8 * first);
+  // Base weights stay frozen: they are buffers, not parameters.
+  for (const auto& p : chain->named_parameters()) EXPECT_NE(p.key().find("lora_"), std::string::npos);
+  EXPECT_EQ(chain[0]->stats_count.item<int64_t>(), 60);
+}
+
+TEST(Modules, DropoutIsReproducibleFromTheGenerator) {
+  ResLoRALinear blk(torch::randn({6, 6}), torch::Tensor(), ResLoRAOptions(3).dropout(0.5));
+  torch::NoGradGuard g;
+  blk->lora_B.normal_();
+  const auto x = torch::randn({4, 6});
+  torch::manual_seed(5);
+  const auto a = blk->forward(x);
+  torch::manual_seed(5);
+  const auto b = blk->forward(x);
+  EXPECT_TRUE(torch::equal(a, b));
+  const auto c = blk->forward(x);
+  EXPECT_FALSE(torch::equal(a, c));
+  blk->eval();
+  EXPECT_TRUE(torch::equal(blk->forward(x), blk->forward(x)));
+}
+
+TEST(Modules, StatisticsWindow) {
+  ResLoRALinear blk(torch::eye(2), torch::Tensor(), ResLoRAOptions(1).stats_window(2));
+  blk->forward(torch::tensor({{3.0f, 4.0f}}));   // ||x|| = 5
+  blk->forward(torch::tensor({{6.0f, 8.0f}}));   // 10
+  blk->forward(torch::tensor({{0.0f, 1.0f}}));   // 1, replaces the oldest (5)
+  EXPECT_NEAR(blk->x_norm_mean().item<double>(), 5.5, 1e-6);
+  blk->eval();
+  blk->forward(torch::tensor({{100.0f, 0.0f}}));  // eval forwards are not recorded
+  EXPECT_EQ(blk->stats_count.item<int64_t>(), 3);
+}
+
+template <typename F>
+void expect_error(F f, const std::string& needle) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one containing: " << needle;
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << "message: " << e.what() << "\nexpected to contain: " << needle;
+  }
+}
+
+TEST(Modules, BadInputMessages) {
+  expect_error([] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(0)); },
+               "r must be >= 1, got 0");
+  expect_error([] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).dropout(1.0)); },
+               "dropout must be in [0, 1), got 1");
+  expect_error(
+      [] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).lora_alpha(INFINITY)); },
+      "lora_alpha must be finite");
+  expect_error([] { ResLoRALinear(torch::eye(4), torch::zeros({3}), ResLoRAOptions(2)); },
+               "bias must have shape [d_out] = [4], got [3]");
+  expect_error([] { reslora::parse_variant("xs"); }, "variant must be one of 'lora', 'is', 'bs', 'ms', got 'xs'");
+  {
+    ResLoRAChain chain("q_proj");
+    chain->push_back(ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kIS)));
+    expect_error(
+        [&] {
+          chain->push_back(ResLoRALinear(torch::zeros({8, 4}), torch::Tensor(),
+                                         ResLoRAOptions(2).variant(Variant::kIS)));
+        },
+        "block 1 must have the head's shape [d_out, d_in] = [4, 4] for the 'is' shortcut, got [8, 4]");
+    expect_error([&] { chain->merge_to_lora(MergeKind::kMid); },
+                 "merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'");
+  }
+  {
+    ResLoRAChain chain("v_proj");
+    for (int i = 0; i < 2; ++i)
+      chain->push_back(ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kMS)));
+    expect_error([&] { chain->forward(1, torch::randn({2, 4})); },
+                 "block 1 of chain 'v_proj' needs the mid activation of block 0 from this forward pass");
+    chain->forward(0, torch::randn({2, 4}));
+    chain->forward(1, torch::randn({2, 4}));  // fine once the head ran
+    expect_error([&] { chain->forward(2, torch::randn({2, 4})); }, "index must be in [0, 2), got 2");
+  }
+  ResLoRALinear blk(torch::eye(4, torch::kFloat64), torch::Tensor(), ResLoRAOptions(2));
+  expect_error([&] { blk->forward(torch::randn({2, 4})); }, "A must have the dtype of x (Float), got Double");
+  expect_error([&] { blk->forward(torch::randn({2, 5}, torch::kFloat64)); },
+               "A must have shape [r, d_in] = [2, 5], got [2, 4]");
+}
+
+TEST(Modules, CudaMatchesCpu) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (auto v : {Variant::kLoRA, Variant::kIS, Variant::kBS, Variant::kMS}) {
+    torch::manual_seed(1);
+    ResLoRAChain cpu("cpu"), gpu("gpu");
+    for (int i = 0; i < 3; ++i) {
+      const auto W = torch::randn({24, 40}, torch::kFloat64);
+      ResLoRALinear a(W, torch::Tensor(), ResLoRAOptions(8).variant(v).dropout(0.2).pre_num(-1));
+      ResLoRALinear b(W.cuda(), torch::Tensor(), ResLoRAOptions(8).variant(v).dropout(0.2).pre_num(-1));
+      torch::NoGradGuard g;
+      a->lora_B.normal_();
+      b->lora_A.copy_(a->lora_A);
+      b->lora_B.copy_(a->lora_B);
+      cpu->push_back(a);
+      gpu->push_back(b);
+    }
+    std::vector<torch::Tensor> xc, xg;
+    for (int i = 0; i < 3; ++i) {
+      xc.push_back(torch::randn({5, 7, 40}, torch::kFloat64).requires_grad_());
+      xg.push_back(xc.back().detach().cuda().requires_grad_());
+    }
+    torch::manual_seed(9);
+    const auto hc = cpu->forward(xc);
+    torch::manual_seed(9);  // same seeds, so the same masks on both devices
+    const auto hg = gpu->forward(xg);
+    torch::Tensor lc = torch::zeros({}, torch::kFloat64), lg = torch::zeros({}, torch::kFloat64).cuda();
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_TRUE(torch::allclose(hg[i].cpu(), hc[i], 1e-9, 1e-9));
+      lc = lc + hc[i].pow(2).sum();
+      lg = lg + hg[i].pow(2).sum();
+    }
+    lc.backward();
+    lg.backward();
+    for (int i = 0; i < 3; ++i) {
+      EXPECT_TRUE(torch::allclose(gpu[i]->lora_A.grad().cpu(), cpu[i]->lora_A.grad(), 1e-9, 1e-9));
+      EXPECT_TRUE(torch::allclose(gpu[i]->lora_B.grad().cpu(), cpu[i]->lora_B.grad(), 1e-9, 1e-9));
+      EXPECT_TRUE(torch::allclose(xg[i].grad().cpu(), xc[i].grad(), 1e-9, 1e-9));
+    }
+  }
+}
+
+}  // namespace
