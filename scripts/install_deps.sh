@@ -6,14 +6,18 @@ set -euo pipefail
 PY=${PYTHON:-python3}
 
 have_gtest() {
-  [ -f /usr/include/gtest/gtest.h ] && { ls /usr/lib/*/libgtest.a /usr/lib/*/libgtest.so /usr/lib/libgtest.a /usr/local/lib/libgtest.a 2>/dev/null | grep -q .; }
+  [ -f /usr/include/gtest/gtest.h ] || [ -f /usr/local/include/gtest/gtest.h ] || return 1
+  for f in /usr/lib/*/libgtest.* /usr/lib/libgtest.* /usr/local/lib/libgtest.*; do
+    [ -e "$f" ] && return 0
+  done
+  return 1
 }
 if ! have_gtest; then
   if command -v apt-get >/dev/null; then
     echo "[deps] installing GoogleTest (libgtest-dev)"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgtest-dev cmake >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libgtest-dev >/dev/null
   else
     echo "[deps] GoogleTest is missing and apt-get is not available" >&2
     exit 1
