@@ -5,7 +5,9 @@ from ._lib import load as _load
 
 _C = _load()
 
+from .config import ResLoRAConfig  # noqa: E402
 from .layers import ResLoRAChain, ResLoRALinear, merge_chain  # noqa: E402
+from .model import ResLoRAModel, get_reslora_model  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -15,4 +17,12 @@ def build_info():
     return dict(_C.build_info())
 
 
-__all__ = ["ResLoRAChain", "ResLoRALinear", "merge_chain", "build_info"]
+__all__ = [
+    "ResLoRAConfig",
+    "ResLoRAModel",
+    "get_reslora_model",
+    "ResLoRAChain",
+    "ResLoRALinear",
+    "merge_chain",
+    "build_info",
+]

@@ -21,6 +21,14 @@ def _reach(index: int, pre_num: int) -> int:
     return index if pre_num < 0 else min(index, pre_num)
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a checkpointed segment being recomputed. The
+    recompute must see the shortcut state of the original forward and must not record again."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
+
+
 def _draw_seed() -> int:
     # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -100,7 +108,8 @@ class ResLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chain = self._chain
         n = self._position if chain is not None else 0
-        if chain is not None and n == 0:
+        recompute = _in_backward()
+        if chain is not None and n == 0 and not recompute:
             chain._begin()  # the head starts a new pass
         p = self.lora_dropout if self.training else 0.0
         seed = _draw_seed() if p > 0.0 else 0
@@ -125,9 +134,9 @@ class ResLoRALinear(nn.Module):
         else:
             z_own = _ops.lora_down(x, None, self.lora_A, p, seed, r)
             y = _ops.lora_up(x, w, b, z_own, self.lora_B, s)
-        if chain is not None:
-            chain._record(n, x if self.variant == "is" else z_own)
-        if self.training:
+        if chain is not None and not recompute:
+            chain._record(n, x, z_own)
+        if self.training and not recompute:
             _ops.record_stats_(self.x_norms, self.z_norms, self.stats_count, x, z_own)
         return y
 
@@ -165,7 +174,8 @@ class ResLoRAChain:
     def __init__(self, blocks: Sequence[ResLoRALinear], name: str = "chain"):
         self.name = name
         self.blocks: List[ResLoRALinear] = []
-        self._outputs: List[Optional[torch.Tensor]] = []
+        self._inputs: List[Optional[torch.Tensor]] = []
+        self._mids: List[Optional[torch.Tensor]] = []
         for blk in blocks:
             self.append(blk)
 
@@ -198,23 +208,31 @@ class ResLoRAChain:
                     )
         blk._chain, blk._position = self, n
         self.blocks.append(blk)
-        self._outputs.append(None)
+        self._begin()
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def _begin(self) -> None:
-        self._outputs = [None] * len(self.blocks)
+        self._inputs = [None] * len(self.blocks)
+        self._mids = [None] * len(self.blocks)
 
     def reset(self) -> None:
         """Drops the activations the current pass holds."""
         self._begin()
 
-    def _record(self, n: int, t: torch.Tensor) -> None:
-        self._outputs[n] = t
+    def _record(self, n: int, x: torch.Tensor, z: torch.Tensor) -> None:
+        self._inputs[n] = x
+        self._mids[n] = z
+
+    def last_inputs(self) -> Optional[List[torch.Tensor]]:
+        """The inputs every block saw in the last pass (detached), or None if a block did not run."""
+        if any(x is None for x in self._inputs):
+            return None
+        return [x.detach() for x in self._inputs]
 
     def _need(self, n: int, j: int, what: str) -> torch.Tensor:
-        t = self._outputs[j]
+        t = (self._inputs if what == "input" else self._mids)[j]
         if t is None:
             raise RuntimeError(
                 f"reslora: block {n} of chain {self.name!r} needs the {what} of block {j} from "

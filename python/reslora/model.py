@@ -1,0 +1,418 @@
+"""Wraps the linear layers of a (Hugging Face) model with ResLoRA, links them into chains,
+merges the shortcuts away and exports a PEFT LoRA adapter or a dense model."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import tempfile
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .config import DEFAULT_TARGETS, ResLoRAConfig
+from .layers import ResLoRAChain, ResLoRALinear
+
+CHECKPOINT_FILE = "reslora_model.safetensors"
+CHECKPOINT_CONFIG = "reslora_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _output_head_names(model: nn.Module) -> set:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def _targets(model: nn.Module, config: ResLoRAConfig) -> List[str]:
+    tm = config.target_modules
+    if tm is None:
+        mtype = getattr(getattr(model, "config", None), "model_type", None)
+        if mtype not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"reslora: target_modules must be given for model type {mtype!r} (defaults exist "
+                f"for {sorted(DEFAULT_TARGETS)})"
+            )
+        tm = DEFAULT_TARGETS[mtype]
+    heads = _output_head_names(model)
+    names = []
+    for name, m in model.named_modules():
+        if not name or not _is_linear(m):
+            continue
+        if tm == "all-linear":
+            hit = name not in heads
+        elif isinstance(tm, str):
+            hit = re.fullmatch(tm, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in tm)
+        if hit:
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"reslora: target_modules {tm!r} match no nn.Linear or Conv1D layer of "
+            f"{type(model).__name__}"
+        )
+    return names
+
+
+def _skeleton(path: str):
+    parts = path.split(".")
+    key = ".".join("*" if p.isdigit() else p for p in parts)
+    index = tuple(int(p) for p in parts if p.isdigit())
+    return key, index
+
+
+def _atomic_write(path: str, write) -> None:
+    """Writes through a temporary file in the same folder, then renames it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_json(path: str, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+
+    _atomic_write(path, w)
+
+
+def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+class _Forward:
+    """The wrapper's forward, carrying the base model's signature so that tools that read it
+    (the HF Trainer drops dataset columns the forward does not name) see the real arguments."""
+
+    def __init__(self, owner: "ResLoRAModel"):
+        self.owner = owner
+        try:
+            self.__signature__ = inspect.signature(owner.base_model.forward)
+        except (TypeError, ValueError):
+            pass
+
+    def __call__(self, *args, **kwargs):
+        return ResLoRAModel.forward(self.owner, *args, **kwargs)
+
+
+class ResLoRAModel(nn.Module):
+    """A model whose target linear layers are ResLoRALinear blocks linked into chains.
+
+    Attribute access falls through to the wrapped model (config, generate, ...), as with PEFT."""
+
+    def __init__(self, model: nn.Module, config: ResLoRAConfig):
+        super().__init__()
+        if not isinstance(config, ResLoRAConfig):
+            raise TypeError(f"reslora: config must be a ResLoRAConfig, got {type(config).__name__}")
+        self.base_model = model
+        self.reslora_config = config
+        self.merge_errors: Dict[str, Optional[float]] = {}
+        self._merged = False
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._blocks: "OrderedDict[str, ResLoRALinear]" = OrderedDict()
+        for name in _targets(model, config):
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            blk = ResLoRALinear(
+                getattr(parent, leaf),
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                variant=config.variant,
+                pre_num=config.pre_num,
+                stats_window=config.stats_window,
+            )
+            setattr(parent, leaf, blk)
+            self._blocks[name] = blk
+        self._chains: "OrderedDict[str, ResLoRAChain]" = OrderedDict()
+        self._chain_paths: "OrderedDict[str, List[str]]" = OrderedDict()
+        groups: Dict[str, list] = OrderedDict()
+        for name in self._blocks:
+            key, index = _skeleton(name)
+            groups.setdefault(key, []).append((index, name))
+        for key, members in groups.items():
+            members.sort()
+            part, current, shape = 0, [], None
+            for _, name in members:
+                blk = self._blocks[name]
+                s = (blk.out_features, blk.in_features)
+                if current and s != shape:  # a new shape starts a new chain
+                    self._add_chain(key, part, current)
+                    part, current = part + 1, []
+                current.append(name)
+                shape = s
+            self._add_chain(key, part, current)
+        self.forward = _Forward(self)
+
+    def _add_chain(self, key: str, part: int, names: List[str]) -> None:
+        cname = key if part == 0 else f"{key}#{part}"
+        self._chains[cname] = ResLoRAChain([self._blocks[n] for n in names], name=cname)
+        self._chain_paths[cname] = list(names)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self.base_model, name)
+
+    # --- running -------------------------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):  # replaced per instance by _Forward (same behaviour)
+        for chain in self._chains.values():
+            chain._begin()
+        return self.base_model(*args, **kwargs)
+
+    @property
+    def chains(self) -> Dict[str, List[str]]:
+        """Chain name -> module paths in link order."""
+        return {k: list(v) for k, v in self._chain_paths.items()}
+
+    @property
+    def blocks(self) -> Dict[str, ResLoRALinear]:
+        return dict(self._blocks)
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def get_nb_trainable_parameters(self):
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None):
+        """Turns on the wrapped model's gradient checkpointing. Non-reentrant checkpointing is
+        the default and gives the gradients of the unchecked model. Reentrant checkpointing
+        recomputes each layer detached from the others, which would silently cut the gradient
+        the is / ms shortcuts carry between layers, so it is refused for those variants."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        kwargs.setdefault("use_reentrant", False)
+        if kwargs["use_reentrant"] and self.reslora_config.variant in ("is", "ms"):
+            raise ValueError(
+                f"reslora: variant {self.reslora_config.variant!r} carries activations between "
+                "layers, which reentrant checkpointing cannot differentiate; use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (the default here)"
+            )
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
+            self.base_model.enable_input_require_grads()
+
+    # --- merging -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge_to_lora(self) -> "ResLoRAModel":
+        """Merges the shortcuts away by the configured merge (in place): every block becomes a
+        plain LoRA block. merge_errors then holds, per block, the relative error
+        ||y_merged - y|| / ||y|| of its output on the inputs of the last forward pass (0 for
+        exact merges; None when no full pass was recorded)."""
+        if self._merged:
+            raise RuntimeError(
+                "reslora: the model is already merged; merge_to_lora() would apply the merge twice"
+            )
+        errors: Dict[str, Optional[float]] = {}
+        for cname, chain in self._chains.items():
+            xs = chain.last_inputs()
+            modes = [b.training for b in chain.blocks]
+            for b in chain.blocks:
+                b.eval()
+            before = chain(xs) if xs is not None else None
+            chain.merge_to_lora(self.reslora_config.merge)
+            after = chain(xs) if xs is not None else None
+            for b, mode in zip(chain.blocks, modes):
+                b.train(mode)
+            for i, path in enumerate(self._chain_paths[cname]):
+                if before is None:
+                    errors[path] = None
+                else:
+                    den = before[i].double().norm().item()
+                    num = (after[i].double() - before[i].double()).norm().item()
+                    errors[path] = num / den if den > 0 else num
+            chain.reset()
+        self.merge_errors = errors
+        self._merged = True
+        return self
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """Folds every block (merged first if needed) into its base weight and returns the
+        wrapped model with the original layers back in place."""
+        if not self._merged:
+            self.merge_to_lora()
+        for name, blk in self._blocks.items():
+            w = blk.base_weight()  # a view of Conv1D's transposed weight: updated in place
+            w.add_((blk.scaling * (blk.lora_B @ blk.lora_A)).to(w.dtype))
+            parent_name, _, leaf = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, leaf, blk.base_layer)
+        self._blocks.clear()
+        self._chains.clear()
+        return self.base_model
+
+    # --- saving and loading --------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, format: Optional[str] = None) -> None:
+        """After merge_to_lora(): a PEFT LoRA adapter (adapter_config.json and
+        adapter_model.safetensors). Before: a ResLoRA checkpoint that resumes training and can
+        be merged later. format: "peft" or "reslora" to insist on one."""
+        fmt = format or ("peft" if self._merged else "reslora")
+        if fmt not in ("peft", "reslora"):
+            raise ValueError(f"reslora: format must be 'peft' or 'reslora', got {format!r}")
+        if fmt == "peft" and not self._merged:
+            raise RuntimeError(
+                "reslora: a PEFT LoRA adapter can only be saved after merge_to_lora(): the "
+                "shortcuts have no PEFT equivalent"
+            )
+        if fmt == "reslora" and self._merged:
+            raise RuntimeError(
+                "reslora: the model is merged and has no shortcuts left; save it as a PEFT "
+                "adapter (format='peft')"
+            )
+        os.makedirs(save_directory, exist_ok=True)
+        if fmt == "peft":
+            self._save_peft(save_directory)
+        else:
+            self._save_reslora(save_directory)
+
+    def _save_peft(self, d: str) -> None:
+        rank = max(b.r for b in self._blocks.values())
+        s = self.reslora_config.scaling
+        tensors = {}
+        conv1d = False
+        for name, blk in self._blocks.items():
+            a, b = blk.lora_A.detach(), blk.lora_B.detach()
+            if blk.r < rank:  # zero blocks keep one r and lora_alpha for every layer
+                a = torch.cat([a, a.new_zeros(rank - blk.r, a.shape[1])], 0)
+                b = torch.cat([b, b.new_zeros(b.shape[0], rank - blk.r)], 1)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b
+            conv1d |= blk._transposed
+        base_cfg = getattr(self.base_model, "config", None)
+        config = {
+            "peft_type": "LORA",
+            "task_type": None,
+            "base_model_name_or_path": getattr(base_cfg, "_name_or_path", None) or None,
+            "r": rank,
+            "lora_alpha": s * rank,
+            "lora_dropout": 0.0,
+            "target_modules": sorted(self._blocks),
+            "bias": "none",
+            "fan_in_fan_out": conv1d,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+            "modules_to_save": None,
+        }
+        _write_safetensors(os.path.join(d, ADAPTER_FILE), tensors, {"format": "pt"})
+        _write_json(os.path.join(d, ADAPTER_CONFIG), config)
+
+    def _checkpoint_tensors(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for name, blk in self._blocks.items():
+            for key in ("lora_A", "lora_B", "x_norms", "z_norms", "stats_count"):
+                out[f"{name}.{key}"] = getattr(blk, key)
+        return out
+
+    def _save_reslora(self, d: str) -> None:
+        meta = {
+            "format": "pt",
+            "reslora_format": "1",
+            "reslora_config": self.reslora_config.to_json(),
+            "chains": json.dumps(self.chains),
+        }
+        _write_safetensors(os.path.join(d, CHECKPOINT_FILE), self._checkpoint_tensors(), meta)
+        _write_json(os.path.join(d, CHECKPOINT_CONFIG), self.reslora_config.to_dict())
+
+    @staticmethod
+    def _read_checkpoint(d: str):
+        from safetensors import safe_open
+
+        path = os.path.join(d, CHECKPOINT_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"reslora: no ResLoRA checkpoint at {path!r}")
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("reslora_format") != "1":
+            raise ValueError(f"reslora: {path!r} is not a ResLoRA checkpoint (format {meta.get('reslora_format')!r})")
+        return meta, tensors
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, save_directory: str) -> "ResLoRAModel":
+        """Wraps `model` as the checkpoint in save_directory says and loads its adapters and
+        statistics, ready to resume training or to merge."""
+        meta, _ = cls._read_checkpoint(save_directory)
+        config = ResLoRAConfig.from_dict(json.loads(meta["reslora_config"]))
+        out = cls(model, config)
+        out.load_checkpoint(save_directory)
+        return out
+
+    @torch.no_grad()
+    def load_checkpoint(self, save_directory: str) -> None:
+        """Loads a ResLoRA checkpoint into this model; the variant, links and shapes must match."""
+        meta, tensors = self._read_checkpoint(save_directory)
+        saved = ResLoRAConfig.from_dict(json.loads(meta["reslora_config"]))
+        mine = self.reslora_config
+        for key in ("variant", "pre_num", "r", "lora_alpha"):
+            if getattr(saved, key) != getattr(mine, key):
+                raise ValueError(
+                    f"reslora: the checkpoint has {key} = {getattr(saved, key)!r}, this model "
+                    f"{getattr(mine, key)!r}"
+                )
+        if self._merged:
+            raise RuntimeError("reslora: cannot load a ResLoRA checkpoint into a merged model")
+        chains = json.loads(meta.get("chains", "{}"))
+        if chains != self.chains:
+            raise ValueError(
+                f"reslora: the checkpoint links blocks as {chains}, this model as {self.chains}"
+            )
+        expected = self._checkpoint_tensors()
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing or extra:
+            raise ValueError(f"reslora: checkpoint keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, t in expected.items():
+            if tuple(tensors[k].shape) != tuple(t.shape):
+                raise ValueError(
+                    f"reslora: checkpoint tensor {k!r} must have shape {list(t.shape)}, got "
+                    f"{list(tensors[k].shape)}"
+                )
+        for k, t in expected.items():
+            t.copy_(tensors[k].to(t.dtype))
+
+
+def get_reslora_model(model: nn.Module, config: ResLoRAConfig) -> ResLoRAModel:
+    """Wraps the target linear layers of `model` with ResLoRA blocks (base weights frozen) and
+    links them into chains: one per projection, ordered by the layer index in the module path."""
+    return ResLoRAModel(model, config)
