@@ -7,10 +7,10 @@ namespace reslora {
 namespace {
 
 void check_ring(const at::Tensor& ring, const char* name) {
-  TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1 && ring.scalar_type() == at::kFloat,
+  TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1 && at::isFloatingType(ring.scalar_type()),
               "reslora::record_stats_: ", name,
-              " must be a 1-D float32 tensor with at least one slot, got ", ring.scalar_type(),
-              " of shape ", ring.sizes());
+              " must be a 1-D floating tensor (float32 recommended) with at least one slot, got ",
+              ring.scalar_type(), " of shape ", ring.sizes());
 }
 
 void check_count(const at::Tensor& count, const at::Tensor& ring, const char* op) {
@@ -39,8 +39,8 @@ void record_stats_impl(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& cou
         .reshape({1})
         .to(at::kFloat);
   };
-  x_norms.index_copy_(0, slot, norm(x).to(x_norms.device()));
-  z_norms.index_copy_(0, slot, norm(z).to(z_norms.device()));
+  x_norms.index_copy_(0, slot, norm(x).to(x_norms.device(), x_norms.scalar_type()));
+  z_norms.index_copy_(0, slot, norm(z).to(z_norms.device(), z_norms.scalar_type()));
   count.add_(1);
 }
 

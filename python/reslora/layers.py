@@ -90,6 +90,15 @@ class ResLoRALinear(nn.Module):
         self._chain: Optional[ResLoRAChain] = None
         self._position = 0
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) / .half() must not round the norm statistics: they stay float32.
+        super()._apply(fn, *args, **kwargs)
+        for name in ("x_norms", "z_norms"):
+            buf = self._buffers[name]
+            if buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     @property
     def scaling(self) -> float:
         return self.lora_alpha / self.r

@@ -145,6 +145,7 @@ class ResLoRAModel(nn.Module):
                 pre_num=config.pre_num,
                 stats_window=config.stats_window,
             )
+            blk.train(blk.base_layer.training)  # wrapping does not change the model's mode
             setattr(parent, leaf, blk)
             self._blocks[name] = blk
         self._chains: "OrderedDict[str, ResLoRAChain]" = OrderedDict()
@@ -166,6 +167,7 @@ class ResLoRAModel(nn.Module):
                 shape = s
             self._add_chain(key, part, current)
         self.forward = _Forward(self)
+        self.training = model.training
 
     def _add_chain(self, key: str, part: int, names: List[str]) -> None:
         cname = key if part == 0 else f"{key}#{part}"

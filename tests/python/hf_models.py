@@ -1,0 +1,63 @@
+"""Tiny Hugging Face models built from configs (no hub access)."""
+
+import torch
+
+transformers = __import__("pytest").importorskip("transformers")
+
+
+def llama():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def mistral():
+    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                     num_hidden_layers=3, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.MistralForCausalLM(cfg)
+
+
+def qwen2():
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert():
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=3, num_attention_heads=4,
+                                  max_position_embeddings=64, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+MODELS = {"llama": llama, "mistral": mistral, "qwen2": qwen2, "gpt2": gpt2, "bert": bert}
+TARGETS = {
+    "llama": ["q_proj", "v_proj", "up_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": "all-linear",
+    "gpt2": ["c_attn", "c_proj"],
+    "bert": ["query", "value"],
+}
+
+
+def make(name, seed=0):
+    torch.manual_seed(seed)
+    m = MODELS[name]()
+    m.eval()
+    return m
+
+
+def batch(name, seed=1, n=2, t=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, t), generator=g)
+    if name == "bert":
+        return {"input_ids": ids, "labels": torch.randint(0, 3, (n,), generator=g)}
+    return {"input_ids": ids, "labels": ids}

@@ -1,0 +1,285 @@
+"""The Python API on real transformers models: wrap, train, merge, export to PEFT, reload."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import reslora
+from hf_models import TARGETS, batch, make
+
+peft = pytest.importorskip("peft")
+
+VARIANTS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", -1), ("ms", 1), ("ms", -1)]
+
+
+def wrap(name, variant="is", pre_num=1, **kw):
+    base = make(name)
+    ref = copy.deepcopy(base)
+    cfg = reslora.ResLoRAConfig(variant=variant, r=4, lora_alpha=8, pre_num=pre_num,
+                                target_modules=TARGETS[name], **kw)
+    return reslora.get_reslora_model(base, cfg), ref
+
+
+def train(model, name, steps=4, lr=5e-2, optim=torch.optim.AdamW):
+    model.train()
+    opt = optim([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for i in range(steps):
+        out = model(**batch(name, seed=i))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    model.eval()
+    return losses
+
+
+def logits(model, name):
+    with torch.no_grad():
+        b = batch(name, seed=99)
+        return model(input_ids=b["input_ids"]).logits
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("variant,pre_num", VARIANTS)
+def test_train_merge_export_reload_with_peft(tmp_path, name, variant, pre_num):
+    model, ref = wrap(name, variant, pre_num)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    train(model, name)
+    unmerged = logits(model, name)
+    model(**batch(name, seed=7))  # the pass whose inputs the merge error is measured on
+    model.merge_to_lora()
+    assert all(blk.variant == "lora" for blk in model.blocks.values())
+    merged = logits(model, name)
+    errs = [e for e in model.merge_errors.values()]
+    assert errs and all(e is not None for e in errs)
+    if variant in ("lora", "bs"):
+        torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)  # exact merges
+        assert max(errs) < 1e-5
+    else:
+        assert max(errs) > 1e-6  # non-proportional inputs: the merge is an approximation
+    model.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(ref), str(tmp_path))
+    loaded.eval()
+    torch.testing.assert_close(logits(loaded, name), merged, rtol=1e-5, atol=1e-5)
+    dense_peft = loaded.merge_and_unload()
+    dense = model.merge_and_unload()
+    torch.testing.assert_close(logits(dense, name), logits(dense_peft, name), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(dense, name), merged, rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, reslora.ResLoRALinear) for m in dense.modules())
+
+
+def test_bs_all_pads_chain_heads_to_one_rank(tmp_path):
+    model, _ = wrap("llama", "bs", -1)
+    train(model, "llama", steps=1)
+    model.merge_to_lora()
+    ranks = [blk.r for blk in model.blocks.values()]
+    assert sorted(set(ranks)) == [4, 8, 12]
+    model.save_pretrained(str(tmp_path))
+    from safetensors.torch import load_file
+    import json
+
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 12 and cfg["lora_alpha"] == pytest.approx(2.0 * 12)
+    w = load_file(str(tmp_path / "adapter_model.safetensors"))
+    a = w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert a.shape == (12, 32) and a[4:].abs().sum() == 0
+
+
+def test_chains_follow_layer_index_not_registration_order():
+    class Layer(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.proj = nn.Linear(d, d)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleDict({"10": Layer(4), "2": Layer(4), "20": Layer(6), "1": Layer(4)})
+
+        def forward(self, x):
+            for k in ("1", "2", "10"):
+                x = self.layers[k](x)
+            return x
+
+    model = reslora.get_reslora_model(Net(), reslora.ResLoRAConfig(variant="is", r=2, target_modules=["proj"]))
+    assert model.chains == {
+        "layers.*.proj": ["layers.1.proj", "layers.2.proj", "layers.10.proj"],
+        "layers.*.proj#1": ["layers.20.proj"],
+    }
+    model(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("variant", ["is", "bs", "ms"])
+def test_gradient_checkpointing_gives_the_same_gradients(variant):
+    def grads(ckpt):
+        model, _ = wrap("llama", variant, -1 if variant != "is" else 1, lora_dropout=0.1)
+        for blk in model.blocks.values():
+            nn.init.normal_(blk.lora_B, std=0.1)
+        if ckpt:
+            model.gradient_checkpointing_enable()
+        model.train()
+        torch.manual_seed(123)
+        model(**batch("llama")).loss.backward()
+        stats = {n: blk.stats_count.item() for n, blk in model.blocks.items()}
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, stats
+
+    plain, s0 = grads(False)
+    ck, s1 = grads(True)
+    assert plain.keys() == ck.keys()
+    for k in plain:
+        torch.testing.assert_close(ck[k], plain[k], rtol=1e-5, atol=1e-6)
+    assert s0 == s1  # the recompute does not record statistics twice
+
+
+def test_reentrant_checkpointing_is_refused_where_it_would_cut_gradients():
+    model, _ = wrap("llama", "is")
+    with pytest.raises(ValueError, match="reentrant checkpointing cannot differentiate"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+
+
+def test_reentrant_checkpointing_works_for_bs():
+    def grads(ckpt):
+        model, _ = wrap("llama", "bs", -1)
+        for blk in model.blocks.values():
+            nn.init.normal_(blk.lora_B, std=0.1)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.train()
+        model(**batch("llama")).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ck = grads(False), grads(True)
+    for k in plain:
+        torch.testing.assert_close(ck[k], plain[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["is", "ms"])
+def test_generate_with_kv_cache(variant):
+    model, _ = wrap("llama", variant)
+    for blk in model.blocks.values():
+        nn.init.normal_(blk.lora_B, std=0.5)
+    model.eval()
+    ids = batch("llama")["input_ids"][:, :5]
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=True)
+        uncached = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert cached.shape == (2, 11)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models_train(dtype):
+    model, _ = wrap("llama", "ms")
+    model.to(dtype)
+    for blk in model.blocks.values():
+        assert blk.lora_A.dtype == dtype and blk.x_norms.dtype == torch.float32
+    # Plain SGD: AdamW's eps underflows in float16 without a float32 master copy.
+    losses = train(model, "llama", steps=3, lr=1e-2, optim=torch.optim.SGD)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.isfinite(blk.lora_B).all() for blk in model.blocks.values())
+
+
+def test_resume_from_checkpoint(tmp_path):
+    model, ref = wrap("llama", "ms", 1)
+    train(model, "llama", steps=3)
+    model.save_pretrained(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["reslora_config.json", "reslora_model.safetensors"]
+    resumed = reslora.ResLoRAModel.from_pretrained(copy.deepcopy(ref), str(tmp_path))
+    assert resumed.reslora_config == model.reslora_config
+    torch.testing.assert_close(logits(resumed, "llama"), logits(model, "llama"))
+    for n, blk in model.blocks.items():
+        assert torch.equal(resumed.blocks[n].x_norms, blk.x_norms)
+        assert torch.equal(resumed.blocks[n].stats_count, blk.stats_count)
+    model.merge_to_lora()
+    resumed.merge_to_lora()
+    torch.testing.assert_close(logits(resumed, "llama"), logits(model, "llama"))
+
+
+def test_checkpoint_into_wrong_model_is_a_clear_error(tmp_path):
+    model, ref = wrap("llama", "is")
+    model.save_pretrained(str(tmp_path))
+    other, _ = wrap("llama", "bs")
+    with pytest.raises(ValueError, match=r"the checkpoint has variant = 'is', this model 'bs'"):
+        other.load_checkpoint(str(tmp_path))
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=48,
+                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match=r"must have shape \[4, 48\], got \[4, 32\]"):
+        reslora.ResLoRAModel.from_pretrained(transformers.LlamaForCausalLM(cfg), str(tmp_path))
+
+
+def test_a_crash_mid_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    model, _ = wrap("llama", "is")
+    model.save_pretrained(str(tmp_path))
+    before = (tmp_path / "reslora_model.safetensors").read_bytes()
+    train(model, "llama", steps=1)
+    import safetensors.torch as st
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "reslora_model.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["reslora_config.json", "reslora_model.safetensors"]
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"variant must be one of \['lora', 'is', 'bs', 'ms'\], got 'xs'"):
+        reslora.ResLoRAConfig(variant="xs")
+    with pytest.raises(ValueError, match=r"merge 'mid' does not fit variant 'is'; expected one of \['input', 'weight'\]"):
+        reslora.ResLoRAConfig(variant="is", merge="mid")
+    with pytest.raises(ValueError, match=r"merge 'dense' does not fit variant 'bs'"):
+        reslora.ResLoRAConfig(variant="bs", merge="dense")
+    with pytest.raises(ValueError, match=r"r must be an int > 0, got 0"):
+        reslora.ResLoRAConfig(r=0)
+    with pytest.raises(ValueError, match=r"r must be an int > 0, got -2"):
+        reslora.ResLoRAConfig(r=-2)
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no nn.Linear or Conv1D layer of LlamaForCausalLM"):
+        reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(target_modules=["nope"]))
+    model, _ = wrap("llama", "is")
+    with pytest.raises(RuntimeError, match="PEFT LoRA adapter can only be saved after merge_to_lora"):
+        model.save_pretrained("/tmp/unused-reslora-dir", format="peft")
+    model.merge_to_lora()
+    assert all(e is None for e in model.merge_errors.values())  # no pass was recorded
+    with pytest.raises(RuntimeError, match="already merged"):
+        model.merge_to_lora()
+
+
+def test_default_targets_and_regex():
+    m = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig())
+    assert all(p.endswith(("q_proj", "v_proj")) for p in m.blocks)
+    m = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(target_modules=r"model\.layers\.[01]\.mlp\.down_proj"))
+    assert list(m.blocks) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    m = reslora.get_reslora_model(make("gpt2"), reslora.ResLoRAConfig(target_modules="all-linear"))
+    assert "lm_head" not in m.blocks and len(m.blocks) == 12
+
+
+def test_hf_trainer_unchanged(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _ = wrap("llama", "ms")
+    data = [batch("llama", seed=i, n=1) for i in range(8)]
+    data = [{k: v[0] for k, v in d.items()} for d in data]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        gradient_checkpointing=True,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    result = trainer.train()
+    assert result.global_step == 4
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed
