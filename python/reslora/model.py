@@ -126,6 +126,11 @@ class ResLoRAModel(nn.Module):
         super().__init__()
         if not isinstance(config, ResLoRAConfig):
             raise TypeError(f"reslora: config must be a ResLoRAConfig, got {type(config).__name__}")
+        if any(isinstance(m, ResLoRALinear) for m in model.modules()):
+            raise ValueError(
+                "reslora: the model already contains ResLoRA layers; wrap the original model "
+                "(from_pretrained needs a fresh base model too)"
+            )
         self.base_model = model
         self.reslora_config = config
         self.merge_errors: Dict[str, Optional[float]] = {}
