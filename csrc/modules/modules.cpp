@@ -129,7 +129,8 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
     if (options_.variant() == Variant::kMS) state->mids[n] = z_own;
     state->ran[n] = true;
   }
-  if (is_training()) {
+  if (is_training() && (options_.variant() == Variant::kIS || options_.variant() == Variant::kMS)) {
+    // Only the is / ms merges read the norm statistics.
     torch::NoGradGuard no_grad;
     record_stats_(x_norms, z_norms, stats_count, x, z_own);
   }

@@ -145,7 +145,8 @@ class ResLoRALinear(nn.Module):
             y = _ops.lora_up(x, w, b, z_own, self.lora_B, s)
         if chain is not None and not recompute:
             chain._record(n, x, z_own)
-        if self.training and not recompute:
+        if self.training and not recompute and self.variant in ("is", "ms"):
+            # Only the is / ms merges read the norm statistics.
             _ops.record_stats_(self.x_norms, self.z_norms, self.stats_count, x, z_own)
         return y
 

@@ -159,7 +159,7 @@ TEST(Modules, DropoutIsReproducibleFromTheGenerator) {
 }
 
 TEST(Modules, StatisticsWindow) {
-  ResLoRALinear blk(torch::eye(2), torch::Tensor(), ResLoRAOptions(1).stats_window(2));
+  ResLoRALinear blk(torch::eye(2), torch::Tensor(), ResLoRAOptions(1).variant(Variant::kIS).stats_window(2));
   blk->forward(torch::tensor({{3.0f, 4.0f}}));   // ||x|| = 5
   blk->forward(torch::tensor({{6.0f, 8.0f}}));   // 10
   blk->forward(torch::tensor({{0.0f, 1.0f}}));   // 1, replaces the oldest (5)
@@ -167,6 +167,9 @@ TEST(Modules, StatisticsWindow) {
   blk->eval();
   blk->forward(torch::tensor({{100.0f, 0.0f}}));  // eval forwards are not recorded
   EXPECT_EQ(blk->stats_count.item<int64_t>(), 3);
+  ResLoRALinear bs(torch::eye(2), torch::Tensor(), ResLoRAOptions(1).variant(Variant::kBS));
+  bs->forward(torch::ones({1, 2}));  // exact merges need no statistics: none are recorded
+  EXPECT_EQ(bs->stats_count.item<int64_t>(), 0);
 }
 
 template <typename F>

@@ -285,3 +285,38 @@ def test_hf_trainer_unchanged(tmp_path):
     assert result.global_step == 4
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant,pre_num", VARIANTS)
+def test_cuda_train_merge_export(tmp_path, variant, pre_num):
+    model, ref = wrap("llama", variant, pre_num, lora_dropout=0.1)
+    model.cuda()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for i in range(3):
+        b = {k: v.cuda() for k, v in batch("llama", seed=i).items()}
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    ids = batch("llama", seed=99)["input_ids"].cuda()
+    with torch.no_grad():
+        model(input_ids=ids)
+        unmerged = model(input_ids=ids).logits
+    model.merge_to_lora()
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    if variant in ("lora", "bs"):
+        torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(ref).cuda(), str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, merged, rtol=1e-4, atol=1e-4)
+    bf = reslora.get_reslora_model(make("llama").cuda().bfloat16(),
+                                   reslora.ResLoRAConfig(variant=variant, r=4, pre_num=pre_num,
+                                                         lora_dropout=0.1, target_modules="all-linear"))
+    bf.train()
+    loss = bf(**{k: v.cuda() for k, v in batch("llama").items()}).loss
+    loss.backward()
+    assert torch.isfinite(loss)

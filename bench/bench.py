@@ -1,0 +1,206 @@
+"""Benchmark: frozen base vs PEFT LoRA vs reslora (lora / is / bs / ms), in one process.
+
+    python bench/bench.py [--quick] [--out bench/results]
+
+Layer chains (8 stacked d x d linear layers, bf16, forward + backward to the input) and a
+Llama training step (AdamW on the adapters). Times are medians of CUDA-event timed repeats;
+memory is the peak allocated during the timed repeats. Writes results.md and results.json with
+the GPU, torch / CUDA versions and the date.
+"""
+
+import argparse
+import copy
+import datetime
+import gc
+import json
+import os
+import statistics
+
+import torch
+from torch import nn
+
+import reslora
+
+R = 16
+
+
+def timed(fn, warmup, repeat):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def peft_wrap(model, targets, dropout, fp32_adapters):
+    import peft
+
+    cfg = peft.LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=dropout, target_modules=targets)
+    return peft.get_peft_model(model, cfg, autocast_adapter_dtype=fp32_adapters)
+
+
+def ours_wrap(model, targets, variant, dropout, pre_num=1):
+    cfg = reslora.ResLoRAConfig(variant=variant, r=R, lora_alpha=2 * R, lora_dropout=dropout,
+                                pre_num=pre_num, target_modules=targets)
+    return reslora.get_reslora_model(model, cfg)
+
+
+def configs(dropout):
+    return [
+        ("frozen base", None),
+        (f"PEFT LoRA bf16, dropout {dropout}", lambda m, t: peft_wrap(m, t, dropout, False)),
+        ("PEFT LoRA bf16, dropout 0", lambda m, t: peft_wrap(m, t, 0.0, False)),
+        (f"PEFT default (fp32 adapters), dropout {dropout}", lambda m, t: peft_wrap(m, t, dropout, True)),
+        (f"reslora lora, dropout {dropout}", lambda m, t: ours_wrap(m, t, "lora", dropout)),
+        (f"reslora is, dropout {dropout}", lambda m, t: ours_wrap(m, t, "is", dropout)),
+        (f"reslora bs pre_num 1, dropout {dropout}", lambda m, t: ours_wrap(m, t, "bs", dropout)),
+        (f"reslora ms, dropout {dropout}", lambda m, t: ours_wrap(m, t, "ms", dropout)),
+    ]
+
+
+def bench_chain(d, tokens, args):
+    layers = 8
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(layers)]).cuda().bfloat16()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    targets = [str(i) for i in range(layers)]
+    rows = []
+    for name, wrap in configs(0.05):
+        model = copy.deepcopy(base)
+        if wrap is not None:
+            model = wrap(model, targets)
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    nn.init.normal_(p, std=0.01)
+        model.train()
+
+        def step():
+            x.grad = None
+            model(x).backward(g)
+            for p in model.parameters():
+                p.grad = None
+
+        ms, mem = timed(step, args.warmup, args.repeat)
+        rows.append((name, ms, mem))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def llama(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if args.quick:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                          num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)
+    else:
+        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                          num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.config.use_cache = False
+    return model
+
+
+def bench_training_step(args):
+    batch, seq = (2, 512) if args.quick else (8, 1024)
+    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    rows = []
+    base = llama(args)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for name, wrap in configs(0.05):
+        model = copy.deepcopy(base)
+        if wrap is None:
+            # No adapters: time forward + backward through every layer to the input embeddings.
+            model.enable_input_require_grads()
+            opt = None
+        else:
+            model = wrap(model, targets)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        ms, mem = timed(step, args.warmup, args.repeat)
+        rows.append((name, ms, mem))
+        del model, opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--out", default=os.path.join("bench", "results"))
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs a CUDA GPU")
+    import peft
+
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "peft": peft.__version__,
+        "reslora": reslora.build_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "r": R,
+        "dtype": "bfloat16",
+    }
+    workloads = []
+    if args.quick:
+        workloads.append(("8 layers 1024x1024, 2048 tokens, fwd+bwd", bench_chain(1024, 2048, args)))
+    else:
+        workloads.append(("8 layers 4096x4096, 8192 tokens, fwd+bwd", bench_chain(4096, 8192, args)))
+        workloads.append(("8 layers 2048x2048, 8192 tokens, fwd+bwd", bench_chain(2048, 8192, args)))
+        workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd", bench_chain(4096, 16, args)))
+    step_name = ("Llama training step, " + ("1024 hidden, 4 layers, batch 2 x 512" if args.quick else
+                 "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024")
+                 + ", all 7 projections, AdamW")
+    workloads.append((step_name, bench_training_step(args)))
+
+    lines = [f"GPU: {info['gpu']} | torch {info['torch']} (CUDA {info['cuda']}) | peft {info['peft']} "
+             f"| reslora {info['reslora']['version']} (CUDA kernels: {info['reslora']['cuda_kernels']}) "
+             f"| {info['date']} | bf16, r = {R}, median of {args.repeat} after {args.warmup} warm-up", ""]
+    for wname, rows in workloads:
+        base_ms = rows[0][1]
+        lines += [f"### {wname}", "", "| configuration | time (ms) | ratio to base | peak memory (GiB) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {n} | {ms:.3f} | {ms / base_ms:.2f} | {mem:.2f} |" for n, ms, mem in rows]
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"info": info, "workloads": [
+            {"name": w, "rows": [{"config": n, "ms": ms, "peak_gib": mem} for n, ms, mem in rows]}
+            for w, rows in workloads]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
