@@ -216,22 +216,31 @@ class ResLoRAModel(nn.Module):
         t, a = self.get_nb_trainable_parameters()
         print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None):
-        """Turns on the wrapped model's gradient checkpointing. Non-reentrant checkpointing is
-        the default and gives the gradients of the unchecked model. Reentrant checkpointing
-        recomputes each layer detached from the others, which would silently cut the gradient
-        the is / ms shortcuts carry between layers, so it is refused for those variants."""
-        kwargs = dict(gradient_checkpointing_kwargs or {})
-        kwargs.setdefault("use_reentrant", False)
-        if kwargs["use_reentrant"] and self.reslora_config.variant in ("is", "ms"):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs):
+        """Turns on the wrapped model's activation (gradient) checkpointing. Non-reentrant
+        checkpointing is the default and gives the gradients of the unchecked model. Reentrant
+        checkpointing recomputes each layer detached from the others, which would silently cut
+        the gradient the is / ms shortcuts carry between layers, so it is refused for those
+        variants. Other keyword arguments (every_n_layers, ...) go to the wrapped model."""
+        ckpt = dict(gradient_checkpointing_kwargs or {})
+        ckpt.setdefault("use_reentrant", False)
+        if ckpt["use_reentrant"] and self.reslora_config.variant in ("is", "ms"):
             raise ValueError(
                 f"reslora: variant {self.reslora_config.variant!r} carries activations between "
                 "layers, which reentrant checkpointing cannot differentiate; use "
                 "gradient_checkpointing_kwargs={'use_reentrant': False} (the default here)"
             )
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        if kwargs["use_reentrant"] and hasattr(self.base_model, "enable_input_require_grads"):
-            self.base_model.enable_input_require_grads()
+        base = self.base_model
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
+        if ckpt["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs):
+        """The newer transformers name of gradient_checkpointing_enable (same behaviour)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
     # --- merging -------------------------------------------------------------------------------
 

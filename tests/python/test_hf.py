@@ -320,3 +320,16 @@ def test_cuda_train_merge_export(tmp_path, variant, pre_num):
     loss = bf(**{k: v.cuda() for k, v in batch("llama").items()}).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_hf_trainer_reentrant_checkpointing_reaches_our_check(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _ = wrap("llama", "is")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+        save_strategy="no", use_cpu=True, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": True},
+    )
+    data = [{k: v[0] for k, v in batch("llama", seed=i, n=1).items()} for i in range(2)]
+    with pytest.raises(ValueError, match="reentrant checkpointing cannot differentiate"):
+        transformers.Trainer(model=model, args=args, train_dataset=data).train()
