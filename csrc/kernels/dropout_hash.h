@@ -29,15 +29,24 @@ RESLORA_HD uint64_t dropout_key(uint64_t seed, uint64_t segment) {
   return mix64(seed ^ mix64(segment + 0x9e3779b97f4a7c15ULL));
 }
 
-// Uniform in [0, 1) with 24 random bits, exactly representable in float.
-RESLORA_HD float dropout_uniform(uint64_t key, uint64_t index) {
-  const uint64_t h = mix64(key + index * 0x9e3779b97f4a7c15ULL);
-  return static_cast<float>(h >> 40) * (1.0f / 16777216.0f);
+// One 64-bit hash serves four consecutive elements (16 random bits each), so the kernels spend
+// a quarter of the integer work of a hash per element. Element `index` keeps its value when its
+// 16 bits are >= threshold = floor(p * 65536), i.e. with probability 1 - p (to 2^-16).
+RESLORA_HD uint32_t dropout_threshold(float p) {
+  return static_cast<uint32_t>(p * 65536.0f);
+}
+
+RESLORA_HD uint64_t dropout_group_bits(uint64_t key, uint64_t group) {
+  return mix64(key + group * 0x9e3779b97f4a7c15ULL);
+}
+
+RESLORA_HD bool dropout_keep_bits(uint64_t bits, uint64_t lane, uint32_t threshold) {
+  return static_cast<uint32_t>((bits >> (16 * lane)) & 0xFFFFu) >= threshold;
 }
 
 // True when element `index` is kept (probability 1 - p).
-RESLORA_HD bool dropout_keep(uint64_t key, uint64_t index, float p) {
-  return dropout_uniform(key, index) >= p;
+RESLORA_HD bool dropout_keep(uint64_t key, uint64_t index, uint32_t threshold) {
+  return dropout_keep_bits(dropout_group_bits(key, index >> 2), index & 3, threshold);
 }
 
 }  // namespace kernels

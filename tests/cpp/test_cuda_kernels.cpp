@@ -20,7 +20,8 @@ TEST(DropoutHash, KeepRateAndDeterminism) {
   const uint64_t key = reslora::kernels::dropout_key(7, 0);
   int kept = 0;
   const int n = 200000;
-  for (int i = 0; i < n; ++i) kept += reslora::kernels::dropout_keep(key, i, 0.3f);
+  const uint32_t thr = reslora::kernels::dropout_threshold(0.3f);
+  for (int i = 0; i < n; ++i) kept += reslora::kernels::dropout_keep(key, i, thr);
   EXPECT_NEAR(kept / double(n), 0.7, 0.01);
   EXPECT_NE(reslora::kernels::dropout_key(7, 0), reslora::kernels::dropout_key(7, 1));
   EXPECT_NE(reslora::kernels::dropout_key(7, 0), reslora::kernels::dropout_key(8, 0));
@@ -53,7 +54,10 @@ TEST(DropoutAddCuda, MatchesHostMask) {
   ASSERT_EQ(cudaMemcpy(out.data(), dout, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
   const uint64_t key = reslora::kernels::dropout_key(99, 2);
   for (int64_t i = 0; i < n; ++i) {
-    const float want = reslora::kernels::dropout_keep(key, i, 0.25f) ? (x[i] + xp[i]) / 0.75f : 0.f;
+    const float want =
+        reslora::kernels::dropout_keep(key, i, reslora::kernels::dropout_threshold(0.25f))
+            ? (x[i] + xp[i]) / 0.75f
+            : 0.f;
     ASSERT_NEAR(out[i], want, 1e-5f) << "at " << i;
   }
   cudaFree(dx);

@@ -36,16 +36,25 @@ struct OpMath<__nv_bfloat16> {
 
 template <typename T>
 __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict__ x_prev,
-                                   T* __restrict__ out, int64_t numel, float p, uint64_t key) {
+                                   T* __restrict__ out, int64_t numel, uint32_t threshold,
+                                   float p, uint64_t key) {
   using M = OpMath<T>;
   using acc_t = typename M::type;
   const acc_t scale = static_cast<acc_t>(1.0) / (static_cast<acc_t>(1.0) - static_cast<acc_t>(p));
+  const int64_t groups = (numel + 3) / 4;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < numel;
-       i += stride) {
-    acc_t v = M::load(x[i]);
-    if (x_prev != nullptr) v += M::load(x_prev[i]);
-    out[i] = M::store(dropout_keep(key, static_cast<uint64_t>(i), p) ? v * scale : acc_t(0));
+  // One thread per group of four elements: one hash for all four.
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+       g += stride) {
+    const uint64_t bits = dropout_group_bits(key, static_cast<uint64_t>(g));
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t i = 4 * g + lane;
+      if (i >= numel) break;
+      acc_t v = M::load(x[i]);
+      if (x_prev != nullptr) v += M::load(x_prev[i]);
+      out[i] = M::store(dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0));
+    }
   }
 }
 
@@ -53,11 +62,11 @@ template <typename T>
 cudaError_t launch(const DropoutAddParams& prm, cudaStream_t stream) {
   if (prm.numel == 0) return cudaSuccess;
   constexpr int kThreads = 256;
-  int64_t blocks = (prm.numel + kThreads - 1) / kThreads;
+  int64_t blocks = ((prm.numel + 3) / 4 + kThreads - 1) / kThreads;
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;  // grid-stride loop covers the rest
   dropout_add_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(prm.x), static_cast<const T*>(prm.x_prev), static_cast<T*>(prm.out),
-      prm.numel, prm.p, dropout_key(prm.seed, prm.segment));
+      prm.numel, dropout_threshold(prm.p), prm.p, dropout_key(prm.seed, prm.segment));
   return cudaGetLastError();
 }
 

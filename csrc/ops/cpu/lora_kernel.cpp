@@ -17,6 +17,7 @@ at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
   const int64_t n = xc.numel();
   const float pf = static_cast<float>(p);
+  const uint32_t threshold = kernels::dropout_threshold(pf);
   const uint64_t key =
       kernels::dropout_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(segment));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_sum_cpu",
@@ -27,12 +28,17 @@ at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double
     const scalar_t* xs = xc.const_data_ptr<scalar_t>();
     const scalar_t* ps = xpc.defined() ? xpc.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* os = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        acc_t v = static_cast<acc_t>(xs[i]);
-        if (ps != nullptr) v += static_cast<acc_t>(ps[i]);
-        os[i] = static_cast<scalar_t>(
-            kernels::dropout_keep(key, static_cast<uint64_t>(i), pf) ? v * scale : acc_t(0));
+    const int64_t groups = (n + 3) / 4;
+    at::parallel_for(0, groups, 1 << 12, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        const uint64_t bits = kernels::dropout_group_bits(key, static_cast<uint64_t>(g));
+        for (int64_t lane = 0; lane < 4 && 4 * g + lane < n; ++lane) {
+          const int64_t i = 4 * g + lane;
+          acc_t v = static_cast<acc_t>(xs[i]);
+          if (ps != nullptr) v += static_cast<acc_t>(ps[i]);
+          os[i] = static_cast<scalar_t>(
+              kernels::dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0));
+        }
       }
     });
   });
