@@ -83,24 +83,23 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
   const int64_t r = options_.r();
   const double s = scaling();
   const std::optional<torch::Tensor> b = bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt;
+  // Every variant is one lora_linear op (one autograd node per block).
   torch::Tensor z_own, y;
+  const std::optional<torch::Tensor> none;
   switch (options_.variant()) {
     case Variant::kLoRA:
-      z_own = lora_down(x, std::nullopt, lora_A, p, seed, r);
-      y = lora_up(x, weight, b, z_own, lora_B, s);
+      std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, r);
       break;
     case Variant::kIS: {
       // A head has no previous input and uses its own: drop(2 x).
       const torch::Tensor x_prev = n == 0 ? x : need(n - 1, "input").inputs[n - 1];
-      z_own = lora_down(x, x_prev, lora_A, p, seed, r);
-      y = lora_up(x, weight, b, z_own, lora_B, s);
+      std::tie(y, z_own) = lora_linear(x, x_prev, weight, b, lora_A, lora_B, none, s, p, seed, r);
       break;
     }
     case Variant::kBS: {
       const int64_t k_max = reach(n, options_.pre_num());
       if (k_max == 0) {
-        z_own = lora_down(x, std::nullopt, lora_A, p, seed, r);
-        y = lora_up(x, weight, b, z_own, lora_B, s);
+        std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, r);
       } else {
         // All k + 1 products as one of rank (k + 1) r, one dropout mask per segment.
         std::vector<torch::Tensor> As{lora_A}, Bs{lora_B};
@@ -108,19 +107,20 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
           As.push_back(state->blocks[n - k]->lora_A);
           Bs.push_back(state->blocks[n - k]->lora_B);
         }
-        const torch::Tensor z = lora_down(x, std::nullopt, torch::cat(As, 0), p, seed, r);
+        torch::Tensor z;
+        std::tie(y, z) = lora_linear(x, none, weight, b, torch::cat(As, 0), torch::cat(Bs, 1),
+                                     none, s, p, seed, r);
         z_own = z.narrow(-1, 0, r);
-        y = lora_up(x, weight, b, z, torch::cat(Bs, 1), s);
       }
       break;
     }
     case Variant::kMS: {
-      z_own = lora_down(x, std::nullopt, lora_A, p, seed, r);
-      torch::Tensor z = z_own;
+      std::optional<torch::Tensor> z_extra;
       for (int64_t k = 1; k <= reach(n, options_.pre_num()); ++k) {
-        z = z + need(n - k, "mid activation").mids[n - k];
+        const torch::Tensor& zk = need(n - k, "mid activation").mids[n - k];
+        z_extra = z_extra.has_value() ? *z_extra + zk : zk;
       }
-      y = lora_up(x, weight, b, z, lora_B, s);
+      std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, z_extra, s, p, seed, r);
       break;
     }
   }

@@ -19,6 +19,11 @@ namespace detail {
 using DropoutSumFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor* x_prev, double p,
                                     int64_t seed, int64_t segment);
 
+// acc += drop(t); out2 (=|+=) drop(t) when out2 is given. acc and t share shape [N, d] and acc
+// is contiguous. Called only with p > 0.
+using MaskedAccumulateFn = void (*)(at::Tensor& acc, at::Tensor* out2, bool accumulate2,
+                                    const at::Tensor& t, double p, int64_t seed, int64_t segment);
+
 inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
   out.back() = last;
@@ -124,6 +129,87 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward_impl(
   at::Tensor grad_z = at::mm(g, B).mul_(scaling).view(z.sizes());
   at::Tensor grad_B = at::mm(g.t(), z2).mul_(scaling);
   return {grad_x, grad_z, grad_B};
+}
+
+// One ResLoRA block: z = drop(x [+ x_prev]) A^T; y = x W^T + b + s (z + z_extra) B^T. Returns
+// (y, z); z is the block's own mid activation, which ms chains pass on as later z_extra.
+inline std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    int64_t segment_rank, DropoutSumFn dropout_sum) {
+  at::Tensor z = lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, dropout_sum);
+  if (z_extra.has_value()) {
+    TORCH_CHECK(z_extra->sizes() == z.sizes(), "reslora::lora_linear: z_extra must have shape ",
+                z.sizes(), ", got ", z_extra->sizes());
+    check_same("lora_linear", "z_extra", *z_extra, x);
+  }
+  const at::Tensor y =
+      lora_up_impl(x, weight, bias, z_extra.has_value() ? z + *z_extra : z, B, scaling);
+  return {y, z};
+}
+
+using LinearGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra) of lora_linear. grad_y is read by three
+// GEMMs (dx = dy W, dz = s dy B, dB = s dy^T z); the low-rank part of dx is added into dx in
+// place (a beta = 1 GEMM without dropout, one masked accumulate pass with dropout), so no
+// full-size temporary is summed afterwards. Tensors not asked for come back empty.
+inline LinearGrads lora_linear_backward_impl(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
+    const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
+    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x,
+    DropoutSumFn dropout_sum, MaskedAccumulateFn masked_accumulate) {
+  const char* op = "_lora_linear_backward";
+  check_down(op, x, x_prev, A, dropout, segment_rank);
+  check_up(op, x, weight, std::nullopt, z, B, scaling);
+  const int64_t d_in = x.size(-1);
+  const int64_t d_out = weight.size(0);
+  const int64_t R = A.size(0);
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef(with_last(x.sizes(), d_out)), "reslora::", op,
+              ": grad_y must have shape ", at::IntArrayRef(with_last(x.sizes(), d_out)), ", got ",
+              grad_y.sizes());
+  check_same(op, "grad_y", grad_y, x);
+  const at::Tensor g = grad_y.reshape({-1, d_out});
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
+  const at::Tensor z2 = z.reshape({-1, R});
+  const at::Tensor zt2 = z_extra.has_value() ? z2 + z_extra->reshape({-1, R}) : z2;
+  at::Tensor dzt = at::mm(g, B).mul_(scaling);  // gradient of z + z_extra
+  at::Tensor grad_B = at::mm(g.t(), zt2).mul_(scaling);
+  at::Tensor grad_z_extra =
+      z_extra.has_value() ? dzt.view(z.sizes()).clone() : at::empty({0}, x.options());
+  const at::Tensor dz =
+      grad_z.has_value() && grad_z->defined() ? dzt.add_(grad_z->reshape({-1, R})) : dzt;
+  at::Tensor dx, dxp;
+  if (compute_grad_x) dx = at::mm(g, weight);
+  at::Tensor grad_A;
+  if (dropout == 0.0) {
+    grad_A = at::mm(dz.t(), xp2.defined() ? x2 + xp2 : x2);
+    if (compute_grad_x) {
+      dx.addmm_(dz, A);
+      if (xp2.defined()) dxp = at::mm(dz, A);
+    }
+  } else {
+    grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
+    for (int64_t k = 0; k < R / segment_rank; ++k) {
+      const at::Tensor dz_k = dz.narrow(1, k * segment_rank, segment_rank);
+      const at::Tensor A_k = A.narrow(0, k * segment_rank, segment_rank);
+      // The mask is regenerated from the seed, never stored.
+      const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
+      grad_A.narrow(0, k * segment_rank, segment_rank).copy_(at::mm(dz_k.t(), u));
+      if (compute_grad_x) {
+        if (xp2.defined() && !dxp.defined()) dxp = at::empty_like(dx);
+        masked_accumulate(dx, xp2.defined() ? &dxp : nullptr, /*accumulate2=*/k > 0,
+                          at::mm(dz_k, A_k), dropout, seed, k);
+      }
+    }
+  }
+  const auto empty = [&] { return at::empty({0}, x.options()); };  // outputs must not alias
+  return {compute_grad_x ? dx.view(x.sizes()) : empty(),
+          compute_grad_x && xp2.defined() ? dxp.view(x.sizes()) : empty(), grad_A, grad_B,
+          grad_z_extra};
 }
 
 }  // namespace detail

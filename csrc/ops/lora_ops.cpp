@@ -26,6 +26,20 @@ TORCH_LIBRARY(reslora, m) {
   m.def(
       "_lora_up_backward(Tensor grad_y, Tensor weight, Tensor z, Tensor B, float scaling, "
       "bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
+  // One ResLoRA block (the ops above fused under one autograd node): z = drop(x [+ x_prev]) A^T,
+  // y = x W^T + bias + scaling (z + z_extra) B^T. Returns (y, z); z_extra: [..., R] or none
+  // (the ms shortcut: earlier blocks' z).
+  m.def(
+      "lora_linear(Tensor x, Tensor? x_prev, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
+      "Tensor? z_extra, float scaling, float dropout, int seed, int segment_rank) -> (Tensor, "
+      "Tensor)");
+  // (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra) of lora_linear; grad_z: gradient that
+  // reached the returned z (from later ms blocks) or none. Unrequested results are empty.
+  m.def(
+      "_lora_linear_backward(Tensor grad_y, Tensor? grad_z, Tensor x, Tensor? x_prev, "
+      "Tensor weight, Tensor A, Tensor B, Tensor z, Tensor? z_extra, float scaling, "
+      "float dropout, int seed, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor)");
   // Writes ||x||_F, ||z||_F into slot count % len of the float32 rings; count += 1. On device.
   m.def(
       "record_stats_(Tensor(a!) x_norms, Tensor(b!) z_norms, Tensor(c!) count, Tensor x, "
@@ -66,6 +80,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
     double scaling, bool compute_grad_x) {
   static auto op = handle<decltype(lora_up_backward)>("reslora::_lora_up_backward");
   return op.call(grad_y, weight, z, B, scaling, compute_grad_x);
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    int64_t segment_rank) {
+  static auto op = handle<decltype(lora_linear)>("reslora::lora_linear");
+  return op.call(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, segment_rank);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
+    const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
+    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
+  static auto op = handle<decltype(lora_linear_backward)>("reslora::_lora_linear_backward");
+  return op.call(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout, seed,
+                 segment_rank, compute_grad_x);
 }
 
 void record_stats_(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,

@@ -121,28 +121,28 @@ class ResLoRALinear(nn.Module):
         if chain is not None and n == 0 and not recompute:
             chain._begin()  # the head starts a new pass
         p = self.lora_dropout if self.training else 0.0
-        seed = _draw_seed() if p > 0.0 else 0
+        seed = 0
+        if p > 0.0:
+            # One draw per chain pass; a recomputed (checkpointed) block gets its pass's seed back.
+            seed = _draw_seed() if chain is None else chain._block_seed(n)
         w, b, r, s = self.base_weight(), self.base_layer.bias, self.r, self.scaling
+        # Every variant is one lora_linear op (one autograd node per block).
         if self.variant == "is":
             x_prev = x if n == 0 else chain._need(n, n - 1, "input")
-            z_own = _ops.lora_down(x, x_prev, self.lora_A, p, seed, r)
-            y = _ops.lora_up(x, w, b, z_own, self.lora_B, s)
+            y, z_own = _ops.lora_linear(x, x_prev, w, b, self.lora_A, self.lora_B, None, s, p, seed, r)
         elif self.variant == "bs" and _reach(n, self.pre_num) > 0:
             blocks = [self] + [chain.blocks[n - k] for k in range(1, _reach(n, self.pre_num) + 1)]
             a_cat = torch.cat([blk.lora_A for blk in blocks], 0)
             b_cat = torch.cat([blk.lora_B for blk in blocks], 1)
-            z = _ops.lora_down(x, None, a_cat, p, seed, r)
+            y, z = _ops.lora_linear(x, None, w, b, a_cat, b_cat, None, s, p, seed, r)
             z_own = z[..., :r]
-            y = _ops.lora_up(x, w, b, z, b_cat, s)
-        elif self.variant == "ms":
-            z_own = _ops.lora_down(x, None, self.lora_A, p, seed, r)
-            z = z_own
-            for k in range(1, _reach(n, self.pre_num) + 1):
-                z = z + chain._need(n, n - k, "mid activation")
-            y = _ops.lora_up(x, w, b, z, self.lora_B, s)
+        elif self.variant == "ms" and _reach(n, self.pre_num) > 0:
+            z_extra = chain._need(n, n - 1, "mid activation")
+            for k in range(2, _reach(n, self.pre_num) + 1):
+                z_extra = z_extra + chain._need(n, n - k, "mid activation")
+            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, z_extra, s, p, seed, r)
         else:
-            z_own = _ops.lora_down(x, None, self.lora_A, p, seed, r)
-            y = _ops.lora_up(x, w, b, z_own, self.lora_B, s)
+            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, None, s, p, seed, r)
         if chain is not None and not recompute:
             chain._record(n, x, z_own)
         if self.training and not recompute and self.variant in ("is", "ms"):
@@ -226,6 +226,12 @@ class ResLoRAChain:
     def _begin(self) -> None:
         self._inputs = [None] * len(self.blocks)
         self._mids = [None] * len(self.blocks)
+        self._seed: Optional[int] = None
+
+    def _block_seed(self, n: int) -> int:
+        if self._seed is None:
+            self._seed = _draw_seed()
+        return (self._seed + n * 0x9E3779B97F4A7C15) % (1 << 62)
 
     def reset(self) -> None:
         """Drops the activations the current pass holds."""

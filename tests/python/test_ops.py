@@ -285,3 +285,68 @@ def test_build_info():
     info = reslora.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["cuda_kernels"] == ("CUDA" in torch._C._dispatch_dump("reslora::lora_down"))
+
+
+# --- the fused block op ------------------------------------------------------------------------
+
+def block_args(device, with_prev, with_extra, segments=2, r=2, requires_grad=True):
+    torch.manual_seed(3)
+    R = segments * r
+    x = rand(2, 3, 6, device=device, requires_grad=requires_grad)
+    xp = rand(2, 3, 6, device=device, requires_grad=requires_grad) if with_prev else None
+    W, b = rand(5, 6, device=device), rand(5, device=device)
+    A = rand(R, 6, device=device, requires_grad=requires_grad)
+    B = rand(5, R, device=device, requires_grad=requires_grad)
+    ze = rand(2, 3, R, device=device, requires_grad=requires_grad) if with_extra else None
+    return x, xp, W, b, A, B, ze, r
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("with_prev,with_extra", [(False, False), (True, False), (False, True)])
+def test_lora_linear_matches_down_then_up(dropout, with_prev, with_extra, device):
+    x, xp, W, b, A, B, ze, r = block_args(device, with_prev, with_extra)
+    y, z = ops.lora_linear(x, xp, W, b, A, B, ze, 1.5, dropout, 11, r)
+    z_ref = ops.lora_down(x, xp, A, dropout, 11, r)
+    y_ref = ops.lora_up(x, W, b, z_ref if ze is None else z_ref + ze, B, 1.5)
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(y, y_ref)
+    gy, gz = torch.randn_like(y), torch.randn_like(z)
+    leaves = [t for t in (x, xp, A, B, ze) if t is not None]
+    got = torch.autograd.grad((y * gy).sum() + (z * gz).sum(), leaves)
+    want = torch.autograd.grad((y_ref * gy).sum() + (z_ref * gz).sum(), leaves)
+    for g1, g2 in zip(got, want):
+        torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("with_prev,with_extra", [(False, False), (True, False), (False, True)])
+def test_gradcheck_lora_linear(dropout, with_prev, with_extra, device):
+    x, xp, W, b, A, B, ze, r = block_args(device, with_prev, with_extra)
+
+    def f(x, xp, A, B, ze):
+        y, z = ops.lora_linear(x, xp, W, b, A, B, ze, 0.7, dropout, 5, r)
+        return y, z
+
+    assert torch.autograd.gradcheck(f, (x, xp, A, B, ze))
+
+
+def test_opcheck_lora_linear(device):
+    for with_prev, with_extra, p in [(True, False, 0.25), (False, True, 0.0), (False, False, 0.5)]:
+        x, xp, W, b, A, B, ze, r = block_args(device, with_prev, with_extra)
+        torch.library.opcheck(ops.lora_linear.default, (x, xp, W, b, A, B, ze, 2.0, p, 3, r))
+        d = lambda t: None if t is None else t.detach()  # noqa: E731
+        y, z = ops.lora_linear(d(x), d(xp), W, b, d(A), d(B), d(ze), 2.0, p, 3, r)
+        torch.library.opcheck(ops._lora_linear_backward.default,
+                              (torch.randn_like(y), torch.randn_like(z), d(x), d(xp), W, d(A), d(B),
+                               z, d(ze), 2.0, p, 3, r, True))
+        torch.library.opcheck(ops._lora_linear_backward.default,
+                              (torch.randn_like(y), None, d(x), d(xp), W, d(A), d(B), z, d(ze),
+                               2.0, p, 3, r, False))
+
+
+def test_lora_linear_bad_input():
+    x, xp, W, b, A, B, ze, r = block_args("cpu", False, True, requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"z_extra must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
+        ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, 0, r)
+    with pytest.raises(RuntimeError, match="weight must be frozen"):
+        ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, 0, r)

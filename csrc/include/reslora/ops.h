@@ -34,6 +34,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
     const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& z, const at::Tensor& B,
     double scaling, bool compute_grad_x);
 
+// One ResLoRA block under a single autograd node: z = drop(x [+ x_prev]) A^T and
+// y = x W^T + bias + scaling (z + z_extra) B^T. Returns (y, z). z_extra ([..., R] or none) is the
+// ms shortcut (the sum of earlier blocks' z); gradients reach x, x_prev, A, B and z_extra.
+std::tuple<at::Tensor, at::Tensor> lora_linear(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    int64_t segment_rank);
+
+// Backward of lora_linear: (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
+    const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
+    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x);
+
 // Records ||x||_F and ||z||_F (float32) into slot count % window of the ring buffers and
 // increments count, all on the tensors' device: no host synchronisation.
 void record_stats_(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,

@@ -36,8 +36,9 @@ struct OpMath<__nv_bfloat16> {
 
 template <typename T>
 __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict__ x_prev,
-                                   T* __restrict__ out, int64_t numel, uint32_t threshold,
-                                   float p, uint64_t key) {
+                                   T* __restrict__ out, bool accumulate, T* __restrict__ out2,
+                                   bool accumulate2, int64_t numel, uint32_t threshold, float p,
+                                   uint64_t key) {
   using M = OpMath<T>;
   using acc_t = typename M::type;
   const acc_t scale = static_cast<acc_t>(1.0) / (static_cast<acc_t>(1.0) - static_cast<acc_t>(p));
@@ -53,7 +54,9 @@ __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict_
       if (i >= numel) break;
       acc_t v = M::load(x[i]);
       if (x_prev != nullptr) v += M::load(x_prev[i]);
-      out[i] = M::store(dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0));
+      const acc_t m = dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0);
+      out[i] = M::store(accumulate ? M::load(out[i]) + m : m);
+      if (out2 != nullptr) out2[i] = M::store(accumulate2 ? M::load(out2[i]) + m : m);
     }
   }
 }
@@ -66,7 +69,8 @@ cudaError_t launch(const DropoutAddParams& prm, cudaStream_t stream) {
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;  // grid-stride loop covers the rest
   dropout_add_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(prm.x), static_cast<const T*>(prm.x_prev), static_cast<T*>(prm.out),
-      prm.numel, dropout_threshold(prm.p), prm.p, dropout_key(prm.seed, prm.segment));
+      prm.accumulate, static_cast<T*>(prm.out2), prm.accumulate2, prm.numel,
+      dropout_threshold(prm.p), prm.p, dropout_key(prm.seed, prm.segment));
   return cudaGetLastError();
 }
 

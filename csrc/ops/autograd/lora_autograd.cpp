@@ -70,6 +70,67 @@ class LoraUpFunction : public torch::autograd::Function<LoraUpFunction> {
   }
 };
 
+class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& A,
+                               const at::Tensor& B, const std::optional<at::Tensor>& z_extra,
+                               double scaling, double dropout, int64_t seed,
+                               int64_t segment_rank) {
+    TORCH_CHECK(!weight.requires_grad(),
+                "reslora::lora_linear: weight must be frozen (requires_grad=False), got a weight "
+                "that requires grad; ResLoRA trains only A and B");
+    TORCH_CHECK(!bias.has_value() || !bias->requires_grad(),
+                "reslora::lora_linear: bias must be frozen (requires_grad=False), got a bias "
+                "that requires grad; ResLoRA trains only A and B");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
+                              segment_rank);
+    // Inputs and the rank-R z only: masks and the is-sum are recomputed in backward.
+    ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), weight, A, B, z,
+                            z_extra.value_or(at::Tensor())});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["segment_rank"] = segment_rank;
+    ctx->saved_data["need_x"] =
+        x.requires_grad() || (x_prev.has_value() && x_prev->requires_grad());
+    return {y, z};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto opt = [](const at::Tensor& t) {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    const bool need_x = ctx->saved_data["need_x"].toBool();
+    at::Tensor grad_y = grads[0];
+    if (!grad_y.defined()) {  // only z was used downstream
+      std::vector<int64_t> shape(s[0].sizes().begin(), s[0].sizes().end());
+      shape.back() = s[2].size(0);
+      grad_y = at::zeros(shape, s[0].options());
+    }
+    auto [gx, gxp, gA, gB, gze] = lora_linear_backward(
+        grad_y, opt(grads[1]), s[0], opt(s[1]), s[2], s[3], s[4], s[5], opt(s[6]),
+        ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout"].toDouble(),
+        ctx->saved_data["seed"].toInt(), ctx->saved_data["segment_rank"].toInt(), need_x);
+    return {need_x ? gx : at::Tensor(), (need_x && s[1].defined()) ? gxp : at::Tensor(),
+            at::Tensor(), at::Tensor(), gA, gB, s[6].defined() ? gze : at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    int64_t segment_rank) {
+  auto out = LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout,
+                                       seed, segment_rank);
+  return {out[0], out[1]};
+}
+
 at::Tensor lora_down_autograd(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
                               const at::Tensor& A, double dropout, int64_t seed,
                               int64_t segment_rank) {
@@ -87,6 +148,7 @@ at::Tensor lora_up_autograd(const at::Tensor& x, const at::Tensor& weight,
 TORCH_LIBRARY_IMPL(reslora, Autograd, m) {
   m.impl("lora_down", &lora_down_autograd);
   m.impl("lora_up", &lora_up_autograd);
+  m.impl("lora_linear", &lora_linear_autograd);
 }
 
 }  // namespace reslora

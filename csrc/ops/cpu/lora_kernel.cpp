@@ -10,24 +10,24 @@
 namespace reslora {
 namespace {
 
-at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double p, int64_t seed,
-                           int64_t segment) {
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+// out (=|+=) drop(x [+ x_prev]); out2 (=|+=) the same when given. All contiguous, same shape.
+void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
+                       bool accumulate, at::Tensor* out2, bool accumulate2, double p,
+                       int64_t seed, int64_t segment) {
   const int64_t n = xc.numel();
   const float pf = static_cast<float>(p);
   const uint32_t threshold = kernels::dropout_threshold(pf);
   const uint64_t key =
       kernels::dropout_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(segment));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_sum_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_apply_cpu",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     // Same arithmetic as the CUDA kernel: p rounded to float, scale in the accumulation type.
     const acc_t scale = acc_t(1) / (acc_t(1) - static_cast<acc_t>(pf));
     const scalar_t* xs = xc.const_data_ptr<scalar_t>();
-    const scalar_t* ps = xpc.defined() ? xpc.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* ps = xpc != nullptr ? xpc->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* os = out.mutable_data_ptr<scalar_t>();
+    scalar_t* o2 = out2 != nullptr ? out2->mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t groups = (n + 3) / 4;
     at::parallel_for(0, groups, 1 << 12, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
@@ -36,13 +36,28 @@ at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double
           const int64_t i = 4 * g + lane;
           acc_t v = static_cast<acc_t>(xs[i]);
           if (ps != nullptr) v += static_cast<acc_t>(ps[i]);
-          os[i] = static_cast<scalar_t>(
-              kernels::dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0));
+          const acc_t m = kernels::dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0);
+          os[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(os[i]) + m : m);
+          if (o2 != nullptr) o2[i] = static_cast<scalar_t>(accumulate2 ? static_cast<acc_t>(o2[i]) + m : m);
         }
       }
     });
   });
+}
+
+at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double p, int64_t seed,
+                           int64_t segment) {
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  dropout_apply_cpu(xc, xpc.defined() ? &xpc : nullptr, out, false, nullptr, false, p, seed, segment);
   return out;
+}
+
+void masked_accumulate_cpu(at::Tensor& acc, at::Tensor* out2, bool accumulate2, const at::Tensor& t,
+                           double p, int64_t seed, int64_t segment) {
+  const at::Tensor tc = t.contiguous();
+  dropout_apply_cpu(tc, nullptr, acc, true, out2, accumulate2, p, seed, segment);
 }
 
 at::Tensor lora_down_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
@@ -57,9 +72,30 @@ std::tuple<at::Tensor, at::Tensor> lora_down_backward_cpu(
                                          compute_grad_x, &dropout_sum_cpu);
 }
 
+std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    int64_t segment_rank) {
+  return detail::lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
+                                  segment_rank, &dropout_sum_cpu);
+}
+
+detail::LinearGrads lora_linear_backward_cpu(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
+    const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
+    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
+    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
+  return detail::lora_linear_backward_impl(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra,
+                                           scaling, dropout, seed, segment_rank, compute_grad_x,
+                                           &dropout_sum_cpu, &masked_accumulate_cpu);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reslora, CPU, m) {
+  m.impl("lora_linear", &lora_linear_cpu);
+  m.impl("_lora_linear_backward", &lora_linear_backward_cpu);
   m.impl("lora_down", &lora_down_cpu);
   m.impl("_lora_down_backward", &lora_down_backward_cpu);
   m.impl("lora_up", &detail::lora_up_impl);
