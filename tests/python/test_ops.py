@@ -350,3 +350,26 @@ def test_lora_linear_bad_input():
         ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, 0, r)
     with pytest.raises(RuntimeError, match="weight must be frozen"):
         ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, 0, r)
+
+
+def test_load_failure_names_built_and_found_versions(monkeypatch):
+    import builtins
+    import json
+
+    from reslora import _lib
+
+    real_import = builtins.__import__
+
+    def failing(name, globals=None, locals=None, fromlist=(), level=0):
+        if fromlist and "_C" in fromlist and globals and globals.get("__name__") == "reslora._lib":
+            raise ImportError("undefined symbol: _ZN3c105ErrorC2E")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    record = json.loads((_lib._HERE / "build_info.json").read_text())
+    with pytest.raises(ImportError) as e:
+        _lib.load()
+    msg = str(e.value)
+    assert "undefined symbol" in msg
+    assert f"Found torch {torch.__version__}" in msg
+    assert f"built for torch {record['torch_version']}" in msg
