@@ -4,9 +4,9 @@ PYTHON ?= python3
 BUILD_DIR ?= build/cmake
 export PYTHON
 
-.PHONY: test deps build ctest pytest demo clean
+.PHONY: test deps build ctest pytest cpp-example demo clean
 
-test: deps build ctest pytest
+test: deps build ctest pytest cpp-example
 
 deps:
 	bash scripts/install_deps.sh
@@ -23,6 +23,15 @@ ctest:
 
 pytest:
 	$(PYTHON) -m pytest tests/python -q -rs
+
+# A C++ program built with CMake against the installed library (find_package(reslora)).
+cpp-example:
+	rm -rf build/install build/example
+	cmake --install $(BUILD_DIR) --prefix build/install >/dev/null
+	cmake -S examples/cpp -B build/example -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$(CURDIR)/build/install;$$($(PYTHON) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/example
+	./build/example/train_chain
 
 demo: deps build
 	$(PYTHON) examples/demo.py
