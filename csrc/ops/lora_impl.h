@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include "lora_checks.h"
 
@@ -211,6 +212,48 @@ inline LinearGrads lora_linear_backward_impl(
           compute_grad_x && xp2.defined() ? dxp.view(x.sizes()) : empty(), grad_A, grad_B,
           grad_z_extra};
 }
+
+// The kernels of one backend: the bodies above bound to its dropout kernels, registered for the
+// backend's dispatch key in one place so the backends cannot drift apart.
+template <DropoutSumFn kDropoutSum, MaskedAccumulateFn kMaskedAccumulate>
+struct Backend {
+  static at::Tensor down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+                         const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank) {
+    return lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, kDropoutSum);
+  }
+  static std::tuple<at::Tensor, at::Tensor> down_backward(
+      const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+      const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank,
+      bool compute_grad_x) {
+    return lora_down_backward_impl(grad_z, x, x_prev, A, dropout, seed, segment_rank,
+                                   compute_grad_x, kDropoutSum);
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear(
+      const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+      const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+      const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+      int64_t segment_rank) {
+    return lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
+                            segment_rank, kDropoutSum);
+  }
+  static LinearGrads linear_backward(
+      const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
+      const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
+      const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
+      double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
+    return lora_linear_backward_impl(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling,
+                                     dropout, seed, segment_rank, compute_grad_x, kDropoutSum,
+                                     kMaskedAccumulate);
+  }
+  static void register_kernels(torch::Library& m) {
+    m.impl("lora_down", &down);
+    m.impl("_lora_down_backward", &down_backward);
+    m.impl("lora_up", &lora_up_impl);
+    m.impl("_lora_up_backward", &lora_up_backward_impl);
+    m.impl("lora_linear", &linear);
+    m.impl("_lora_linear_backward", &linear_backward);
+  }
+};
 
 }  // namespace detail
 }  // namespace reslora

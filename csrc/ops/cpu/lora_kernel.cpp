@@ -60,46 +60,10 @@ void masked_accumulate_cpu(at::Tensor& acc, at::Tensor* out2, bool accumulate2, 
   dropout_apply_cpu(tc, nullptr, acc, true, out2, accumulate2, p, seed, segment);
 }
 
-at::Tensor lora_down_cpu(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                         const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank) {
-  return detail::lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, &dropout_sum_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> lora_down_backward_cpu(
-    const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-    const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
-  return detail::lora_down_backward_impl(grad_z, x, x_prev, A, dropout, seed, segment_rank,
-                                         compute_grad_x, &dropout_sum_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
-    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
-    int64_t segment_rank) {
-  return detail::lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
-                                  segment_rank, &dropout_sum_cpu);
-}
-
-detail::LinearGrads lora_linear_backward_cpu(
-    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
-    const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
-    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
-  return detail::lora_linear_backward_impl(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra,
-                                           scaling, dropout, seed, segment_rank, compute_grad_x,
-                                           &dropout_sum_cpu, &masked_accumulate_cpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reslora, CPU, m) {
-  m.impl("lora_linear", &lora_linear_cpu);
-  m.impl("_lora_linear_backward", &lora_linear_backward_cpu);
-  m.impl("lora_down", &lora_down_cpu);
-  m.impl("_lora_down_backward", &lora_down_backward_cpu);
-  m.impl("lora_up", &detail::lora_up_impl);
-  m.impl("_lora_up_backward", &detail::lora_up_backward_impl);
+  detail::Backend<&dropout_sum_cpu, &masked_accumulate_cpu>::register_kernels(m);
 }
 
 }  // namespace reslora

@@ -25,6 +25,8 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
                         bool accumulate, at::Tensor* out2, bool accumulate2, double p, int64_t seed,
                         int64_t segment) {
   if (xc.numel() == 0) return;
+  // The launch goes to the current stream of x's device, whatever device is current.
+  const c10::cuda::CUDAGuard guard(xc.device());
   kernels::DropoutAddParams prm;
   prm.x = xc.const_data_ptr();
   prm.x_prev = xpc != nullptr ? xpc->const_data_ptr() : nullptr;
@@ -44,7 +46,6 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
 
 at::Tensor dropout_sum_cuda(const at::Tensor& x, const at::Tensor* x_prev, double p, int64_t seed,
                             int64_t segment) {
-  const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous();
   const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
@@ -59,51 +60,10 @@ void masked_accumulate_cuda(at::Tensor& acc, at::Tensor* out2, bool accumulate2,
   dropout_apply_cuda(tc, nullptr, acc, true, out2, accumulate2, p, seed, segment);
 }
 
-at::Tensor lora_down_cuda(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                          const at::Tensor& A, double dropout, int64_t seed,
-                          int64_t segment_rank) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return detail::lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, &dropout_sum_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor> lora_down_backward_cuda(
-    const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-    const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return detail::lora_down_backward_impl(grad_z, x, x_prev, A, dropout, seed, segment_rank,
-                                         compute_grad_x, &dropout_sum_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(
-    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
-    int64_t segment_rank) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return detail::lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
-                                  segment_rank, &dropout_sum_cuda);
-}
-
-detail::LinearGrads lora_linear_backward_cuda(
-    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
-    const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
-    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return detail::lora_linear_backward_impl(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra,
-                                           scaling, dropout, seed, segment_rank, compute_grad_x,
-                                           &dropout_sum_cuda, &masked_accumulate_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reslora, CUDA, m) {
-  m.impl("lora_linear", &lora_linear_cuda);
-  m.impl("_lora_linear_backward", &lora_linear_backward_cuda);
-  m.impl("lora_down", &lora_down_cuda);
-  m.impl("_lora_down_backward", &lora_down_backward_cuda);
-  m.impl("lora_up", &detail::lora_up_impl);
-  m.impl("_lora_up_backward", &detail::lora_up_backward_impl);
+  detail::Backend<&dropout_sum_cuda, &masked_accumulate_cuda>::register_kernels(m);
 }
 
 }  // namespace reslora
