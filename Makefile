@@ -6,7 +6,7 @@ export PYTHON
 
 .PHONY: test deps build ctest pytest cpp-example demo clean
 
-test: deps build ctest pytest cpp-example
+test: deps build cpp-example ctest pytest
 
 deps:
 	bash scripts/install_deps.sh
