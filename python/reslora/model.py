@@ -117,6 +117,32 @@ class _Forward:
         return ResLoRAModel.forward(self.owner, *args, **kwargs)
 
 
+def _tied_aliases(module: nn.Module) -> Dict[str, str]:
+    """alias name -> first name, for parameters / buffers registered under several names (tied
+    input and output embeddings)."""
+    first: Dict[int, str] = {}
+    aliases: Dict[str, str] = {}
+    named = list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    )
+    for name, t in named:
+        if t is None:
+            continue
+        if id(t) in first:
+            aliases[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return aliases
+
+
+def _drop_tied(module, state_dict, prefix, local_metadata):
+    # A tied tensor is stored once, so the state dict can go through safetensors (which refuses
+    # shared storage), as the HF Trainer does for models it does not know.
+    for alias, name in _tied_aliases(module).items():
+        if prefix + name in state_dict:
+            state_dict.pop(prefix + alias, None)
+
+
 class ResLoRAModel(nn.Module):
     """A model whose target linear layers are ResLoRALinear blocks linked into chains.
 
@@ -173,6 +199,14 @@ class ResLoRAModel(nn.Module):
             self._add_chain(key, part, current)
         self.forward = _Forward(self)
         self.training = model.training
+        self._register_state_dict_hook(_drop_tied)
+        self._register_load_state_dict_pre_hook(self._restore_tied, with_module=True)
+
+    @staticmethod
+    def _restore_tied(module, state_dict, prefix, *args):
+        for alias, name in _tied_aliases(module).items():
+            if prefix + alias not in state_dict and prefix + name in state_dict:
+                state_dict[prefix + alias] = state_dict[prefix + name]
 
     def _add_chain(self, key: str, part: int, names: List[str]) -> None:
         cname = key if part == 0 else f"{key}#{part}"

@@ -333,3 +333,34 @@ def test_hf_trainer_reentrant_checkpointing_reaches_our_check(tmp_path):
     data = [{k: v[0] for k, v in batch("llama", seed=i, n=1).items()} for i in range(2)]
     with pytest.raises(ValueError, match="reentrant checkpointing cannot differentiate"):
         transformers.Trainer(model=model, args=args, train_dataset=data).train()
+
+
+def test_hf_trainer_checkpoints_and_resumes_tied_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    data = [{k: v[0] for k, v in batch("gpt2", seed=i, n=1).items()} for i in range(8)]
+
+    def run(resume):
+        model, _ = wrap("gpt2", "is")  # GPT-2 ties its input and output embeddings
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4,
+            learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+            seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2") if resume else None)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full = run(False)
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").exists()
+    resumed = run(True)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k])
+
+
+def test_state_dict_stores_tied_weights_once_and_loads_strictly():
+    model, _ = wrap("gpt2", "is")
+    sd = model.state_dict()
+    assert "base_model.transformer.wte.weight" in sd and "base_model.lm_head.weight" not in sd
+    other, _ = wrap("gpt2", "is")
+    other.load_state_dict(sd, strict=True)
+    assert other.base_model.lm_head.weight is other.base_model.transformer.wte.weight
