@@ -194,15 +194,17 @@ class Chain3(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("variant", ["lora", "is", "bs", "ms"])
-def test_torch_compile_fullgraph(variant):
+@pytest.mark.parametrize("variant,backend", [("lora", "aot_eager"), ("is", "aot_eager"),
+                                             ("bs", "aot_eager"), ("ms", "aot_eager"),
+                                             ("is", "inductor")])
+def test_torch_compile_fullgraph(variant, backend):
     model = Chain3(variant)
     x = torch.randn(4, 8)
     eager = model(x)
     eager.sum().backward()
     grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
     model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     out = compiled(x)
     torch.testing.assert_close(out, eager)
     out.sum().backward()
