@@ -84,7 +84,8 @@ class ResLoRAChainImpl : public torch::nn::Module {
   // Applies merged_lora in place: every block becomes a plain LoRA block.
   void merge_to_lora(MergeKind merge);
   void merge_to_lora();
-  // W + s B A per block (what the merged chain computes as dense weights).
+  // W + s B' A' per block for the pairs of merged_lora() (the variant's default merge): the
+  // dense weights of the merged chain.
   std::vector<torch::Tensor> merged_weights() const;
 
  private:
