@@ -107,9 +107,8 @@ def main():
     for n in names:
         model = models[n]
         with torch.no_grad():
-            model(input_ids=probe)  # the pass the merge error is measured on
             before = model(input_ids=probe).logits
-        model.merge_to_lora()
+        model.merge_to_lora(inputs={"input_ids": probe})  # merge errors measured on the probe
         errs = [e for e in model.merge_errors.values() if e is not None]
         with torch.no_grad():
             merged = model(input_ids=probe).logits

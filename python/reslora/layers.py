@@ -183,6 +183,7 @@ class ResLoRAChain:
 
     def __init__(self, blocks: Sequence[ResLoRALinear], name: str = "chain"):
         self.name = name
+        self.capture = False  # record every block's input (for measuring merge errors)
         self.blocks: List[ResLoRALinear] = []
         self._inputs: List[Optional[torch.Tensor]] = []
         self._mids: List[Optional[torch.Tensor]] = []
@@ -238,8 +239,14 @@ class ResLoRAChain:
         self._begin()
 
     def _record(self, n: int, x: torch.Tensor, z: torch.Tensor) -> None:
-        self._inputs[n] = x
-        self._mids[n] = z
+        # Only what a later block of this pass reads (is: inputs, ms: mid activations), or
+        # everything while capture is on: holding more would keep activations alive that
+        # autograd (or checkpointing) already let go.
+        variant = self.blocks[0].variant
+        if variant == "is" or self.capture:
+            self._inputs[n] = x
+        if variant == "ms":
+            self._mids[n] = z
 
     def last_inputs(self) -> Optional[List[torch.Tensor]]:
         """The inputs every block saw in the last pass (detached), or None if a block did not run."""

@@ -226,7 +226,13 @@ class ResLoRAModel(nn.Module):
     def forward(self, *args, **kwargs):  # replaced per instance by _Forward (same behaviour)
         for chain in self._chains.values():
             chain._begin()
-        return self.base_model(*args, **kwargs)
+        out = self.base_model(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            # No backward (and no checkpoint recompute) can need this pass's state: free it now.
+            for chain in self._chains.values():
+                if not chain.capture:
+                    chain._begin()
+        return out
 
     @property
     def chains(self) -> Dict[str, List[str]]:
@@ -279,15 +285,19 @@ class ResLoRAModel(nn.Module):
     # --- merging -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def merge_to_lora(self) -> "ResLoRAModel":
+    def merge_to_lora(self, inputs=None) -> "ResLoRAModel":
         """Merges the shortcuts away by the configured merge (in place): every block becomes a
         plain LoRA block. merge_errors then holds, per block, the relative error
-        ||y_merged - y|| / ||y|| of its output on the inputs of the last forward pass (0 for
-        exact merges; None when no full pass was recorded)."""
+        ||y_merged - y|| / ||y|| of its output on `inputs` (model inputs: a dict of keyword
+        arguments, a tuple of positional ones or one tensor), run once in eval mode before the
+        merge. Without inputs, the is variant measures on the inputs of the last training pass;
+        otherwise the errors are None. Exact merges (lora, bs) give 0."""
         if self._merged:
             raise RuntimeError(
                 "reslora: the model is already merged; merge_to_lora() would apply the merge twice"
             )
+        if inputs is not None:
+            self._capture_inputs(inputs)
         errors: Dict[str, Optional[float]] = {}
         for cname, chain in self._chains.items():
             xs = chain.last_inputs()
@@ -306,10 +316,31 @@ class ResLoRAModel(nn.Module):
                     den = before[i].double().norm().item()
                     num = (after[i].double() - before[i].double()).norm().item()
                     errors[path] = num / den if den > 0 else num
+            chain.capture = False
             chain.reset()
         self.merge_errors = errors
         self._merged = True
         return self
+
+    def _capture_inputs(self, inputs) -> None:
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        for chain in self._chains.values():
+            chain.capture = True
+        try:
+            if isinstance(inputs, dict):
+                self(**inputs)
+            elif isinstance(inputs, (tuple, list)):
+                self(*inputs)
+            else:
+                self(inputs)
+        except BaseException:
+            for chain in self._chains.values():
+                chain.capture = False
+            raise
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
 
     @torch.no_grad()
     def merge_and_unload(self) -> nn.Module:

@@ -50,8 +50,7 @@ def test_train_merge_export_reload_with_peft(tmp_path, name, variant, pre_num):
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     train(model, name)
     unmerged = logits(model, name)
-    model(**batch(name, seed=7))  # the pass whose inputs the merge error is measured on
-    model.merge_to_lora()
+    model.merge_to_lora(inputs={"input_ids": batch(name, seed=7)["input_ids"]})
     assert all(blk.variant == "lora" for blk in model.blocks.values())
     merged = logits(model, name)
     errs = [e for e in model.merge_errors.values()]
@@ -364,3 +363,35 @@ def test_state_dict_stores_tied_weights_once_and_loads_strictly():
     other, _ = wrap("gpt2", "is")
     other.load_state_dict(sd, strict=True)
     assert other.base_model.lm_head.weight is other.base_model.transformer.wte.weight
+
+
+@pytest.mark.parametrize("variant", ["lora", "is", "bs", "ms"])
+def test_chain_state_holds_only_what_shortcuts_need(variant):
+    model, _ = wrap("llama", variant)
+    model.train()
+    model(**batch("llama"))
+    for chain in model._chains.values():
+        held = [x is not None for x in chain._inputs]
+        assert all(held) if variant == "is" else not any(held)
+        assert all(z is not None for z in chain._mids) == (variant == "ms")
+    model.eval()
+    with torch.no_grad():
+        model(**batch("llama"))
+    for chain in model._chains.values():  # a no-grad pass frees its state when it ends
+        assert not any(x is not None for x in chain._inputs + chain._mids)
+
+
+def test_merge_error_on_given_inputs_and_last_training_pass():
+    model, _ = wrap("llama", "ms")
+    train(model, "llama", steps=2)
+    ids = batch("llama", seed=5)["input_ids"]
+    model.merge_to_lora(inputs={"input_ids": ids})
+    errs = model.merge_errors
+    assert all(e is not None for e in errs.values()) and max(errs.values()) > 1e-6
+    heads = [paths[0] for paths in model.chains.values()]
+    assert all(errs[h] < 1e-6 for h in heads)  # a chain head has no shortcut to approximate
+    model, _ = wrap("llama", "is")
+    train(model, "llama", steps=2)
+    model.merge_to_lora()  # is: measured on the last training pass
+    errs = model.merge_errors
+    assert all(e is not None for e in errs.values()) and max(errs.values()) > 1e-6
