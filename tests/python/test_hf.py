@@ -395,3 +395,17 @@ def test_merge_error_on_given_inputs_and_last_training_pass():
     model.merge_to_lora()  # is: measured on the last training pass
     errs = model.merge_errors
     assert all(e is not None for e in errs.values()) and max(errs.values()) > 1e-6
+
+
+def test_hf_trainer_bf16_mixed_precision(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, _ = wrap("llama", "is", lora_dropout=0.1)  # an fp32 model, bf16 autocast by the Trainer
+    data = [{k: v[0] for k, v in batch("llama", seed=i, n=1).items()} for i in range(4)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+        report_to=[], save_strategy="no", use_cpu=True, bf16=True,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    transformers.Trainer(model=model, args=args, train_dataset=data).train()
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in model.parameters())

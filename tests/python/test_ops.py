@@ -375,3 +375,17 @@ def test_load_failure_names_built_and_found_versions(monkeypatch):
     assert "undefined symbol" in msg
     assert f"Found torch {torch.__version__}" in msg
     assert f"built for torch {record['torch_version']}" in msg
+
+
+def test_lora_linear_under_autocast_casts_like_linear():
+    x, xp, W, b, A, B, ze, r = block_args("cpu", True, False)
+    x, xp, A, B = (t.detach().float().requires_grad_() for t in (x, xp, A, B))
+    W, b = W.float(), b.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, z = ops.lora_linear(x, xp, W, b, A, B, None, 2.0, 0.0, 0, r)
+    assert y.dtype == z.dtype == torch.bfloat16
+    bf = [t.bfloat16() for t in (x, xp, W, b, A, B)]
+    y_ref, z_ref = ops.lora_linear(bf[0], bf[1], bf[2], bf[3], bf[4], bf[5], None, 2.0, 0.0, 0, r)
+    assert torch.equal(y, y_ref) and torch.equal(z, z_ref)
+    y.float().sum().backward()
+    assert A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

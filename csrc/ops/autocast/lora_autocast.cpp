@@ -1,0 +1,39 @@
+// Autocast for the block op: under torch.autocast (e.g. the HF Trainer's bf16 / fp16 on an fp32
+// model) every floating input is cast to the autocast dtype, as aten::linear does, instead of
+// failing the dtype checks.
+#include <ATen/autocast_mode.h>
+#include <torch/library.h>
+
+#include "reslora/ops.h"
+
+namespace reslora {
+namespace {
+
+template <c10::DeviceType kDevice>
+std::tuple<at::Tensor, at::Tensor> lora_linear_autocast(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    int64_t segment_rank) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(
+      at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  const auto dt = at::autocast::get_autocast_dtype(kDevice);
+  const auto cast = [&](const at::Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
+  const auto cast_opt = [&](const std::optional<at::Tensor>& t) {
+    return at::autocast::cached_cast(dt, t, kDevice);
+  };
+  return lora_linear(cast(x), cast_opt(x_prev), cast(weight), cast_opt(bias), cast(A), cast(B),
+                     cast_opt(z_extra), scaling, dropout, seed, segment_rank);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reslora, AutocastCPU, m) {
+  m.impl("lora_linear", &lora_linear_autocast<c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(reslora, AutocastCUDA, m) {
+  m.impl("lora_linear", &lora_linear_autocast<c10::DeviceType::CUDA>);
+}
+
+}  // namespace reslora
