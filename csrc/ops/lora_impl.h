@@ -54,10 +54,37 @@ inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Te
   return z.view(with_last(x.sizes(), R));
 }
 
+// The backward of z = drop(x [+ x_prev]) A^T for upstream dz ([N, R]): returns grad_A, adds the
+// input gradient into *dx (allocating it when undefined) and writes it into *dxp when asked.
+// The dropout masks are regenerated from the seed, never stored.
+inline at::Tensor down_grads(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                             const at::Tensor& A, double dropout, int64_t seed,
+                             int64_t segment_rank, at::Tensor* dx, at::Tensor* dxp,
+                             DropoutSumFn dropout_sum, MaskedAccumulateFn masked_accumulate) {
+  if (dropout == 0.0) {
+    if (dx != nullptr) *dx = dx->defined() ? dx->addmm_(dz, A) : at::mm(dz, A);
+    if (dxp != nullptr) *dxp = at::mm(dz, A);
+    return at::mm(dz.t(), xp2.defined() ? x2 + xp2 : x2);
+  }
+  at::Tensor grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
+  if (dx != nullptr && !dx->defined()) *dx = at::zeros({x2.size(0), x2.size(1)}, x2.options());
+  if (dxp != nullptr) *dxp = at::empty({x2.size(0), x2.size(1)}, x2.options());
+  for (int64_t k = 0; k < A.size(0) / segment_rank; ++k) {
+    const at::Tensor dz_k = dz.narrow(1, k * segment_rank, segment_rank);
+    const at::Tensor A_k = A.narrow(0, k * segment_rank, segment_rank);
+    const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
+    grad_A.narrow(0, k * segment_rank, segment_rank).copy_(at::mm(dz_k.t(), u));
+    if (dx != nullptr) {
+      masked_accumulate(*dx, dxp, /*accumulate2=*/k > 0, at::mm(dz_k, A_k), dropout, seed, k);
+    }
+  }
+  return grad_A;
+}
+
 inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
     const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
     const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x,
-    DropoutSumFn dropout_sum) {
+    DropoutSumFn dropout_sum, MaskedAccumulateFn masked_accumulate) {
   check_down("_lora_down_backward", x, x_prev, A, dropout, segment_rank);
   const int64_t d_in = x.size(-1);
   const int64_t R = A.size(0);
@@ -65,28 +92,12 @@ inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
               "reslora::_lora_down_backward: grad_z must have shape ",
               at::IntArrayRef(with_last(x.sizes(), R)), ", got ", grad_z.sizes());
   check_same("_lora_down_backward", "grad_z", grad_z, x);
-  const at::Tensor g = grad_z.reshape({-1, R});
   const at::Tensor x2 = x.reshape({-1, d_in});
   const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
   at::Tensor grad_x;
-  at::Tensor grad_A;
-  if (dropout == 0.0) {
-    grad_A = at::mm(g.t(), xp2.defined() ? x2 + xp2 : x2);
-    if (compute_grad_x) grad_x = at::mm(g, A);
-  } else {
-    grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
-    for (int64_t k = 0; k < R / segment_rank; ++k) {
-      const at::Tensor g_k = g.narrow(1, k * segment_rank, segment_rank);
-      const at::Tensor A_k = A.narrow(0, k * segment_rank, segment_rank);
-      // The mask is regenerated from the seed, never stored.
-      const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
-      grad_A.narrow(0, k * segment_rank, segment_rank).copy_(at::mm(g_k.t(), u));
-      if (compute_grad_x) {
-        at::Tensor gx_k = dropout_sum(at::mm(g_k, A_k), nullptr, dropout, seed, k);
-        grad_x = grad_x.defined() ? grad_x.add_(gx_k) : gx_k;
-      }
-    }
-  }
+  at::Tensor grad_A = down_grads(grad_z.reshape({-1, R}), x2, xp2, A, dropout, seed, segment_rank,
+                                 compute_grad_x ? &grad_x : nullptr, nullptr, dropout_sum,
+                                 masked_accumulate);
   grad_x = compute_grad_x ? grad_x.view(x.sizes()) : at::empty({0}, x.options());
   return {grad_x, grad_A};
 }
@@ -185,28 +196,10 @@ inline LinearGrads lora_linear_backward_impl(
       grad_z.has_value() && grad_z->defined() ? dzt.add_(grad_z->reshape({-1, R})) : dzt;
   at::Tensor dx, dxp;
   if (compute_grad_x) dx = at::mm(g, weight);
-  at::Tensor grad_A;
-  if (dropout == 0.0) {
-    grad_A = at::mm(dz.t(), xp2.defined() ? x2 + xp2 : x2);
-    if (compute_grad_x) {
-      dx.addmm_(dz, A);
-      if (xp2.defined()) dxp = at::mm(dz, A);
-    }
-  } else {
-    grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
-    for (int64_t k = 0; k < R / segment_rank; ++k) {
-      const at::Tensor dz_k = dz.narrow(1, k * segment_rank, segment_rank);
-      const at::Tensor A_k = A.narrow(0, k * segment_rank, segment_rank);
-      // The mask is regenerated from the seed, never stored.
-      const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
-      grad_A.narrow(0, k * segment_rank, segment_rank).copy_(at::mm(dz_k.t(), u));
-      if (compute_grad_x) {
-        if (xp2.defined() && !dxp.defined()) dxp = at::empty_like(dx);
-        masked_accumulate(dx, xp2.defined() ? &dxp : nullptr, /*accumulate2=*/k > 0,
-                          at::mm(dz_k, A_k), dropout, seed, k);
-      }
-    }
-  }
+  // The low-rank part of dx goes into dx in place: no full-size temporary summed afterwards.
+  const at::Tensor grad_A =
+      down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x ? &dx : nullptr,
+                 compute_grad_x && xp2.defined() ? &dxp : nullptr, dropout_sum, masked_accumulate);
   const auto empty = [&] { return at::empty({0}, x.options()); };  // outputs must not alias
   return {compute_grad_x ? dx.view(x.sizes()) : empty(),
           compute_grad_x && xp2.defined() ? dxp.view(x.sizes()) : empty(), grad_A, grad_B,
@@ -226,7 +219,7 @@ struct Backend {
       const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank,
       bool compute_grad_x) {
     return lora_down_backward_impl(grad_z, x, x_prev, A, dropout, seed, segment_rank,
-                                   compute_grad_x, kDropoutSum);
+                                   compute_grad_x, kDropoutSum, kMaskedAccumulate);
   }
   static std::tuple<at::Tensor, at::Tensor> linear(
       const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
