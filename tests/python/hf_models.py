@@ -5,25 +5,24 @@ import torch
 transformers = __import__("pytest").importorskip("transformers")
 
 
+def _decoder(family):
+    """A 3-layer decoder of a Llama-like family ("Llama", "Mistral", "Qwen2")."""
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return getattr(transformers, f"{family}ForCausalLM")(cfg)
+
+
 def llama():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg)
+    return _decoder("Llama")
 
 
 def mistral():
-    cfg = transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                     num_hidden_layers=3, num_attention_heads=4,
-                                     num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.MistralForCausalLM(cfg)
+    return _decoder("Mistral")
 
 
 def qwen2():
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.Qwen2ForCausalLM(cfg)
+    return _decoder("Qwen2")
 
 
 def gpt2():
