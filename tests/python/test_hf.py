@@ -409,3 +409,28 @@ def test_hf_trainer_bf16_mixed_precision(tmp_path):
     transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("variant", ["is", "bs", "ms"])
+def test_torch_export_round_trip_on_a_real_model(tmp_path, variant):
+    model, _ = wrap("llama", variant)
+    for blk in model.blocks.values():
+        nn.init.normal_(blk.lora_B, std=0.1)
+    model.eval()
+
+    class Logits(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    net = Logits(model)
+    ids = batch("llama")["input_ids"]
+    ep = torch.export.export(net, (ids,), strict=False)
+    assert any("reslora.lora_linear" in str(n.target) for n in ep.graph.nodes)
+    path = str(tmp_path / "model.pt2")
+    torch.export.save(ep, path)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(path).module()(ids), net(ids))
