@@ -434,3 +434,25 @@ def test_torch_export_round_trip_on_a_real_model(tmp_path, variant):
     torch.export.save(ep, path)
     with torch.no_grad():
         torch.testing.assert_close(torch.export.load(path).module()(ids), net(ids))
+
+
+def test_deepcopy_and_pickle_give_independent_working_models():
+    import io
+
+    model, _ = wrap("llama", "is")
+    for blk in model.blocks.values():
+        nn.init.normal_(blk.lora_B, std=0.1)
+    model.eval()
+    ids = batch("llama")["input_ids"]
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        twin = copy.deepcopy(model)
+        assert torch.equal(twin(input_ids=ids).logits, ref)
+        for blk in twin.blocks.values():
+            blk.lora_B.zero_()
+        assert torch.equal(model(input_ids=ids).logits, ref)  # the original is untouched
+        assert not torch.equal(twin(input_ids=ids).logits, ref)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        assert torch.equal(torch.load(buf, weights_only=False)(input_ids=ids).logits, ref)
