@@ -1,4 +1,5 @@
-# make test: installs what is missing, builds (CMake through setup.py), runs ctest and pytest.
+# make test: installs what is missing, builds (CMake through setup.py), builds and runs the C++
+# example against the installed library, runs ctest and pytest.
 # make demo: the main job (see README).
 PYTHON ?= python3
 BUILD_DIR ?= build/cmake
