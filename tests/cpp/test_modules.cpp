@@ -1,5 +1,6 @@
 // The C++ modules on random shapes against a plain LibTorch float64 reference, training from
 // C++, statistics, CUDA against CPU, and the messages of bad input.
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -170,6 +171,57 @@ TEST(Modules, StatisticsWindow) {
   ResLoRALinear bs(torch::eye(2), torch::Tensor(), ResLoRAOptions(1).variant(Variant::kBS));
   bs->forward(torch::ones({1, 2}));  // exact merges need no statistics: none are recorded
   EXPECT_EQ(bs->stats_count.item<int64_t>(), 0);
+}
+
+TEST(Ops, BlockOpEqualsDownThenUpWithGradients) {
+  torch::manual_seed(4);
+  const auto f64 = torch::kFloat64;
+  for (double p : {0.0, 0.3}) {
+    auto x = torch::randn({3, 5, 12}, f64).requires_grad_();
+    auto xp = torch::randn({3, 5, 12}, f64).requires_grad_();
+    auto A = torch::randn({6, 12}, f64).requires_grad_();
+    auto B = torch::randn({7, 6}, f64).requires_grad_();
+    auto ze = torch::randn({3, 5, 6}, f64).requires_grad_();
+    const auto W = torch::randn({7, 12}, f64), b = torch::randn({7}, f64);
+    auto [y, z] = reslora::lora_linear(x, xp, W, b, A, B, ze, 1.25, p, 17, 3);
+    const auto z_ref = reslora::lora_down(x, xp, A, p, 17, 3);
+    const auto y_ref = reslora::lora_up(x, W, b, z_ref + ze, B, 1.25);
+    EXPECT_TRUE(torch::allclose(z, z_ref));
+    EXPECT_TRUE(torch::allclose(y, y_ref));
+    const std::vector<torch::Tensor> leaves{x, xp, A, B, ze};
+    const auto g = torch::autograd::grad({y.sum() + z.pow(2).sum()}, leaves);
+    const auto g_ref = torch::autograd::grad({y_ref.sum() + z_ref.pow(2).sum()}, leaves);
+    for (size_t i = 0; i < leaves.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(g[i], g_ref[i], 1e-10, 1e-10)) << "input " << i << ", p " << p;
+    }
+  }
+}
+
+TEST(Modules, TrainsInBFloat16) {
+  torch::manual_seed(2);
+  ResLoRAChain chain("bf16");
+  for (int i = 0; i < 3; ++i) {
+    chain->push_back(ResLoRALinear(torch::randn({16, 16}, torch::kBFloat16) * 0.3,
+                                   torch::Tensor(),
+                                   ResLoRAOptions(4).variant(Variant::kIS).dropout(0.1)));
+  }
+  EXPECT_EQ(chain[0]->lora_A.scalar_type(), torch::kBFloat16);
+  torch::optim::SGD opt(chain->parameters(), torch::optim::SGDOptions(0.05));
+  const auto x = torch::randn({32, 16}, torch::kBFloat16);
+  const auto target = torch::randn({32, 16}, torch::kBFloat16);
+  double first = 0, last = 0;
+  for (int step = 0; step < 40; ++step) {
+    torch::Tensor h = x;
+    for (size_t n = 0; n < chain->size(); ++n) h = chain->forward(n, h);
+    const auto loss = torch::mse_loss(h.to(torch::kFloat), target.to(torch::kFloat));
+    opt.zero_grad();
+    loss.backward();
+    opt.step();
+    (step == 0 ? first : last) = loss.item<double>();
+  }
+  EXPECT_TRUE(std::isfinite(last));
+  EXPECT_LT(last, first);
+  EXPECT_EQ(chain[1]->x_norms.scalar_type(), torch::kFloat);  // statistics stay float32
 }
 
 template <typename F>
