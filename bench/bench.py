@@ -149,6 +149,36 @@ def bench_training_step(args):
     return rows
 
 
+def bench_inference(args):
+    """Forward (no grad) of the frozen base vs each variant after merge_to_lora() and
+    merge_and_unload(): nothing of the adapter is left to run."""
+    batch, seq = (2, 512) if args.quick else (8, 1024)
+    ids = torch.randint(0, 32000, (batch, seq), device="cuda")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base = llama(args).eval()
+    rows = []
+    for name, variant in [("frozen base", None), ("reslora is, merged", "is"),
+                          ("reslora bs, merged", "bs"), ("reslora ms, merged", "ms")]:
+        model = copy.deepcopy(base)
+        if variant is not None:
+            wrapped = ours_wrap(model, targets, variant, 0.0)
+            for blk in wrapped.blocks.values():
+                nn.init.normal_(blk.lora_B, std=0.01)
+            wrapped.merge_to_lora()
+            model = wrapped.merge_and_unload().eval()
+
+        @torch.no_grad()
+        def step():
+            model(input_ids=ids)
+
+        ms, mem = timed(step, args.warmup, args.repeat)
+        rows.append((name, ms, mem))
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -181,6 +211,8 @@ def main():
                  "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024")
                  + ", all 7 projections, AdamW")
     workloads.append((step_name, bench_training_step(args)))
+    workloads.append(("Inference forward after merge_to_lora() + merge_and_unload(), same Llama",
+                      bench_inference(args)))
 
     lines = [f"GPU: {info['gpu']} | torch {info['torch']} (CUDA {info['cuda']}) | peft {info['peft']} "
              f"| reslora {info['reslora']['version']} (CUDA kernels: {info['reslora']['cuda_kernels']}) "
