@@ -350,7 +350,9 @@ def test_lora_linear_bad_input():
     x, xp, W, b, A, B, ze, r = block_args("cpu", False, True, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"z_extra must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
         ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, 0, r)
-    with pytest.raises(RuntimeError, match="weight must be frozen"):
+    with pytest.raises(RuntimeError, match=r"lora_linear: bias must be frozen \(requires_grad=False\)"):
+        ops.lora_linear(x, None, W, b.clone().requires_grad_(), A, B, None, 1.0, 0.0, 0, r)
+    with pytest.raises(RuntimeError, match=r"lora_linear: weight must be frozen \(requires_grad=False\)"):
         ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, 0, r)
 
 

@@ -11,6 +11,16 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The base weight and bias get no gradient: refuse them requiring one rather than drop it.
+void check_frozen(const char* op, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(!weight.requires_grad(), "reslora::", op,
+              ": weight must be frozen (requires_grad=False), got a weight that requires grad; "
+              "ResLoRA trains only A and B");
+  TORCH_CHECK(!bias.has_value() || !bias->requires_grad(), "reslora::", op,
+              ": bias must be frozen (requires_grad=False), got a bias that requires grad; "
+              "ResLoRA trains only A and B");
+}
+
 class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
@@ -47,12 +57,7 @@ class LoraUpFunction : public torch::autograd::Function<LoraUpFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& z,
                             const at::Tensor& B, double scaling) {
-    TORCH_CHECK(!weight.requires_grad(),
-                "reslora::lora_up: weight must be frozen (requires_grad=False), got a weight "
-                "that requires grad; ResLoRA trains only A and B");
-    TORCH_CHECK(!bias.has_value() || !bias->requires_grad(),
-                "reslora::lora_up: bias must be frozen (requires_grad=False), got a bias that "
-                "requires grad; ResLoRA trains only A and B");
+    check_frozen("lora_up", weight, bias);
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({weight, z, B});
     ctx->saved_data["scaling"] = scaling;
@@ -78,12 +83,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                const at::Tensor& B, const std::optional<at::Tensor>& z_extra,
                                double scaling, double dropout, int64_t seed,
                                int64_t segment_rank) {
-    TORCH_CHECK(!weight.requires_grad(),
-                "reslora::lora_linear: weight must be frozen (requires_grad=False), got a weight "
-                "that requires grad; ResLoRA trains only A and B");
-    TORCH_CHECK(!bias.has_value() || !bias->requires_grad(),
-                "reslora::lora_linear: bias must be frozen (requires_grad=False), got a bias "
-                "that requires grad; ResLoRA trains only A and B");
+    check_frozen("lora_linear", weight, bias);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
                               segment_rank);
