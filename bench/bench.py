@@ -40,6 +40,17 @@ def timed(fn, warmup, repeat):
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
+def measure(make_step, args):
+    """Times the step that make_step() builds, then frees everything it held (the model lives
+    only in the step's closure) before the next configuration is built."""
+    step = make_step()
+    result = timed(step, args.warmup, args.repeat)
+    del step
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
 def peft_wrap(model, targets, dropout, fp32_adapters):
     import peft
 
@@ -77,25 +88,25 @@ def bench_chain(d, tokens, args):
     targets = [str(i) for i in range(layers)]
     rows = []
     for name, wrap in configs(0.05):
-        model = copy.deepcopy(base)
-        if wrap is not None:
-            model = wrap(model, targets)
-            for n, p in model.named_parameters():
-                if "lora_B" in n:
-                    nn.init.normal_(p, std=0.01)
-        model.train()
 
-        def step():
-            x.grad = None
-            model(x).backward(g)
-            for p in model.parameters():
-                p.grad = None
+        def make_step(wrap=wrap):
+            model = copy.deepcopy(base)
+            if wrap is not None:
+                model = wrap(model, targets)
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        nn.init.normal_(p, std=0.01)
+            model.train()
 
-        ms, mem = timed(step, args.warmup, args.repeat)
-        rows.append((name, ms, mem))
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+            def step():
+                x.grad = None
+                model(x).backward(g)
+                for p in model.parameters():
+                    p.grad = None
+
+            return step
+
+        rows.append((name, *measure(make_step, args)))
     return rows
 
 
@@ -124,28 +135,28 @@ def bench_training_step(args):
     for p in base.parameters():
         p.requires_grad_(False)
     for name, wrap in configs(0.05):
-        model = copy.deepcopy(base)
-        if wrap is None:
-            # No adapters: time forward + backward through every layer to the input embeddings.
-            model.enable_input_require_grads()
-            opt = None
-        else:
-            model = wrap(model, targets)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        model.train()
 
-        def step():
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+        def make_step(wrap=wrap):
+            model = copy.deepcopy(base)
+            if wrap is None:
+                # No adapters: time forward + backward through every layer to the input embeddings.
+                model.enable_input_require_grads()
+                opt = None
+            else:
+                model = wrap(model, targets)
+                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            model.train()
 
-        ms, mem = timed(step, args.warmup, args.repeat)
-        rows.append((name, ms, mem))
-        del model, opt
-        gc.collect()
-        torch.cuda.empty_cache()
+            def step():
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+            return step
+
+        rows.append((name, *measure(make_step, args)))
     return rows
 
 
@@ -159,23 +170,23 @@ def bench_inference(args):
     rows = []
     for name, variant in [("frozen base", None), ("reslora is, merged", "is"),
                           ("reslora bs, merged", "bs"), ("reslora ms, merged", "ms")]:
-        model = copy.deepcopy(base)
-        if variant is not None:
-            wrapped = ours_wrap(model, targets, variant, 0.0)
-            for blk in wrapped.blocks.values():
-                nn.init.normal_(blk.lora_B, std=0.01)
-            wrapped.merge_to_lora()
-            model = wrapped.merge_and_unload().eval()
 
-        @torch.no_grad()
-        def step():
-            model(input_ids=ids)
+        def make_step(variant=variant):
+            model = copy.deepcopy(base)
+            if variant is not None:
+                wrapped = ours_wrap(model, targets, variant, 0.0)
+                for blk in wrapped.blocks.values():
+                    nn.init.normal_(blk.lora_B, std=0.01)
+                wrapped.merge_to_lora()
+                model = wrapped.merge_and_unload().eval()
 
-        ms, mem = timed(step, args.warmup, args.repeat)
-        rows.append((name, ms, mem))
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+            @torch.no_grad()
+            def step():
+                model(input_ids=ids)
+
+            return step
+
+        rows.append((name, *measure(make_step, args)))
     return rows
 
 
