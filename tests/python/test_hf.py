@@ -456,3 +456,30 @@ def test_deepcopy_and_pickle_give_independent_working_models():
         torch.save(model, buf)
         buf.seek(0)
         assert torch.equal(torch.load(buf, weights_only=False)(input_ids=ids).logits, ref)
+
+
+def test_bad_input_of_the_other_entry_points(tmp_path):
+    bad = [
+        (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\), got 1.0"),
+        (dict(pre_num=-2), r"pre_num must be -1 \(all\) or an int >= 0, got -2"),
+        (dict(stats_window=0), r"stats_window must be an int >= 1, got 0"),
+        (dict(lora_alpha=float("nan")), r"lora_alpha must be a finite number, got nan"),
+        (dict(target_modules=[]), r"target_modules must be a non-empty list of names"),
+    ]
+    for kwargs, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            reslora.ResLoRAConfig(**kwargs)
+    with pytest.raises(ValueError, match=r"unknown ResLoRAConfig fields \['rank'\]"):
+        reslora.ResLoRAConfig.from_dict({"rank": 4})
+    with pytest.raises(TypeError, match="config must be a ResLoRAConfig, got dict"):
+        reslora.ResLoRAModel(make("llama"), {"variant": "is"})
+    with pytest.raises(ValueError, match=r"target_modules must be given for model type None"):
+        reslora.get_reslora_model(nn.Sequential(nn.Linear(4, 4)), reslora.ResLoRAConfig())
+    model, _ = wrap("llama", "is")
+    with pytest.raises(ValueError, match=r"format must be 'peft' or 'reslora', got 'onnx'"):
+        model.save_pretrained(str(tmp_path), format="onnx")
+    with pytest.raises(FileNotFoundError, match=r"no ResLoRA checkpoint at .*reslora_model.safetensors"):
+        reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path / "missing"))
+    model.merge_to_lora()
+    with pytest.raises(RuntimeError, match="merged and has no shortcuts left; save it as a PEFT adapter"):
+        model.save_pretrained(str(tmp_path), format="reslora")
