@@ -1,6 +1,6 @@
-// Backend-generic bodies of the ops. Each backend supplies only the dropout kernel
-// (DropoutSumFn); the matrix products go through ATen (cuBLAS on CUDA, shape-only on Meta), so
-// one body serves CPU, CUDA and Meta and the shapes cannot drift apart between them.
+// Backend-generic bodies of the ops. Each backend supplies its dropout kernels and, optionally,
+// fused low-rank kernels (a KernelSet); the large products go through ATen (cuBLAS on CUDA,
+// shape-only on Meta), so one body serves CPU, CUDA and Meta and the shapes cannot drift apart.
 #pragma once
 
 #include <optional>
@@ -25,66 +25,108 @@ using DropoutSumFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor* x_pre
 using MaskedAccumulateFn = void (*)(at::Tensor& acc, at::Tensor* out2, bool accumulate2,
                                     const at::Tensor& t, double p, int64_t seed, int64_t segment);
 
+// Optional fused kernels of a backend for the low-rank path. Each returns false when it does not
+// take the problem (dtype, rank, device); the generic composition of ATen products and the
+// dropout kernel above then runs. x2 / xp2 are [N, d] (xp2 may be undefined), dz is [N, R].
+//   down:   *z = drop_k(x2 [+ xp2]) A_k^T per segment k             ([N, R])
+//   grad_A: *grad_A = dz_k^T drop_k(x2 [+ xp2]) per segment k       ([R, d])
+//   up_dx:  *out = sum_k drop_k(dz_k A_k), *out2 = the same if given ([N, d], fresh tensors)
+using FusedDownFn = bool (*)(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
+                             double p, int64_t seed, int64_t segment_rank, at::Tensor* z);
+using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                              const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
+                              at::Tensor* grad_A);
+using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
+                             int64_t segment_rank, at::Tensor* out, at::Tensor* out2);
+
+struct KernelSet {
+  DropoutSumFn dropout_sum;
+  MaskedAccumulateFn masked_accumulate;
+  FusedDownFn down;
+  FusedGradAFn grad_A;
+  FusedUpDxFn up_dx;
+};
+
 inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
   out.back() = last;
   return out;
 }
 
-inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                                 const at::Tensor& A, double dropout, int64_t seed,
-                                 int64_t segment_rank, DropoutSumFn dropout_sum) {
-  check_down("lora_down", x, x_prev, A, dropout, segment_rank);
-  const int64_t d_in = x.size(-1);
-  const int64_t R = A.size(0);
-  const at::Tensor x2 = x.reshape({-1, d_in});
-  const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
+// z = drop_k(x2 [+ xp2]) A_k^T for every segment k: [N, R].
+inline at::Tensor down_z(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
+                         double dropout, int64_t seed, int64_t segment_rank, const KernelSet& k) {
   at::Tensor z;
+  if (k.down != nullptr && k.down(x2, xp2, A, dropout, seed, segment_rank, &z)) return z;
   if (dropout == 0.0) {
     // No mask: every segment sees the same input, so one GEMM covers all of them.
-    z = at::mm(xp2.defined() ? x2 + xp2 : x2, A.t());
-  } else {
-    z = at::empty({x2.size(0), R}, x.options());
-    for (int64_t k = 0; k < R / segment_rank; ++k) {
-      const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
-      z.narrow(1, k * segment_rank, segment_rank)
-          .copy_(at::mm(u, A.narrow(0, k * segment_rank, segment_rank).t()));
-    }
+    return at::mm(xp2.defined() ? x2 + xp2 : x2, A.t());
   }
-  return z.view(with_last(x.sizes(), R));
+  z = at::empty({x2.size(0), A.size(0)}, x2.options());
+  for (int64_t s = 0; s < A.size(0) / segment_rank; ++s) {
+    const at::Tensor u = k.dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, s);
+    z.narrow(1, s * segment_rank, segment_rank)
+        .copy_(at::mm(u, A.narrow(0, s * segment_rank, segment_rank).t()));
+  }
+  return z;
 }
 
-// The backward of z = drop(x [+ x_prev]) A^T for upstream dz ([N, R]): returns grad_A, adds the
-// input gradient into *dx (allocating it when undefined) and writes it into *dxp when asked.
-// The dropout masks are regenerated from the seed, never stored.
-inline at::Tensor down_grads(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                             const at::Tensor& A, double dropout, int64_t seed,
-                             int64_t segment_rank, at::Tensor* dx, at::Tensor* dxp,
-                             DropoutSumFn dropout_sum, MaskedAccumulateFn masked_accumulate) {
-  if (dropout == 0.0) {
-    if (dx != nullptr) *dx = dx->defined() ? dx->addmm_(dz, A) : at::mm(dz, A);
-    if (dxp != nullptr) *dxp = at::mm(dz, A);
-    return at::mm(dz.t(), xp2.defined() ? x2 + xp2 : x2);
-  }
-  at::Tensor grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
-  if (dx != nullptr && !dx->defined()) *dx = at::zeros({x2.size(0), x2.size(1)}, x2.options());
-  if (dxp != nullptr) *dxp = at::empty({x2.size(0), x2.size(1)}, x2.options());
-  for (int64_t k = 0; k < A.size(0) / segment_rank; ++k) {
-    const at::Tensor dz_k = dz.narrow(1, k * segment_rank, segment_rank);
-    const at::Tensor A_k = A.narrow(0, k * segment_rank, segment_rank);
-    const at::Tensor u = dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, k);
-    grad_A.narrow(0, k * segment_rank, segment_rank).copy_(at::mm(dz_k.t(), u));
-    if (dx != nullptr) {
-      masked_accumulate(*dx, dxp, /*accumulate2=*/k > 0, at::mm(dz_k, A_k), dropout, seed, k);
-    }
+// grad_A of z = drop(x2 [+ xp2]) A^T for upstream dz ([N, R]). The dropout masks are regenerated
+// from the seed, never stored.
+inline at::Tensor down_grad_A(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                              const at::Tensor& A, double dropout, int64_t seed,
+                              int64_t segment_rank, const KernelSet& k) {
+  at::Tensor grad_A;
+  if (k.grad_A != nullptr && k.grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, &grad_A))
+    return grad_A;
+  if (dropout == 0.0) return at::mm(dz.t(), xp2.defined() ? x2 + xp2 : x2);
+  grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
+  for (int64_t s = 0; s < A.size(0) / segment_rank; ++s) {
+    const at::Tensor u = k.dropout_sum(x2, xp2.defined() ? &xp2 : nullptr, dropout, seed, s);
+    grad_A.narrow(0, s * segment_rank, segment_rank)
+        .copy_(at::mm(dz.narrow(1, s * segment_rank, segment_rank).t(), u));
   }
   return grad_A;
+}
+
+// The input gradient of the low-rank path, sum_k drop_k(dz_k A_k), as a fresh [N, d] tensor
+// (and a second copy in *out2 when asked: the is shortcut's x_prev gets the same gradient).
+inline at::Tensor down_grad_x(const at::Tensor& dz, const at::Tensor& A, double dropout,
+                              int64_t seed, int64_t segment_rank, at::Tensor* out2,
+                              const KernelSet& k) {
+  at::Tensor out;
+  if (k.up_dx != nullptr && k.up_dx(dz, A, dropout, seed, segment_rank, &out, out2)) return out;
+  if (dropout == 0.0) {
+    out = at::mm(dz, A);
+    if (out2 != nullptr) *out2 = at::mm(dz, A);
+    return out;
+  }
+  out = at::zeros({dz.size(0), A.size(1)}, dz.options());
+  if (out2 != nullptr) *out2 = at::empty_like(out);
+  for (int64_t s = 0; s < A.size(0) / segment_rank; ++s) {
+    k.masked_accumulate(out, out2, /*accumulate2=*/s > 0,
+                        at::mm(dz.narrow(1, s * segment_rank, segment_rank),
+                               A.narrow(0, s * segment_rank, segment_rank)),
+                        dropout, seed, s);
+  }
+  return out;
+}
+
+inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+                                 const at::Tensor& A, double dropout, int64_t seed,
+                                 int64_t segment_rank, const KernelSet& k) {
+  check_down("lora_down", x, x_prev, A, dropout, segment_rank);
+  const int64_t d_in = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, d_in});
+  const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
+  return down_z(x2, xp2, A, dropout, seed, segment_rank, k)
+      .view(with_last(x.sizes(), A.size(0)));
 }
 
 inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
     const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
     const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x,
-    DropoutSumFn dropout_sum, MaskedAccumulateFn masked_accumulate) {
+    const KernelSet& k) {
   check_down("_lora_down_backward", x, x_prev, A, dropout, segment_rank);
   const int64_t d_in = x.size(-1);
   const int64_t R = A.size(0);
@@ -94,11 +136,11 @@ inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
   check_same("_lora_down_backward", "grad_z", grad_z, x);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
-  at::Tensor grad_x;
-  at::Tensor grad_A = down_grads(grad_z.reshape({-1, R}), x2, xp2, A, dropout, seed, segment_rank,
-                                 compute_grad_x ? &grad_x : nullptr, nullptr, dropout_sum,
-                                 masked_accumulate);
-  grad_x = compute_grad_x ? grad_x.view(x.sizes()) : at::empty({0}, x.options());
+  const at::Tensor dz = grad_z.reshape({-1, R});
+  at::Tensor grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
+  at::Tensor grad_x = compute_grad_x
+                          ? down_grad_x(dz, A, dropout, seed, segment_rank, nullptr, k).view(x.sizes())
+                          : at::empty({0}, x.options());
   return {grad_x, grad_A};
 }
 
@@ -108,9 +150,17 @@ inline at::Tensor lora_up_impl(const at::Tensor& x, const at::Tensor& weight,
   check_up("lora_up", x, weight, bias, z, B, scaling);
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
   const at::Tensor z2 = z.reshape({-1, B.size(1)});
-  at::Tensor y = bias.has_value() ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-  // The low-rank term accumulates into the base output: y is written once more, not copied.
-  y.addmm_(z2, B.t(), /*beta=*/1, /*alpha=*/scaling);
+  // The low-rank term (and bias) first, then the base GEMM accumulates onto it (beta = 1): the
+  // full-size output is written by the small product and read once by the large one, whose
+  // epilogue hides that read behind its arithmetic.
+  at::Tensor y;
+  if (bias.has_value()) {
+    y = at::addmm(*bias, z2, B.t(), /*beta=*/1, /*alpha=*/scaling);
+  } else {
+    y = at::empty({x2.size(0), weight.size(0)}, x2.options());
+    at::addmm_out(y, y, z2, B.t(), /*beta=*/0, /*alpha=*/scaling);  // beta = 0: y not read
+  }
+  y.addmm_(x2, weight.t());
   return y.view(with_last(x.sizes(), weight.size(0)));
 }
 
@@ -149,8 +199,8 @@ inline std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
     const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
-    int64_t segment_rank, DropoutSumFn dropout_sum) {
-  at::Tensor z = lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, dropout_sum);
+    int64_t segment_rank, const KernelSet& k) {
+  at::Tensor z = lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, k);
   if (z_extra.has_value()) {
     TORCH_CHECK(z_extra->sizes() == z.sizes(), "reslora::lora_linear: z_extra must have shape ",
                 z.sizes(), ", got ", z_extra->sizes());
@@ -163,16 +213,16 @@ inline std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
 
 using LinearGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra) of lora_linear. grad_y is read by three
-// GEMMs (dx = dy W, dz = s dy B, dB = s dy^T z); the low-rank part of dx is added into dx in
-// place (a beta = 1 GEMM without dropout, one masked accumulate pass with dropout), so no
-// full-size temporary is summed afterwards. Tensors not asked for come back empty.
+// (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra) of lora_linear. The low-rank part of dx is
+// computed first (one pass that writes it, masks regenerated) and the base GEMM dx += dy W
+// accumulates onto it (beta = 1), so no full-size temporary is summed afterwards. Tensors not
+// asked for come back empty.
 inline LinearGrads lora_linear_backward_impl(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
     double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x,
-    DropoutSumFn dropout_sum, MaskedAccumulateFn masked_accumulate) {
+    const KernelSet& k) {
   const char* op = "_lora_linear_backward";
   check_down(op, x, x_prev, A, dropout, segment_rank);
   check_up(op, x, weight, std::nullopt, z, B, scaling);
@@ -194,32 +244,32 @@ inline LinearGrads lora_linear_backward_impl(
       z_extra.has_value() ? dzt.view(z.sizes()).clone() : at::empty({0}, x.options());
   const at::Tensor dz =
       grad_z.has_value() && grad_z->defined() ? dzt.add_(grad_z->reshape({-1, R})) : dzt;
+  const at::Tensor grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
   at::Tensor dx, dxp;
-  if (compute_grad_x) dx = at::mm(g, weight);
-  // The low-rank part of dx goes into dx in place: no full-size temporary summed afterwards.
-  const at::Tensor grad_A =
-      down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x ? &dx : nullptr,
-                 compute_grad_x && xp2.defined() ? &dxp : nullptr, dropout_sum, masked_accumulate);
+  if (compute_grad_x) {
+    dx = down_grad_x(dz, A, dropout, seed, segment_rank, xp2.defined() ? &dxp : nullptr, k);
+    dx.addmm_(g, weight);
+  }
   const auto empty = [&] { return at::empty({0}, x.options()); };  // outputs must not alias
   return {compute_grad_x ? dx.view(x.sizes()) : empty(),
           compute_grad_x && xp2.defined() ? dxp.view(x.sizes()) : empty(), grad_A, grad_B,
           grad_z_extra};
 }
 
-// The kernels of one backend: the bodies above bound to its dropout kernels, registered for the
+// The kernels of one backend: the bodies above bound to its kernel set, registered for the
 // backend's dispatch key in one place so the backends cannot drift apart.
-template <DropoutSumFn kDropoutSum, MaskedAccumulateFn kMaskedAccumulate>
+template <const KernelSet* K>
 struct Backend {
   static at::Tensor down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
                          const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank) {
-    return lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, kDropoutSum);
+    return lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, *K);
   }
   static std::tuple<at::Tensor, at::Tensor> down_backward(
       const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
       const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank,
       bool compute_grad_x) {
     return lora_down_backward_impl(grad_z, x, x_prev, A, dropout, seed, segment_rank,
-                                   compute_grad_x, kDropoutSum, kMaskedAccumulate);
+                                   compute_grad_x, *K);
   }
   static std::tuple<at::Tensor, at::Tensor> linear(
       const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
@@ -227,7 +277,7 @@ struct Backend {
       const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
       int64_t segment_rank) {
     return lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
-                            segment_rank, kDropoutSum);
+                            segment_rank, *K);
   }
   static LinearGrads linear_backward(
       const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
@@ -235,8 +285,7 @@ struct Backend {
       const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
       double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
     return lora_linear_backward_impl(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling,
-                                     dropout, seed, segment_rank, compute_grad_x, kDropoutSum,
-                                     kMaskedAccumulate);
+                                     dropout, seed, segment_rank, compute_grad_x, *K);
   }
   static void register_kernels(torch::Library& m) {
     m.impl("lora_down", &down);

@@ -15,10 +15,13 @@ at::Tensor dropout_sum_meta(const at::Tensor& x, const at::Tensor* /*x_prev*/, d
 void masked_accumulate_meta(at::Tensor&, at::Tensor*, bool, const at::Tensor&, double, int64_t,
                             int64_t) {}
 
+constexpr detail::KernelSet kMetaKernels{&dropout_sum_meta, &masked_accumulate_meta,
+                                          nullptr, nullptr, nullptr};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reslora, Meta, m) {
-  detail::Backend<&dropout_sum_meta, &masked_accumulate_meta>::register_kernels(m);
+  detail::Backend<&kMetaKernels>::register_kernels(m);
 }
 
 }  // namespace reslora

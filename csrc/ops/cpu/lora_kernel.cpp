@@ -60,10 +60,13 @@ void masked_accumulate_cpu(at::Tensor& acc, at::Tensor* out2, bool accumulate2, 
   dropout_apply_cpu(tc, nullptr, acc, true, out2, accumulate2, p, seed, segment);
 }
 
+constexpr detail::KernelSet kCpuKernels{&dropout_sum_cpu, &masked_accumulate_cpu,
+                                         nullptr, nullptr, nullptr};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reslora, CPU, m) {
-  detail::Backend<&dropout_sum_cpu, &masked_accumulate_cpu>::register_kernels(m);
+  detail::Backend<&kCpuKernels>::register_kernels(m);
 }
 
 }  // namespace reslora

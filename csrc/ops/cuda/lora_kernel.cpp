@@ -1,11 +1,14 @@
-// CUDA backend of the reslora ops: the torch-free dropout kernel (kernels/cuda/dropout_add.cu)
-// launched on the current stream, the products through ATen (cuBLAS). No host synchronisation,
-// so the ops are safe to capture in CUDA graphs.
+// CUDA backend of the reslora ops: the torch-free kernels (kernels/cuda/) launched on the current
+// stream. fp16 / bf16 take the fused low-rank kernels (lora_fused.cu: no full-size masked copy
+// of the input, ever); other dtypes and ranks the dropout kernel plus ATen products. The large
+// products go through ATen (cuBLAS). No host synchronisation, so the ops are safe to capture in
+// CUDA graphs.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../../kernels/cuda/dropout_add.cuh"
+#include "../../kernels/cuda/lora_fused.cuh"
 #include "../lora_impl.h"
 
 namespace reslora {
@@ -60,10 +63,118 @@ void masked_accumulate_cuda(at::Tensor& acc, at::Tensor* out2, bool accumulate2,
   dropout_apply_cuda(tc, nullptr, acc, true, out2, accumulate2, p, seed, segment);
 }
 
+// The fused kernels take the problem when its dtype, segment rank and device allow. Without
+// dropout every segment sees the same input, so the whole rank is one segment when it fits.
+struct FusedProblem {
+  bool ok = false;
+  int64_t segment_rank = 0;
+  int num_sms = 0;
+};
+
+FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R, double p,
+                           int64_t segment_rank) {
+  FusedProblem fp;
+  if (n == 0 || d == 0 || R == 0) return fp;
+  if (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16) return fp;
+  fp.segment_rank = p == 0.0 && R <= kernels::kFusedMaxRank ? R : segment_rank;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
+  fp.num_sms = prop->multiProcessorCount;
+  fp.ok = kernels::lowrank_supported(to_kernel_dtype(t.scalar_type()), fp.segment_rank,
+                                     prop->major);
+  return fp;
+}
+
+kernels::LowRankParams lowrank_params(int64_t n, int64_t d, int64_t R, const FusedProblem& fp,
+                                      double p, int64_t seed) {
+  kernels::LowRankParams prm;
+  prm.n = n;
+  prm.d = d;
+  prm.segment_rank = fp.segment_rank;
+  prm.segments = R / fp.segment_rank;
+  prm.p = static_cast<float>(p);
+  prm.seed = static_cast<uint64_t>(seed);
+  return prm;
+}
+
+void launch_lowrank(kernels::LowRankOp op, kernels::LowRankParams& prm, const at::Tensor& like,
+                    const FusedProblem& fp) {
+  at::Tensor ws;
+  const size_t floats = kernels::lowrank_workspace_floats(op, prm, fp.num_sms);
+  if (floats > 0) {
+    ws = at::empty({static_cast<int64_t>(floats)}, like.options().dtype(at::kFloat));
+    prm.workspace = ws.mutable_data_ptr<float>();
+  }
+  const cudaError_t err = kernels::lowrank_launch(op, prm, to_kernel_dtype(like.scalar_type()),
+                                                  fp.num_sms, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "reslora: fused low-rank kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
+                     int64_t seed, int64_t segment_rank, at::Tensor* z) {
+  const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
+  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank);
+  if (!fp.ok) return false;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const at::Tensor xc = x2.contiguous();
+  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
+  const at::Tensor Ac = A.contiguous();
+  *z = at::empty({n, R}, x2.options());
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
+  prm.x = xc.const_data_ptr();
+  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
+  prm.A = Ac.const_data_ptr();
+  prm.out = z->mutable_data_ptr();
+  launch_lowrank(kernels::LowRankOp::kDown, prm, x2, fp);
+  return true;
+}
+
+bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                       const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
+                       at::Tensor* grad_A) {
+  const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
+  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank);
+  if (!fp.ok) return false;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const at::Tensor xc = x2.contiguous();
+  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
+  const at::Tensor dzc = dz.contiguous();
+  *grad_A = at::empty({R, d}, x2.options());
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
+  prm.x = xc.const_data_ptr();
+  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
+  prm.dz = dzc.const_data_ptr();
+  prm.out = grad_A->mutable_data_ptr();
+  launch_lowrank(kernels::LowRankOp::kGradA, prm, x2, fp);
+  return true;
+}
+
+bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
+                      int64_t segment_rank, at::Tensor* out, at::Tensor* out2) {
+  const int64_t n = dz.size(0), d = A.size(1), R = A.size(0);
+  const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank);
+  if (!fp.ok) return false;
+  const c10::cuda::CUDAGuard guard(dz.device());
+  const at::Tensor dzc = dz.contiguous();
+  const at::Tensor Ac = A.contiguous();
+  *out = at::empty({n, d}, dz.options());
+  if (out2 != nullptr) *out2 = at::empty({n, d}, dz.options());
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
+  prm.dz = dzc.const_data_ptr();
+  prm.A = Ac.const_data_ptr();
+  prm.out = out->mutable_data_ptr();
+  prm.out2 = out2 != nullptr ? out2->mutable_data_ptr() : nullptr;
+  launch_lowrank(kernels::LowRankOp::kUpDx, prm, dz, fp);
+  return true;
+}
+
+constexpr detail::KernelSet kCudaKernels{&dropout_sum_cuda, &masked_accumulate_cuda,
+                                         &fused_down_cuda, &fused_grad_A_cuda, &fused_up_dx_cuda};
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reslora, CUDA, m) {
-  detail::Backend<&dropout_sum_cuda, &masked_accumulate_cuda>::register_kernels(m);
+  detail::Backend<&kCudaKernels>::register_kernels(m);
 }
 
 }  // namespace reslora

@@ -1,0 +1,80 @@
+"""The fused fp16 / bf16 low-rank kernels on the GPU against float64 references: shapes that span
+many tiles and splits, rows and columns that are not multiples of the tile, the vector and the
+element-wise load paths, several dropout segments, the is sum; that they are the kernels that
+actually run; that they are deterministic. Skipped without a GPU."""
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ops = torch.ops.reslora
+SEED = 4321
+
+
+def inputs(n, d_in, d_out, R, dtype, with_prev, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return dict(x=t(n, d_in), xp=t(n, d_in) if with_prev else None, W=t(d_out, d_in) * 0.1,
+                A=t(R, d_in) * 0.1, B=t(d_out, R) * 0.1)
+
+
+def block(c, device, dtype, p, seg):
+    """y, z and every gradient of one lora_linear block, in `dtype` on `device`."""
+    m = {k: None if v is None else v.to(device, dtype).requires_grad_(k != "W") for k, v in c.items()}
+    y, z = ops.lora_linear(m["x"], m["xp"], m["W"], None, m["A"], m["B"], None, 2.0, p, SEED, seg)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y).to(device, dtype)
+    leaves = [m[k] for k in ("x", "xp", "A", "B") if m[k] is not None]
+    return [y, z, *torch.autograd.grad((y * gy).sum(), leaves)]
+
+
+def close(ref, out, tol):
+    for i, (a, b) in enumerate(zip(ref, out)):
+        a, b = a.double().cpu(), b.double().cpu()
+        err = (a - b).abs().max().item()
+        assert err <= tol * (a.abs().max().item() + 1e-3), (i, err, a.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("n,d_in,d_out,r,segments", [
+    (300, 520, 136, 16, 1),   # rows and columns past a tile, vector loads
+    (1000, 130, 72, 8, 2),    # d_in % 8 != 0: element-wise loads; two dropout segments
+    (70, 2048, 96, 32, 1),    # many splits of the long dimension
+    (129, 64, 4100, 48, 1),   # rank 48 (three 16-wide fragments), wide output
+    (64, 256, 64, 64, 2),     # the largest fused rank
+])
+@pytest.mark.parametrize("with_prev", [False, True])
+def test_fused_matches_float64(dtype, p, n, d_in, d_out, r, segments, with_prev):
+    c = inputs(n, d_in, d_out, r * segments, dtype, with_prev)
+    ref = block(c, "cpu", torch.float64, p, r)  # the same masks: they depend on the seed only
+    out = block(c, "cuda", dtype, p, r)
+    close(ref, out, 2e-2 if dtype == torch.bfloat16 else 4e-3)
+
+
+def test_fused_kernels_run_and_are_deterministic():
+    c = inputs(500, 512, 256, 32, torch.bfloat16, True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        first = block(c, "cuda", torch.bfloat16, 0.1, 16)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.key_averages())
+    for kernel in ("down_kernel", "grad_a_kernel", "up_dx_kernel"):
+        assert kernel in names, (kernel, names)
+    assert "dropout_add_kernel" not in names  # no full-size masked copy of x
+    second = block(c, "cuda", torch.bfloat16, 0.1, 16)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_fused_down_op_with_segments_matches_reference():
+    """lora_down alone: each segment has its own mask, z columns in segment order."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(200, 96, generator=g, dtype=torch.float64).bfloat16()
+    A = torch.randn(3 * 5, 96, generator=g, dtype=torch.float64).bfloat16()
+    ref = ops.lora_down(x.double(), None, A.double(), 0.3, SEED, 5)
+    out = ops.lora_down(x.cuda(), None, A.cuda(), 0.3, SEED, 5)
+    close([ref], [out], 2e-2)
+    gz = torch.randn(200, 15, generator=g, dtype=torch.float64).bfloat16()
+    ref_g = ops._lora_down_backward(gz.double(), x.double(), None, A.double(), 0.3, SEED, 5, True)
+    out_g = ops._lora_down_backward(gz.cuda(), x.cuda(), None, A.cuda(), 0.3, SEED, 5, True)
+    close(ref_g, out_g, 2e-2)
