@@ -1,9 +1,10 @@
 """Per-kernel breakdown of one configuration of the benchmark (torch.profiler, CUDA time).
 
-    python bench/kernel_profile.py [--d 4096] [--tokens 8192] [--dropout 0.05] [--rows 25]
+    python bench/kernel_profile.py [--llama] [--d 4096] [--tokens 8192] [--dropout 0.05] [--rows 25]
 
-Profiles the 8-layer chain of bench.py for the frozen base, PEFT LoRA and each reslora variant
-and prints, per configuration, the kernels that take the most GPU time.
+Profiles the 8-layer chain of bench.py (or, with --llama, its Llama training step) for the frozen
+base, PEFT LoRA and each reslora variant and prints, per configuration, the kernels that take
+the most GPU time.
 """
 
 import argparse
@@ -22,7 +23,11 @@ def main():
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--llama", action="store_true", help="the Llama training step of bench.py")
     args = ap.parse_args()
+    args.quick = False
+    if args.llama:
+        return profile_llama(args)
     layers = 8
     torch.manual_seed(0)
     base = nn.Sequential(*[nn.Linear(args.d, args.d, bias=False) for _ in range(layers)])
@@ -44,18 +49,49 @@ def main():
             for p in model.parameters():
                 p.grad = None
 
-        for _ in range(5):
+        report(name, step, args)
+        del model
+
+
+def report(name, step, args, steps=5):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        total = sum(e.device_time_total for e in prof.key_averages()) / 5 / 1000
-        print(f"\n=== {name}: {total:.3f} ms of kernels per step")
-        print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows,
-                                        max_name_column_width=90))
-        del model
+    total = sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1000
+    print(f"\n=== {name}: {total:.3f} ms of kernels per step")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows,
+                                    max_name_column_width=90))
+
+
+def profile_llama(args):
+    ids = torch.randint(0, 32000, (8, 1024), device="cuda")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    base = bench.llama(args).requires_grad_(False)
+    for name, wrap in bench.configs(args.dropout):
+        if "default" in name or "PEFT LoRA bf16, dropout 0" == name:
+            continue
+        model = copy.deepcopy(base)
+        if wrap is None:
+            model.enable_input_require_grads()
+            opt = None
+        else:
+            model = wrap(model, targets)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+
+        def step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        report(name, step, args, steps=3)
+        del model, opt
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_fused_kernels_run_and_are_deterministic():
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         first = block(c, "cuda", torch.bfloat16, 0.1, 16)
         torch.cuda.synchronize()
-    names = " ".join(e.name for e in prof.key_averages())
+    names = " ".join(e.key for e in prof.key_averages())
     for kernel in ("down_kernel", "grad_a_kernel", "up_dx_kernel"):
         assert kernel in names, (kernel, names)
     assert "dropout_add_kernel" not in names  # no full-size masked copy of x

@@ -99,6 +99,103 @@ struct Common {
   uint64_t seed;
 };
 
+// --- Asynchronous copies (sm_80+): tiles stream into shared memory while the tensor cores work
+// on earlier ones; bytes in flight live in shared memory, not in registers. src_bytes = 0
+// zero-fills the destination (rows or columns past the end).
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0));
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+constexpr int kStages = 3;  // tiles in flight per block: kStages - 1
+
+// Rows [r0, r0 + 64) x columns [c0, c0 + 64) of a [rows, d] matrix into a dense [64][64] stage.
+// VEC: asynchronous 16-byte copies; otherwise element loads (odd shapes).
+template <typename T, bool VEC>
+__device__ __forceinline__ void copy_tile(T* dst, const T* src, int64_t r0, int64_t rows,
+                                          int64_t c0, int64_t d, int tid) {
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    const int u = tid + kThreads * j;
+    const int row = u >> 3, cu = (u & 7) * 8;
+    T* s = dst + row * kTile + cu;
+    if (VEC) {
+      const bool ok = r0 + row < rows && c0 + cu < d;
+      cp_async16(s, ok ? src + (r0 + row) * d + c0 + cu : src, ok);
+    } else {
+      *reinterpret_cast<uint4*>(s) = load8<T, false>(src, r0 + row, rows, c0 + cu, d);
+    }
+  }
+}
+
+// Rows [0, RP) (zero from `rows` on) x columns [c0, c0 + 64) of a [rows, d] matrix into a
+// [RP][kLd] stage.
+template <typename T, bool VEC, int RP>
+__device__ __forceinline__ void copy_rows(T* dst, const T* src, int64_t rows, int64_t c0,
+                                          int64_t d, int tid) {
+#pragma unroll
+  for (int j = 0; j < RP * 8 / kThreads; ++j) {
+    const int u = tid + kThreads * j;
+    const int r = u >> 3, cu = (u & 7) * 8;
+    T* s = dst + r * kLd + cu;
+    if (VEC) {
+      const bool ok = r < rows && c0 + cu < d;
+      cp_async16(s, ok ? src + r * d + c0 + cu : src, ok);
+    } else {
+      *reinterpret_cast<uint4*>(s) = load8<T, false>(src, r, rows, c0 + cu, d);
+    }
+  }
+}
+
+// dz[r0 .. r0 + 64, seg * sr .. + sr] into a [64][RP + 8] stage. VEC (R, sr even, dz 4-byte
+// aligned): asynchronous copies of element pairs; columns sr .. RP stay as zeroed at start.
+template <typename T, bool VEC, int RP>
+__device__ __forceinline__ void copy_dz(T* dst, const T* dz, int64_t r0, const Common& c,
+                                        int64_t seg, int tid) {
+  constexpr int kLdz = RP + 8;
+  if (VEC) {
+    for (int e = tid; e < kTile * RP / 2; e += kThreads) {
+      const int row = e / (RP / 2), col = 2 * (e % (RP / 2));
+      if (col >= c.sr) continue;
+      const bool ok = r0 + row < c.n;
+      cp_async4(dst + row * kLdz + col, ok ? dz + (r0 + row) * c.R + seg * c.sr + col : dz, ok);
+    }
+  } else {
+    for (int e = tid; e < kTile * RP; e += kThreads) {
+      const int row = e / RP, col = e % RP;
+      dst[row * kLdz + col] = r0 + row < c.n && col < c.sr
+                                  ? dz[(r0 + row) * c.R + seg * c.sr + col]
+                                  : Cvt<T>::t(0.f);
+    }
+  }
+}
+
+// Shared memory of each kernel (bytes), for the launch and the support check.
+constexpr size_t down_smem(int rp, bool prev) {
+  return 2 * (size_t(kTile) * kLd + size_t(kStages) * kTile * kTile * (prev ? 2 : 1) +
+              size_t(kStages) * rp * kLd);
+}
+constexpr size_t grad_a_smem(int rp, bool prev) {
+  return 2 * (size_t(kTile) * kLd + size_t(kStages) * kTile * kTile * (prev ? 2 : 1) +
+              size_t(kStages) * kTile * (rp + 8));
+}
+constexpr size_t up_dx_smem(int rp, int64_t segments) {
+  return 2 * (size_t(segments) * kTile * (rp + 8) + 2 * size_t(segments) * rp * kLd) +
+         4 * size_t(kTile) * (kTile + 4);
+}
+
 // z partial sums: ws[split][seg][n_pad][RP] over the column tiles of this split.
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads)
@@ -106,8 +203,11 @@ __global__ void __launch_bounds__(kThreads)
                 float* __restrict__ ws, Common c, int64_t n_pad) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
-  __shared__ __align__(128) T xs[kTile * kLd];
-  __shared__ __align__(128) T as[RP * kLd];
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);               // masked tile [64][kLd]
+  T* xr = xs + kTile * kLd;                          // x stages [kStages][64][64]
+  T* pr = xr + kStages * kTile * kTile;              // x_prev stages, when given
+  T* ar = pr + (xp != nullptr ? kStages * kTile * kTile : 0);  // A stages [kStages][RP][kLd]
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
@@ -122,40 +222,35 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
 
-  uint4 rx[kUnits], rp[kUnits], ra[NF];
-  auto load = [&](int64_t t) {
-    const int64_t c0 = t * kTile;
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j) {
-      const int u = tid + kThreads * j;
-      rx[j] = load8<T, VEC>(x, row0 + (u >> 3), c.n, c0 + (u & 7) * 8, c.d);
-      rp[j] = xp != nullptr ? load8<T, VEC>(xp, row0 + (u >> 3), c.n, c0 + (u & 7) * 8, c.d)
-                            : make_uint4(0, 0, 0, 0);
+  auto issue = [&](int64_t t, int stage) {
+    if (t < t_end) {
+      copy_tile<T, VEC>(xr + stage * kTile * kTile, x, row0, c.n, t * kTile, c.d, tid);
+      if (xp != nullptr)
+        copy_tile<T, VEC>(pr + stage * kTile * kTile, xp, row0, c.n, t * kTile, c.d, tid);
+      copy_rows<T, VEC, RP>(ar + stage * RP * kLd, A_seg, c.sr, t * kTile, c.d, tid);
     }
-#pragma unroll
-    for (int j = 0; j < NF; ++j) {
-      const int u = tid + kThreads * j;
-      ra[j] = load8<T, VEC>(A_seg, u >> 3, c.sr, c0 + (u & 7) * 8, c.d);
-    }
+    cp_commit();
   };
-  if (t_begin < t_end) load(t_begin);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(t_begin + s, s);
+  int stage = 0;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t c0 = t * kTile;
+    cp_wait<kStages - 2>();
+    __syncthreads();
 #pragma unroll
     for (int j = 0; j < kUnits; ++j) {
       const int u = tid + kThreads * j;
       const int row = u >> 3, cu = (u & 7) * 8;
-      mask_store<T, VEC>(rx[j], rp[j], xp != nullptr, c.dropout, key,
-                         uint64_t((row0 + row) * c.d + c0 + cu), c.threshold, c.scale,
+      const int off = stage * kTile * kTile + row * kTile + cu;
+      const uint4 rx = *reinterpret_cast<const uint4*>(xr + off);
+      const uint4 rp = xp != nullptr ? *reinterpret_cast<const uint4*>(pr + off) : make_uint4(0, 0, 0, 0);
+      mask_store<T, VEC>(rx, rp, xp != nullptr, c.dropout, key,
+                         uint64_t((row0 + row) * c.d + t * kTile + cu), c.threshold, c.scale,
                          xs + row * kLd + cu);
     }
-#pragma unroll
-    for (int j = 0; j < NF; ++j) {
-      const int u = tid + kThreads * j;
-      *reinterpret_cast<uint4*>(as + (u >> 3) * kLd + (u & 7) * 8) = ra[j];
-    }
     __syncthreads();
-    if (t + 1 < t_end) load(t + 1);  // in flight while the tensor cores work on this tile
+    issue(t + kStages - 1, (stage + kStages - 1) % kStages);
+    const T* as = ar + stage * RP * kLd;
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
@@ -167,8 +262,9 @@ __global__ void __launch_bounds__(kThreads)
         wmma::mma_sync(acc[f], a, b, acc[f]);
       }
     }
-    __syncthreads();
+    stage = (stage + 1) % kStages;
   }
+  cp_wait<0>();
   float* out = ws + ((split * c.segments + seg) * n_pad + row0 + warp * 16) * RP;
 #pragma unroll
   for (int f = 0; f < NF; ++f) wmma::store_matrix_sync(out + f * 16, acc[f], RP, wmma::mem_row_major);
@@ -183,9 +279,11 @@ __global__ void __launch_bounds__(kThreads)
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
-  constexpr int kDz = kTile * RP / kThreads;  // dz elements per thread per tile
-  __shared__ __align__(128) T xs[kTile * kLd];
-  __shared__ __align__(128) T ds[kTile * kLdz];
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);               // masked tile [64][kLd]
+  T* xr = xs + kTile * kLd;                          // x stages [kStages][64][64]
+  T* pr = xr + kStages * kTile * kTile;              // x_prev stages, when given
+  T* dr = pr + (xp != nullptr ? kStages * kTile * kTile : 0);  // dz stages [kStages][64][kLdz]
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
@@ -195,47 +293,43 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t t_end = t_begin + c.per_split < tiles ? t_begin + c.per_split : tiles;
   const uint64_t key = dropout_key(c.seed, seg);
 
+  // Rank columns past the segment's are never copied: zero them once in every stage.
+  for (int e = tid; e < kStages * kTile * kLdz; e += kThreads) dr[e] = Cvt<T>::t(0.f);
+  __syncthreads();
+
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
 #pragma unroll
   for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
 
-  uint4 rx[kUnits], rp[kUnits];
-  T rd[kDz];
-  auto load = [&](int64_t t) {
-    const int64_t r0 = t * kTile;
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j) {
-      const int u = tid + kThreads * j;
-      rx[j] = load8<T, VEC>(x, r0 + (u >> 3), c.n, col0 + (u & 7) * 8, c.d);
-      rp[j] = xp != nullptr ? load8<T, VEC>(xp, r0 + (u >> 3), c.n, col0 + (u & 7) * 8, c.d)
-                            : make_uint4(0, 0, 0, 0);
+  auto issue = [&](int64_t t, int stage) {
+    if (t < t_end) {
+      copy_tile<T, VEC>(xr + stage * kTile * kTile, x, t * kTile, c.n, col0, c.d, tid);
+      if (xp != nullptr)
+        copy_tile<T, VEC>(pr + stage * kTile * kTile, xp, t * kTile, c.n, col0, c.d, tid);
+      copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c, seg, tid);
     }
-#pragma unroll
-    for (int j = 0; j < kDz; ++j) {
-      const int e = tid + kThreads * j;
-      const int64_t row = r0 + e / RP;
-      const int r = e % RP;
-      rd[j] = row < c.n && r < c.sr ? dz[row * c.R + seg * c.sr + r] : Cvt<T>::t(0.f);
-    }
+    cp_commit();
   };
-  if (t_begin < t_end) load(t_begin);
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(t_begin + s, s);
+  int stage = 0;
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t r0 = t * kTile;
+    cp_wait<kStages - 2>();
+    __syncthreads();
 #pragma unroll
     for (int j = 0; j < kUnits; ++j) {
       const int u = tid + kThreads * j;
       const int row = u >> 3, cu = (u & 7) * 8;
-      mask_store<T, VEC>(rx[j], rp[j], xp != nullptr, c.dropout, key,
-                         uint64_t((r0 + row) * c.d + col0 + cu), c.threshold, c.scale,
+      const int off = stage * kTile * kTile + row * kTile + cu;
+      const uint4 rx = *reinterpret_cast<const uint4*>(xr + off);
+      const uint4 rp = xp != nullptr ? *reinterpret_cast<const uint4*>(pr + off) : make_uint4(0, 0, 0, 0);
+      mask_store<T, VEC>(rx, rp, xp != nullptr, c.dropout, key,
+                         uint64_t((t * kTile + row) * c.d + col0 + cu), c.threshold, c.scale,
                          xs + row * kLd + cu);
     }
-#pragma unroll
-    for (int j = 0; j < kDz; ++j) {
-      const int e = tid + kThreads * j;
-      ds[(e / RP) * kLdz + e % RP] = rd[j];
-    }
     __syncthreads();
-    if (t + 1 < t_end) load(t + 1);
+    issue(t + kStages - 1, (stage + kStages - 1) % kStages);
+    const T* ds = dr + stage * kTile * kLdz;
 #pragma unroll
     for (int kk = 0; kk < kTile / 16; ++kk) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;  // masked x rows
@@ -247,8 +341,9 @@ __global__ void __launch_bounds__(kThreads)
         wmma::mma_sync(acc[f], a, b, acc[f]);
       }
     }
-    __syncthreads();
+    stage = (stage + 1) % kStages;
   }
+  cp_wait<0>();
   float* out = ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16;
 #pragma unroll
   for (int f = 0; f < NF; ++f)
@@ -256,7 +351,8 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// out (= out2) = sum_k drop_k(dz[:, seg k] A_k) for one 64 x 64 tile.
+// out (= out2) = sum_k drop_k(dz[:, seg k] A_k) for 64 rows and the column tiles of this split.
+// The block keeps its dz rows (every segment) in shared memory and streams the A tiles.
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads)
     up_dx_kernel(const T* __restrict__ dz, const T* __restrict__ A, T* __restrict__ out,
@@ -265,84 +361,102 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
   constexpr int kLdt = kTile + 4;
-  __shared__ __align__(128) T ds[kTile * kLdz];
-  __shared__ __align__(128) T as[RP * kLd];
-  __shared__ __align__(128) float ts[kTile * kLdt];
+  extern __shared__ __align__(128) unsigned char smem[];
+  float* ts = reinterpret_cast<float*>(smem);                       // [64][kLdt]
+  T* ds = reinterpret_cast<T*>(ts + kTile * kLdt);                   // [segments][64][kLdz]
+  T* ar = ds + c.segments * kTile * kLdz;                            // [2][segments][RP][kLd]
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
-  const int64_t col0 = int64_t(blockIdx.y) * kTile;
-  float sum[kUnits][8];
-#pragma unroll
-  for (int j = 0; j < kUnits; ++j)
-#pragma unroll
-    for (int k = 0; k < 8; ++k) sum[j][k] = 0.f;
+  const int64_t tiles = (c.d + kTile - 1) / kTile;
+  const int64_t t_begin = int64_t(blockIdx.y) * c.per_split;
+  const int64_t t_end = t_begin + c.per_split < tiles ? t_begin + c.per_split : tiles;
 
   for (int64_t seg = 0; seg < c.segments; ++seg) {
-    for (int e = tid; e < kTile * RP; e += kThreads) {
-      const int64_t row = row0 + e / RP;
-      const int r = e % RP;
-      ds[(e / RP) * kLdz + r] =
-          row < c.n && r < c.sr ? dz[row * c.R + seg * c.sr + r] : Cvt<T>::t(0.f);
+    T* dseg = ds + seg * kTile * kLdz;
+    for (int e = tid; e < kTile * kLdz; e += kThreads) dseg[e] = Cvt<T>::t(0.f);
+  }
+  __syncthreads();
+  for (int64_t seg = 0; seg < c.segments; ++seg)
+    copy_dz<T, VEC, RP>(ds + seg * kTile * kLdz, dz, row0, c, seg, tid);
+  auto issue = [&](int64_t t, int stage) {
+    if (t < t_end) {
+      for (int64_t seg = 0; seg < c.segments; ++seg)
+        copy_rows<T, VEC, RP>(ar + (stage * c.segments + seg) * RP * kLd, A + seg * c.sr * c.d,
+                              c.sr, t * kTile, c.d, tid);
     }
-    for (int u = tid; u < RP * 8; u += kThreads) {
-      *reinterpret_cast<uint4*>(as + (u >> 3) * kLd + (u & 7) * 8) =
-          load8<T, VEC>(A + seg * c.sr * c.d, u >> 3, c.sr, col0 + (u & 7) * 8, c.d);
-    }
+    cp_commit();
+  };
+  issue(t_begin, 0);
+  int stage = 0;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    cp_wait<0>();
     __syncthreads();
+    issue(t + 1, stage ^ 1);
+    const int64_t col0 = t * kTile;
+    float sum[kUnits][8];
 #pragma unroll
-    for (int m = 0; m < kTile / 16; ++m) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.f);
+    for (int j = 0; j < kUnits; ++j)
 #pragma unroll
-      for (int kk = 0; kk < NF; ++kk) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(a, ds + warp * 16 * kLdz + kk * 16, kLdz);
-        wmma::load_matrix_sync(b, as + kk * 16 * kLd + m * 16, kLd);
-        wmma::mma_sync(acc, a, b, acc);
+      for (int k = 0; k < 8; ++k) sum[j][k] = 0.f;
+    for (int64_t seg = 0; seg < c.segments; ++seg) {
+      const T* dseg = ds + seg * kTile * kLdz;
+      const T* as = ar + (stage * c.segments + seg) * RP * kLd;
+#pragma unroll
+      for (int m = 0; m < kTile / 16; ++m) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < NF; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+          wmma::load_matrix_sync(a, dseg + warp * 16 * kLdz + kk * 16, kLdz);
+          wmma::load_matrix_sync(b, as + kk * 16 * kLd + m * 16, kLd);
+          wmma::mma_sync(acc, a, b, acc);
+        }
+        wmma::store_matrix_sync(ts + warp * 16 * kLdt + m * 16, acc, kLdt, wmma::mem_row_major);
       }
-      wmma::store_matrix_sync(ts + warp * 16 * kLdt + m * 16, acc, kLdt, wmma::mem_row_major);
+      __syncthreads();
+      const uint64_t key = dropout_key(c.seed, seg);
+#pragma unroll
+      for (int j = 0; j < kUnits; ++j) {
+        const int u = tid + kThreads * j;
+        const int row = u >> 3, cu = (u & 7) * 8;
+        const uint32_t keep =
+            c.dropout ? keep8<VEC>(key, uint64_t((row0 + row) * c.d + col0 + cu), c.threshold)
+                      : 0xFFu;
+        const float s = c.dropout ? c.scale : 1.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if ((keep >> k) & 1u) sum[j][k] += ts[row * kLdt + cu + k] * s;
+      }
+      __syncthreads();  // ts is rewritten by the next segment or column tile
     }
-    __syncthreads();
-    const uint64_t key = dropout_key(c.seed, seg);
 #pragma unroll
     for (int j = 0; j < kUnits; ++j) {
       const int u = tid + kThreads * j;
-      const int row = u >> 3, cu = (u & 7) * 8;
-      const uint32_t keep =
-          c.dropout ? keep8<VEC>(key, uint64_t((row0 + row) * c.d + col0 + cu), c.threshold)
-                    : 0xFFu;
-      const float s = c.dropout ? c.scale : 1.f;
+      const int64_t row = row0 + (u >> 3);
+      const int64_t col = col0 + (u & 7) * 8;
+      if (row >= c.n || col >= c.d) continue;
+      uint4 o;
+      T* eo = reinterpret_cast<T*>(&o);
 #pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if ((keep >> k) & 1u) sum[j][k] += ts[row * kLdt + cu + k] * s;
-    }
-    // The next segment rewrites ds / as only after every warp passed the barrier above, and
-    // ts only after the next barrier, by which time every thread has read it.
-  }
-#pragma unroll
-  for (int j = 0; j < kUnits; ++j) {
-    const int u = tid + kThreads * j;
-    const int64_t row = row0 + (u >> 3);
-    const int64_t col = col0 + (u & 7) * 8;
-    if (row >= c.n || col >= c.d) continue;
-    uint4 o;
-    T* eo = reinterpret_cast<T*>(&o);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(sum[j][k]);
-    T* p = out + row * c.d + col;
-    T* p2 = out2 != nullptr ? out2 + row * c.d + col : nullptr;
-    if (VEC) {
-      *reinterpret_cast<uint4*>(p) = o;
-      if (p2 != nullptr) *reinterpret_cast<uint4*>(p2) = o;
-    } else {
-      for (int k = 0; k < 8 && col + k < c.d; ++k) {
-        p[k] = eo[k];
-        if (p2 != nullptr) p2[k] = eo[k];
+      for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(sum[j][k]);
+      T* p = out + row * c.d + col;
+      T* p2 = out2 != nullptr ? out2 + row * c.d + col : nullptr;
+      if (VEC) {
+        *reinterpret_cast<uint4*>(p) = o;
+        if (p2 != nullptr) *reinterpret_cast<uint4*>(p2) = o;
+      } else {
+        for (int k = 0; k < 8 && col + k < c.d; ++k) {
+          p[k] = eo[k];
+          if (p2 != nullptr) p2[k] = eo[k];
+        }
       }
     }
+    stage ^= 1;
   }
+  cp_wait<0>();
 #endif
 }
 
@@ -382,21 +496,32 @@ struct Plan {
   int64_t splits = 1, per_split = 1, rp = 16, n_pad = 0, d_pad = 0;
 };
 
-// Splits the reduced dimension so that about six blocks per multiprocessor are in flight.
+// Splits the long dimension (the reduced one of down / grad_A, the columns of up_dx) so that
+// about six blocks per multiprocessor are in flight.
 Plan make_plan(LowRankOp op, const LowRankParams& p, int num_sms) {
   Plan pl;
   pl.rp = cdiv(p.segment_rank, 16) * 16;
   pl.n_pad = cdiv(p.n, kTile) * kTile;
   pl.d_pad = cdiv(p.d, kTile) * kTile;
-  const int64_t tiles_long = op == LowRankOp::kDown ? cdiv(p.d, kTile) : cdiv(p.n, kTile);
-  const int64_t tiles_other = (op == LowRankOp::kDown ? cdiv(p.n, kTile) : cdiv(p.d, kTile)) *
-                              p.segments;
+  const int64_t tiles_long = op == LowRankOp::kGradA ? cdiv(p.n, kTile) : cdiv(p.d, kTile);
+  const int64_t tiles_other = op == LowRankOp::kDown    ? cdiv(p.n, kTile) * p.segments
+                              : op == LowRankOp::kGradA ? cdiv(p.d, kTile) * p.segments
+                                                        : cdiv(p.n, kTile);
   const int64_t target = 6 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
   int64_t s = cdiv(target, tiles_other > 0 ? tiles_other : 1);
   s = std::max<int64_t>(1, std::min<int64_t>({s, tiles_long, 65535}));
   pl.per_split = std::max<int64_t>(1, cdiv(tiles_long, s));
   pl.splits = std::max<int64_t>(1, cdiv(tiles_long, pl.per_split));
   return pl;
+}
+
+size_t smem_bytes(LowRankOp op, const LowRankParams& p, int rp) {
+  switch (op) {
+    case LowRankOp::kDown: return down_smem(rp, p.x_prev != nullptr);
+    case LowRankOp::kGradA: return grad_a_smem(rp, p.x_prev != nullptr);
+    case LowRankOp::kUpDx: return up_dx_smem(rp, p.segments);
+  }
+  return 0;
 }
 
 Common make_common(const LowRankParams& p, const Plan& pl) {
@@ -414,21 +539,32 @@ Common make_common(const LowRankParams& p, const Plan& pl) {
   return c;
 }
 
-bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+bool aligned(const void* ptr, uintptr_t bytes) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+template <typename K>
+cudaError_t set_smem(K kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
 
 template <typename T, bool VEC, int NF>
-void launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, const Common& c,
-               cudaStream_t stream) {
+cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, const Common& c,
+                      cudaStream_t stream) {
   const T* x = static_cast<const T*>(p.x);
   const T* xp = static_cast<const T*>(p.x_prev);
   const T* A = static_cast<const T*>(p.A);
   const T* dz = static_cast<const T*>(p.dz);
   const int reduce_blocks = 1024;
+  const size_t smem = smem_bytes(op, p, 16 * NF);
+  cudaError_t err = cudaSuccess;
   switch (op) {
     case LowRankOp::kDown: {
       const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits),
                       static_cast<unsigned>(p.segments));
-      down_kernel<T, VEC, NF><<<grid, kThreads, 0, stream>>>(x, xp, A, p.workspace, c, pl.n_pad);
+      if ((err = set_smem(down_kernel<T, VEC, NF>, smem)) != cudaSuccess) return err;
+      down_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, A, p.workspace, c, pl.n_pad);
       reduce_down_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
           p.workspace, static_cast<T*>(p.out), c, pl.splits, pl.n_pad, static_cast<int>(pl.rp));
       break;
@@ -436,28 +572,31 @@ void launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, const Commo
     case LowRankOp::kGradA: {
       const dim3 grid(static_cast<unsigned>(cdiv(p.d, kTile)), static_cast<unsigned>(pl.splits),
                       static_cast<unsigned>(p.segments));
-      grad_a_kernel<T, VEC, NF><<<grid, kThreads, 0, stream>>>(x, xp, dz, p.workspace, c, pl.d_pad);
+      if ((err = set_smem(grad_a_kernel<T, VEC, NF>, smem)) != cudaSuccess) return err;
+      grad_a_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, dz, p.workspace, c, pl.d_pad);
       reduce_grad_a_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
           p.workspace, static_cast<T*>(p.out), c, pl.splits, pl.d_pad, static_cast<int>(pl.rp));
       break;
     }
     case LowRankOp::kUpDx: {
-      const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(cdiv(p.d, kTile)));
-      up_dx_kernel<T, VEC, NF><<<grid, kThreads, 0, stream>>>(
+      const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits));
+      if ((err = set_smem(up_dx_kernel<T, VEC, NF>, smem)) != cudaSuccess) return err;
+      up_dx_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(
           dz, A, static_cast<T*>(p.out), static_cast<T*>(p.out2), c);
       break;
     }
   }
+  return cudaGetLastError();
 }
 
 template <typename T, bool VEC>
-void launch_rank(LowRankOp op, const LowRankParams& p, const Plan& pl, const Common& c,
-                 cudaStream_t stream) {
+cudaError_t launch_rank(LowRankOp op, const LowRankParams& p, const Plan& pl, const Common& c,
+                        cudaStream_t stream) {
   switch (pl.rp / 16) {
-    case 1: launch_op<T, VEC, 1>(op, p, pl, c, stream); break;
-    case 2: launch_op<T, VEC, 2>(op, p, pl, c, stream); break;
-    case 3: launch_op<T, VEC, 3>(op, p, pl, c, stream); break;
-    default: launch_op<T, VEC, 4>(op, p, pl, c, stream); break;
+    case 1: return launch_op<T, VEC, 1>(op, p, pl, c, stream);
+    case 2: return launch_op<T, VEC, 2>(op, p, pl, c, stream);
+    case 3: return launch_op<T, VEC, 3>(op, p, pl, c, stream);
+    default: return launch_op<T, VEC, 4>(op, p, pl, c, stream);
   }
 }
 
@@ -465,24 +604,27 @@ template <typename T>
 cudaError_t launch_typed(LowRankOp op, const LowRankParams& p, int num_sms, cudaStream_t stream) {
   const Plan pl = make_plan(op, p, num_sms);
   const Common c = make_common(p, pl);
-  const bool vec = p.d % 8 == 0 && aligned16(p.x) && aligned16(p.x_prev) && aligned16(p.A) &&
-                   aligned16(p.out) && aligned16(p.out2);
-  if (vec) {
-    launch_rank<T, true>(op, p, pl, c, stream);
-  } else {
-    launch_rank<T, false>(op, p, pl, c, stream);
-  }
-  return cudaGetLastError();
+  // Fast path: 16-byte copies of x / x_prev / A / out, 4-byte copies of dz element pairs.
+  const bool vec = p.d % 8 == 0 && aligned(p.x, 16) && aligned(p.x_prev, 16) &&
+                   aligned(p.A, 16) && aligned(p.out, 16) && aligned(p.out2, 16) &&
+                   (op == LowRankOp::kDown ||
+                    (c.R % 2 == 0 && c.sr % 2 == 0 && aligned(p.dz, 4)));
+  return vec ? launch_rank<T, true>(op, p, pl, c, stream)
+             : launch_rank<T, false>(op, p, pl, c, stream);
 }
 
 }  // namespace
 
-bool lowrank_supported(DType dtype, int64_t segment_rank, int device_major) {
-  if (segment_rank < 1 || segment_rank > kFusedMaxRank) return false;
-  // Tensor-core fragments of both 16-bit types: compute capability 8.0 and newer.
-  return (dtype == DType::kFloat16 || dtype == DType::kBFloat16) && device_major >= 8;
+bool lowrank_supported(DType dtype, int64_t segment_rank, int64_t segments, bool with_prev,
+                       int device_major) {
+  if (segment_rank < 1 || segment_rank > kFusedMaxRank || segments < 1 || segments > 65535)
+    return false;
+  // Tensor-core fragments of both 16-bit types and asynchronous copies: compute capability 8.0+.
+  if ((dtype != DType::kFloat16 && dtype != DType::kBFloat16) || device_major < 8) return false;
+  const int rp = static_cast<int>(cdiv(segment_rank, 16) * 16);
+  return std::max({down_smem(rp, with_prev), grad_a_smem(rp, with_prev), up_dx_smem(rp, segments)}) <=
+         kMaxSmemBytes;
 }
-
 size_t lowrank_workspace_floats(LowRankOp op, const LowRankParams& params, int num_sms) {
   const Plan pl = make_plan(op, params, num_sms);
   switch (op) {

@@ -45,9 +45,13 @@ struct LowRankParams {
 
 enum class LowRankOp { kDown, kGradA, kUpDx };
 
+// Dynamic shared memory the kernels may ask for (every GPU of compute capability 8.0+ has it).
+constexpr size_t kMaxSmemBytes = 96 * 1024;
+
 // True when the fused kernels take this problem: dtype fp16 / bf16, segment rank within
-// kFusedMaxRank, a device of compute capability >= 8.0.
-bool lowrank_supported(DType dtype, int64_t segment_rank, int device_major);
+// kFusedMaxRank, the shared memory within kMaxSmemBytes, compute capability >= 8.0.
+bool lowrank_supported(DType dtype, int64_t segment_rank, int64_t segments, bool with_prev,
+                       int device_major);
 
 // fp32 elements of workspace the op needs (0 for kUpDx), for `num_sms` multiprocessors.
 size_t lowrank_workspace_floats(LowRankOp op, const LowRankParams& params, int num_sms);

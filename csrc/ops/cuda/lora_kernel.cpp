@@ -72,7 +72,7 @@ struct FusedProblem {
 };
 
 FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R, double p,
-                           int64_t segment_rank) {
+                           int64_t segment_rank, bool with_prev) {
   FusedProblem fp;
   if (n == 0 || d == 0 || R == 0) return fp;
   if (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16) return fp;
@@ -80,7 +80,7 @@ FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R,
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   fp.num_sms = prop->multiProcessorCount;
   fp.ok = kernels::lowrank_supported(to_kernel_dtype(t.scalar_type()), fp.segment_rank,
-                                     prop->major);
+                                     R / fp.segment_rank, with_prev, prop->major);
   return fp;
 }
 
@@ -113,7 +113,7 @@ void launch_lowrank(kernels::LowRankOp op, kernels::LowRankParams& prm, const at
 bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
                      int64_t seed, int64_t segment_rank, at::Tensor* z) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank);
+  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
   const at::Tensor xc = x2.contiguous();
@@ -133,7 +133,7 @@ bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Ten
                        const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
                        at::Tensor* grad_A) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank);
+  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
   const at::Tensor xc = x2.contiguous();
@@ -152,7 +152,7 @@ bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Ten
 bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
                       int64_t segment_rank, at::Tensor* out, at::Tensor* out2) {
   const int64_t n = dz.size(0), d = A.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank);
+  const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank, false);
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(dz.device());
   const at::Tensor dzc = dz.contiguous();
