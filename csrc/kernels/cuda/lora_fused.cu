@@ -496,8 +496,11 @@ struct Plan {
   int64_t splits = 1, per_split = 1, rp = 16, n_pad = 0, d_pad = 0;
 };
 
-// Splits the long dimension (the reduced one of down / grad_A, the columns of up_dx) so that
-// about six blocks per multiprocessor are in flight.
+size_t smem_bytes(LowRankOp op, const LowRankParams& p, int rp);
+
+// Splits the long dimension (the reduced one of down / grad_A, the columns of up_dx) so that the
+// grid is one full wave: every multiprocessor holds up to four blocks (as many as its shared
+// memory allows), each streaming a long run of tiles.
 Plan make_plan(LowRankOp op, const LowRankParams& p, int num_sms) {
   Plan pl;
   pl.rp = cdiv(p.segment_rank, 16) * 16;
@@ -507,8 +510,11 @@ Plan make_plan(LowRankOp op, const LowRankParams& p, int num_sms) {
   const int64_t tiles_other = op == LowRankOp::kDown    ? cdiv(p.n, kTile) * p.segments
                               : op == LowRankOp::kGradA ? cdiv(p.d, kTile) * p.segments
                                                         : cdiv(p.n, kTile);
-  const int64_t target = 6 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
-  int64_t s = cdiv(target, tiles_other > 0 ? tiles_other : 1);
+  const size_t per_sm = p.smem_per_sm > 0 ? p.smem_per_sm : size_t(100) * 1024;
+  const int64_t blocks_per_sm = std::max<int64_t>(
+      1, std::min<int64_t>(4, static_cast<int64_t>(per_sm / (smem_bytes(op, p, int(pl.rp)) + 1024))));
+  const int64_t target = blocks_per_sm * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
+  int64_t s = target / (tiles_other > 0 ? tiles_other : 1);
   s = std::max<int64_t>(1, std::min<int64_t>({s, tiles_long, 65535}));
   pl.per_split = std::max<int64_t>(1, cdiv(tiles_long, s));
   pl.splits = std::max<int64_t>(1, cdiv(tiles_long, pl.per_split));

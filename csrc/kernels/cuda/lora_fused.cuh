@@ -41,6 +41,7 @@ struct LowRankParams {
   int64_t segment_rank = 0;
   float p = 0.f;                 // dropout probability in [0, 1)
   uint64_t seed = 0;
+  size_t smem_per_sm = 0;        // shared memory per multiprocessor (bytes), sizes the grid
 };
 
 enum class LowRankOp { kDown, kGradA, kUpDx };

@@ -69,6 +69,7 @@ struct FusedProblem {
   bool ok = false;
   int64_t segment_rank = 0;
   int num_sms = 0;
+  size_t smem_per_sm = 0;
 };
 
 FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R, double p,
@@ -79,6 +80,7 @@ FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R,
   fp.segment_rank = p == 0.0 && R <= kernels::kFusedMaxRank ? R : segment_rank;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   fp.num_sms = prop->multiProcessorCount;
+  fp.smem_per_sm = prop->sharedMemPerMultiprocessor;
   fp.ok = kernels::lowrank_supported(to_kernel_dtype(t.scalar_type()), fp.segment_rank,
                                      R / fp.segment_rank, with_prev, prop->major);
   return fp;
@@ -93,6 +95,7 @@ kernels::LowRankParams lowrank_params(int64_t n, int64_t d, int64_t R, const Fus
   prm.segments = R / fp.segment_rank;
   prm.p = static_cast<float>(p);
   prm.seed = static_cast<uint64_t>(seed);
+  prm.smem_per_sm = fp.smem_per_sm;
   return prm;
 }
 
