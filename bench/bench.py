@@ -135,29 +135,30 @@ def bench_training_step(args):
     for p in base.parameters():
         p.requires_grad_(False)
     for name, wrap in configs(0.05):
-
-        def make_step(wrap=wrap):
-            model = copy.deepcopy(base)
-            if wrap is None:
-                # No adapters: time forward + backward through every layer to the input embeddings.
-                model.enable_input_require_grads()
-                opt = None
-            else:
-                model = wrap(model, targets)
-                opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            model.train()
-
-            def step():
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                if opt is not None:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-
-            return step
-
-        rows.append((name, *measure(make_step, args)))
+        rows.append((name, *measure(lambda wrap=wrap: training_step(base, wrap, ids, targets), args)))
     return rows
+
+
+def training_step(base, wrap, ids, targets):
+    """One training step of a copy of base wrapped by wrap (None: the frozen base, timed through
+    forward + backward to the input embeddings), with AdamW on the adapters."""
+    model = copy.deepcopy(base)
+    if wrap is None:
+        model.enable_input_require_grads()
+        opt = None
+    else:
+        model = wrap(model, targets)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def bench_inference(args):

@@ -50,7 +50,6 @@ def main():
                 p.grad = None
 
         report(name, step, args)
-        del model
 
 
 def report(name, step, args, steps=5):
@@ -74,23 +73,9 @@ def profile_llama(args):
     for name, wrap in bench.configs(args.dropout):
         if "default" in name or "PEFT LoRA bf16, dropout 0" == name:
             continue
-        model = copy.deepcopy(base)
-        if wrap is None:
-            model.enable_input_require_grads()
-            opt = None
-        else:
-            model = wrap(model, targets)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        model.train()
-
-        def step():
-            model(input_ids=ids, labels=ids).loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+        step = bench.training_step(base, wrap, ids, targets)
         report(name, step, args, steps=3)
-        del model, opt
+        del step
         torch.cuda.empty_cache()
 
 

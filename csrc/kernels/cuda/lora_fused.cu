@@ -182,6 +182,31 @@ __device__ __forceinline__ void copy_dz(T* dst, const T* dz, int64_t r0, const C
   }
 }
 
+// x [+ x_prev] rows [r0, r0 + 64) x columns [c0, c0 + 64) into one stage each.
+template <typename T, bool VEC>
+__device__ __forceinline__ void copy_inputs(T* xr, T* pr, const T* x, const T* xp, int64_t r0,
+                                            int64_t c0, const Common& c, int tid) {
+  copy_tile<T, VEC>(xr, x, r0, c.n, c0, c.d, tid);
+  if (xp != nullptr) copy_tile<T, VEC>(pr, xp, r0, c.n, c0, c.d, tid);
+}
+
+// A landed stage of x [+ x_prev] (tile origin r0, c0 in the [n, d] input), masked into xs.
+template <typename T, bool VEC>
+__device__ __forceinline__ void mask_tile(const T* xr, const T* pr, int64_t r0, int64_t c0,
+                                          const Common& c, uint64_t key, T* xs, int tid) {
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    const int u = tid + kThreads * j;
+    const int row = u >> 3, cu = (u & 7) * 8;
+    const int off = row * kTile + cu;
+    const uint4 rx = *reinterpret_cast<const uint4*>(xr + off);
+    const uint4 rp =
+        pr != nullptr ? *reinterpret_cast<const uint4*>(pr + off) : make_uint4(0, 0, 0, 0);
+    mask_store<T, VEC>(rx, rp, pr != nullptr, c.dropout, key, uint64_t((r0 + row) * c.d + c0 + cu),
+                       c.threshold, c.scale, xs + row * kLd + cu);
+  }
+}
+
 // Shared memory of each kernel (bytes), for the launch and the support check.
 constexpr size_t down_smem(int rp, bool prev) {
   return 2 * (size_t(kTile) * kLd + size_t(kStages) * kTile * kTile * (prev ? 2 : 1) +
@@ -224,9 +249,8 @@ __global__ void __launch_bounds__(kThreads)
 
   auto issue = [&](int64_t t, int stage) {
     if (t < t_end) {
-      copy_tile<T, VEC>(xr + stage * kTile * kTile, x, row0, c.n, t * kTile, c.d, tid);
-      if (xp != nullptr)
-        copy_tile<T, VEC>(pr + stage * kTile * kTile, xp, row0, c.n, t * kTile, c.d, tid);
+      copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp, row0,
+                          t * kTile, c, tid);
       copy_rows<T, VEC, RP>(ar + stage * RP * kLd, A_seg, c.sr, t * kTile, c.d, tid);
     }
     cp_commit();
@@ -237,17 +261,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = t_begin; t < t_end; ++t) {
     cp_wait<kStages - 2>();
     __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j) {
-      const int u = tid + kThreads * j;
-      const int row = u >> 3, cu = (u & 7) * 8;
-      const int off = stage * kTile * kTile + row * kTile + cu;
-      const uint4 rx = *reinterpret_cast<const uint4*>(xr + off);
-      const uint4 rp = xp != nullptr ? *reinterpret_cast<const uint4*>(pr + off) : make_uint4(0, 0, 0, 0);
-      mask_store<T, VEC>(rx, rp, xp != nullptr, c.dropout, key,
-                         uint64_t((row0 + row) * c.d + t * kTile + cu), c.threshold, c.scale,
-                         xs + row * kLd + cu);
-    }
+    mask_tile<T, VEC>(xr + stage * kTile * kTile,
+                      xp != nullptr ? pr + stage * kTile * kTile : nullptr, row0, t * kTile, c,
+                      key, xs, tid);
     __syncthreads();
     issue(t + kStages - 1, (stage + kStages - 1) % kStages);
     const T* as = ar + stage * RP * kLd;
@@ -303,9 +319,8 @@ __global__ void __launch_bounds__(kThreads)
 
   auto issue = [&](int64_t t, int stage) {
     if (t < t_end) {
-      copy_tile<T, VEC>(xr + stage * kTile * kTile, x, t * kTile, c.n, col0, c.d, tid);
-      if (xp != nullptr)
-        copy_tile<T, VEC>(pr + stage * kTile * kTile, xp, t * kTile, c.n, col0, c.d, tid);
+      copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp,
+                          t * kTile, col0, c, tid);
       copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c, seg, tid);
     }
     cp_commit();
@@ -316,17 +331,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t t = t_begin; t < t_end; ++t) {
     cp_wait<kStages - 2>();
     __syncthreads();
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j) {
-      const int u = tid + kThreads * j;
-      const int row = u >> 3, cu = (u & 7) * 8;
-      const int off = stage * kTile * kTile + row * kTile + cu;
-      const uint4 rx = *reinterpret_cast<const uint4*>(xr + off);
-      const uint4 rp = xp != nullptr ? *reinterpret_cast<const uint4*>(pr + off) : make_uint4(0, 0, 0, 0);
-      mask_store<T, VEC>(rx, rp, xp != nullptr, c.dropout, key,
-                         uint64_t((t * kTile + row) * c.d + col0 + cu), c.threshold, c.scale,
-                         xs + row * kLd + cu);
-    }
+    mask_tile<T, VEC>(xr + stage * kTile * kTile,
+                      xp != nullptr ? pr + stage * kTile * kTile : nullptr, t * kTile, col0, c,
+                      key, xs, tid);
     __syncthreads();
     issue(t + kStages - 1, (stage + kStages - 1) % kStages);
     const T* ds = dr + stage * kTile * kLdz;

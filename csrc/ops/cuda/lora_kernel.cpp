@@ -3,6 +3,8 @@
 // of the input, ever); other dtypes and ranks the dropout kernel plus ATen products. The large
 // products go through ATen (cuBLAS). No host synchronisation, so the ops are safe to capture in
 // CUDA graphs.
+#include <utility>
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -113,19 +115,26 @@ void launch_lowrank(kernels::LowRankOp op, kernels::LowRankParams& prm, const at
               cudaGetErrorString(err));
 }
 
+// Contiguous x / x_prev into the parameters; the returned tensors keep them alive for the launch.
+std::pair<at::Tensor, at::Tensor> set_inputs(kernels::LowRankParams& prm, const at::Tensor& x2,
+                                             const at::Tensor& xp2) {
+  at::Tensor xc = x2.contiguous();
+  at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
+  prm.x = xc.const_data_ptr();
+  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
+  return {xc, xpc};
+}
+
 bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
                      int64_t seed, int64_t segment_rank, at::Tensor* z) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
-  const at::Tensor xc = x2.contiguous();
-  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
+  const auto inputs = set_inputs(prm, x2, xp2);
   const at::Tensor Ac = A.contiguous();
   *z = at::empty({n, R}, x2.options());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
-  prm.x = xc.const_data_ptr();
-  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
   prm.A = Ac.const_data_ptr();
   prm.out = z->mutable_data_ptr();
   launch_lowrank(kernels::LowRankOp::kDown, prm, x2, fp);
@@ -139,13 +148,10 @@ bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Ten
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
-  const at::Tensor xc = x2.contiguous();
-  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
+  const auto inputs = set_inputs(prm, x2, xp2);
   const at::Tensor dzc = dz.contiguous();
   *grad_A = at::empty({R, d}, x2.options());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
-  prm.x = xc.const_data_ptr();
-  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
   prm.dz = dzc.const_data_ptr();
   prm.out = grad_A->mutable_data_ptr();
   launch_lowrank(kernels::LowRankOp::kGradA, prm, x2, fp);
