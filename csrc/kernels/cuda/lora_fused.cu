@@ -221,6 +221,40 @@ constexpr size_t up_dx_smem(int rp, int64_t segments) {
          4 * size_t(kTile) * (kTile + 4);
 }
 
+// The pipeline of both reductions over x: tiles [t_begin, t_end) stream through kStages
+// shared-memory stages. copy(t, stage) starts the asynchronous copies of tile t; each landed tile
+// is masked into the block's tile (mask(t, stage)) and then consumed by the tensor cores
+// (mma(stage)) while the next kStages - 1 tiles are in flight.
+template <typename Copy, typename Mask, typename Mma>
+__device__ __forceinline__ void stream_tiles(int64_t t_begin, int64_t t_end, Copy copy, Mask mask,
+                                             Mma mma) {
+  const auto issue = [&](int64_t t, int stage) {
+    if (t < t_end) copy(t, stage);
+    cp_commit();  // an empty group past the end keeps the wait counts uniform
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) issue(t_begin + s, s);
+  int stage = 0;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    cp_wait<kStages - 2>();
+    __syncthreads();
+    mask(t, stage);
+    __syncthreads();
+    // The stage refilled here was consumed by the previous iteration, before both barriers.
+    issue(t + kStages - 1, (stage + kStages - 1) % kStages);
+    mma(stage);
+    stage = (stage + 1) % kStages;
+  }
+  cp_wait<0>();
+}
+
+// The tiles [begin, end) of split `split` when `tiles` tiles are cut into runs of per_split.
+__device__ __forceinline__ void split_range(int64_t tiles, int64_t per_split, int64_t split,
+                                            int64_t* begin, int64_t* end) {
+  *begin = split * per_split;
+  *end = *begin + per_split < tiles ? *begin + per_split : tiles;
+}
+
 // z partial sums: ws[split][seg][n_pad][RP] over the column tiles of this split.
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads)
@@ -237,9 +271,8 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid / 32;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y, seg = blockIdx.z;
-  const int64_t tiles = (c.d + kTile - 1) / kTile;
-  const int64_t t_begin = split * c.per_split;
-  const int64_t t_end = t_begin + c.per_split < tiles ? t_begin + c.per_split : tiles;
+  int64_t t_begin, t_end;
+  split_range((c.d + kTile - 1) / kTile, c.per_split, split, &t_begin, &t_end);
   const uint64_t key = dropout_key(c.seed, seg);
   const T* A_seg = A + seg * c.sr * c.d;
 
@@ -247,40 +280,32 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
 
-  auto issue = [&](int64_t t, int stage) {
-    if (t < t_end) {
-      copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp, row0,
-                          t * kTile, c, tid);
-      copy_rows<T, VEC, RP>(ar + stage * RP * kLd, A_seg, c.sr, t * kTile, c.d, tid);
-    }
-    cp_commit();
-  };
+  stream_tiles(
+      t_begin, t_end,
+      [&](int64_t t, int stage) {
+        copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp, row0,
+                            t * kTile, c, tid);
+        copy_rows<T, VEC, RP>(ar + stage * RP * kLd, A_seg, c.sr, t * kTile, c.d, tid);
+      },
+      [&](int64_t t, int stage) {
+        mask_tile<T, VEC>(xr + stage * kTile * kTile,
+                          xp != nullptr ? pr + stage * kTile * kTile : nullptr, row0, t * kTile,
+                          c, key, xs, tid);
+      },
+      [&](int stage) {
+        const T* as = ar + stage * RP * kLd;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(t_begin + s, s);
-  int stage = 0;
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    cp_wait<kStages - 2>();
-    __syncthreads();
-    mask_tile<T, VEC>(xr + stage * kTile * kTile,
-                      xp != nullptr ? pr + stage * kTile * kTile : nullptr, row0, t * kTile, c,
-                      key, xs, tid);
-    __syncthreads();
-    issue(t + kStages - 1, (stage + kStages - 1) % kStages);
-    const T* as = ar + stage * RP * kLd;
+        for (int kk = 0; kk < kTile / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          wmma::load_matrix_sync(a, xs + warp * 16 * kLd + kk * 16, kLd);
 #pragma unroll
-    for (int kk = 0; kk < kTile / 16; ++kk) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, xs + warp * 16 * kLd + kk * 16, kLd);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // A_seg^T
-        wmma::load_matrix_sync(b, as + f * 16 * kLd + kk * 16, kLd);
-        wmma::mma_sync(acc[f], a, b, acc[f]);
-      }
-    }
-    stage = (stage + 1) % kStages;
-  }
-  cp_wait<0>();
+          for (int f = 0; f < NF; ++f) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // A_seg^T
+            wmma::load_matrix_sync(b, as + f * 16 * kLd + kk * 16, kLd);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+          }
+        }
+      });
   float* out = ws + ((split * c.segments + seg) * n_pad + row0 + warp * 16) * RP;
 #pragma unroll
   for (int f = 0; f < NF; ++f) wmma::store_matrix_sync(out + f * 16, acc[f], RP, wmma::mem_row_major);
@@ -304,9 +329,8 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = tid / 32;
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y, seg = blockIdx.z;
-  const int64_t tiles = (c.n + kTile - 1) / kTile;
-  const int64_t t_begin = split * c.per_split;
-  const int64_t t_end = t_begin + c.per_split < tiles ? t_begin + c.per_split : tiles;
+  int64_t t_begin, t_end;
+  split_range((c.n + kTile - 1) / kTile, c.per_split, split, &t_begin, &t_end);
   const uint64_t key = dropout_key(c.seed, seg);
 
   // Rank columns past the segment's are never copied: zero them once in every stage.
@@ -317,40 +341,32 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
 
-  auto issue = [&](int64_t t, int stage) {
-    if (t < t_end) {
-      copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp,
-                          t * kTile, col0, c, tid);
-      copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c, seg, tid);
-    }
-    cp_commit();
-  };
+  stream_tiles(
+      t_begin, t_end,
+      [&](int64_t t, int stage) {
+        copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp,
+                            t * kTile, col0, c, tid);
+        copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c, seg, tid);
+      },
+      [&](int64_t t, int stage) {
+        mask_tile<T, VEC>(xr + stage * kTile * kTile,
+                          xp != nullptr ? pr + stage * kTile * kTile : nullptr, t * kTile, col0,
+                          c, key, xs, tid);
+      },
+      [&](int stage) {
+        const T* ds = dr + stage * kTile * kLdz;
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) issue(t_begin + s, s);
-  int stage = 0;
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    cp_wait<kStages - 2>();
-    __syncthreads();
-    mask_tile<T, VEC>(xr + stage * kTile * kTile,
-                      xp != nullptr ? pr + stage * kTile * kTile : nullptr, t * kTile, col0, c,
-                      key, xs, tid);
-    __syncthreads();
-    issue(t + kStages - 1, (stage + kStages - 1) % kStages);
-    const T* ds = dr + stage * kTile * kLdz;
+        for (int kk = 0; kk < kTile / 16; ++kk) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;  // masked x rows
+          wmma::load_matrix_sync(b, xs + kk * 16 * kLd + warp * 16, kLd);
 #pragma unroll
-    for (int kk = 0; kk < kTile / 16; ++kk) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;  // masked x rows
-      wmma::load_matrix_sync(b, xs + kk * 16 * kLd + warp * 16, kLd);
-#pragma unroll
-      for (int f = 0; f < NF; ++f) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;  // dz^T
-        wmma::load_matrix_sync(a, ds + kk * 16 * kLdz + f * 16, kLdz);
-        wmma::mma_sync(acc[f], a, b, acc[f]);
-      }
-    }
-    stage = (stage + 1) % kStages;
-  }
-  cp_wait<0>();
+          for (int f = 0; f < NF; ++f) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;  // dz^T
+            wmma::load_matrix_sync(a, ds + kk * 16 * kLdz + f * 16, kLdz);
+            wmma::mma_sync(acc[f], a, b, acc[f]);
+          }
+        }
+      });
   float* out = ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16;
 #pragma unroll
   for (int f = 0; f < NF; ++f)
@@ -375,9 +391,8 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
-  const int64_t tiles = (c.d + kTile - 1) / kTile;
-  const int64_t t_begin = int64_t(blockIdx.y) * c.per_split;
-  const int64_t t_end = t_begin + c.per_split < tiles ? t_begin + c.per_split : tiles;
+  int64_t t_begin, t_end;
+  split_range((c.d + kTile - 1) / kTile, c.per_split, blockIdx.y, &t_begin, &t_end);
 
   for (int64_t seg = 0; seg < c.segments; ++seg) {
     T* dseg = ds + seg * kTile * kLdz;
