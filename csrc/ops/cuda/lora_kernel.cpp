@@ -3,8 +3,6 @@
 // of the input, ever); other dtypes and ranks the dropout kernel plus ATen products. The large
 // products go through ATen (cuBLAS). No host synchronisation, so the ops are safe to capture in
 // CUDA graphs.
-#include <utility>
-
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -115,47 +113,38 @@ void launch_lowrank(kernels::LowRankOp op, kernels::LowRankParams& prm, const at
               cudaGetErrorString(err));
 }
 
-// Contiguous x / x_prev into the parameters; the returned tensors keep them alive for the launch.
-std::pair<at::Tensor, at::Tensor> set_inputs(kernels::LowRankParams& prm, const at::Tensor& x2,
-                                             const at::Tensor& xp2) {
-  at::Tensor xc = x2.contiguous();
-  at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
-  prm.x = xc.const_data_ptr();
-  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
-  return {xc, xpc};
-}
-
-bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
-                     int64_t seed, int64_t segment_rank, at::Tensor* z) {
+// The two reductions over x: down (z = drop(x [+ x_prev]) A^T, [N, R]) and grad_A
+// (dz^T drop(x [+ x_prev]), [R, d]); `operand` is A for the first and dz for the second.
+bool fused_over_x(kernels::LowRankOp op, const at::Tensor& x2, const at::Tensor& xp2,
+                  const at::Tensor& A, const at::Tensor& operand, double p, int64_t seed,
+                  int64_t segment_rank, at::Tensor* out) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
+  const at::Tensor xc = x2.contiguous();
+  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
+  const at::Tensor oc = operand.contiguous();
+  const bool down = op == kernels::LowRankOp::kDown;
+  *out = down ? at::empty({n, R}, x2.options()) : at::empty({R, d}, x2.options());
   kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
-  const auto inputs = set_inputs(prm, x2, xp2);
-  const at::Tensor Ac = A.contiguous();
-  *z = at::empty({n, R}, x2.options());
-  prm.A = Ac.const_data_ptr();
-  prm.out = z->mutable_data_ptr();
-  launch_lowrank(kernels::LowRankOp::kDown, prm, x2, fp);
+  prm.x = xc.const_data_ptr();
+  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
+  (down ? prm.A : prm.dz) = oc.const_data_ptr();
+  prm.out = out->mutable_data_ptr();
+  launch_lowrank(op, prm, x2, fp);
   return true;
+}
+
+bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
+                     int64_t seed, int64_t segment_rank, at::Tensor* z) {
+  return fused_over_x(kernels::LowRankOp::kDown, x2, xp2, A, A, p, seed, segment_rank, z);
 }
 
 bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
                        const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
                        at::Tensor* grad_A) {
-  const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
-  if (!fp.ok) return false;
-  const c10::cuda::CUDAGuard guard(x2.device());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
-  const auto inputs = set_inputs(prm, x2, xp2);
-  const at::Tensor dzc = dz.contiguous();
-  *grad_A = at::empty({R, d}, x2.options());
-  prm.dz = dzc.const_data_ptr();
-  prm.out = grad_A->mutable_data_ptr();
-  launch_lowrank(kernels::LowRankOp::kGradA, prm, x2, fp);
-  return true;
+  return fused_over_x(kernels::LowRankOp::kGradA, x2, xp2, A, dz, p, seed, segment_rank, grad_A);
 }
 
 bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
