@@ -88,26 +88,28 @@ def bench_chain(d, tokens, args):
     targets = [str(i) for i in range(layers)]
     rows = []
     for name, wrap in configs(0.05):
-
-        def make_step(wrap=wrap):
-            model = copy.deepcopy(base)
-            if wrap is not None:
-                model = wrap(model, targets)
-                for n, p in model.named_parameters():
-                    if "lora_B" in n:
-                        nn.init.normal_(p, std=0.01)
-            model.train()
-
-            def step():
-                x.grad = None
-                model(x).backward(g)
-                for p in model.parameters():
-                    p.grad = None
-
-            return step
-
-        rows.append((name, *measure(make_step, args)))
+        rows.append((name, *measure(lambda wrap=wrap: chain_step(base, wrap, x, g, targets), args)))
     return rows
+
+
+def chain_step(base, wrap, x, g, targets):
+    """Forward + backward to the input x of a copy of the chain base wrapped by wrap (None: the
+    frozen chain), with random lora_B so that no product is trivially zero."""
+    model = copy.deepcopy(base)
+    if wrap is not None:
+        model = wrap(model, targets)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                nn.init.normal_(p, std=0.01)
+    model.train()
+
+    def step():
+        x.grad = None
+        model(x).backward(g)
+        for p in model.parameters():
+            p.grad = None
+
+    return step
 
 
 def llama(args):

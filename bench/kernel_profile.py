@@ -8,7 +8,6 @@ the most GPU time.
 """
 
 import argparse
-import copy
 
 import torch
 from torch import nn
@@ -38,17 +37,7 @@ def main():
     for name, wrap in bench.configs(args.dropout):
         if "default" in name:
             continue
-        model = copy.deepcopy(base)
-        if wrap is not None:
-            model = wrap(model, targets)
-        model.train()
-
-        def step():
-            x.grad = None
-            model(x).backward(g)
-            for p in model.parameters():
-                p.grad = None
-
+        step = bench.chain_step(base, wrap, x, g, targets)
         report(name, step, args)
 
 
