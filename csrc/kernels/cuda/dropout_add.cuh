@@ -1,6 +1,6 @@
 // Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, segment, i) / (1 - p), and
-// optionally the same into out2. Backward uses the accumulating form to add the masked low-rank
-// gradient straight into dx (and write dx_prev) in one pass.
+// optionally the same into out2. The generic path (fp32 / fp64, ranks the fused kernels of
+// lora_fused.cuh do not take) uses it for the masked input and the masked input gradient.
 // Takes raw pointers and a stream so it builds with nvcc alone (no ATen), and is tested that way.
 #pragma once
 
