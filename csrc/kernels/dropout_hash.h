@@ -29,24 +29,54 @@ RESLORA_HD uint64_t dropout_key(uint64_t seed, uint64_t segment) {
   return mix64(seed ^ mix64(segment + 0x9e3779b97f4a7c15ULL));
 }
 
-// One 64-bit hash serves four consecutive elements (16 random bits each), so the kernels spend
-// a quarter of the integer work of a hash per element. Element `index` keeps its value when its
-// 16 bits are >= threshold = floor(p * 65536), i.e. with probability 1 - p (to 2^-16).
+// One 32-bit hash serves a pair of consecutive elements (15 random bits each, bits 0..14 for the
+// even element and 16..30 for the odd one), so a kernel spends half a hash per element, and a
+// pair of 16-bit elements is masked by one AND with dropout_pair_mask. Element `index` keeps its
+// value when its 15 bits are >= threshold = floor(p * 32768), i.e. with probability 1 - p (to
+// 2^-15).
 RESLORA_HD uint32_t dropout_threshold(float p) {
-  return static_cast<uint32_t>(p * 65536.0f);
+  return static_cast<uint32_t>(p * 32768.0f);
 }
 
-RESLORA_HD uint64_t dropout_group_bits(uint64_t key, uint64_t group) {
-  return mix64(key + group * 0x9e3779b97f4a7c15ULL);
+// A bijective 32-bit mixer with full avalanche (two multiply-xorshift rounds).
+RESLORA_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
 }
 
-RESLORA_HD bool dropout_keep_bits(uint64_t bits, uint64_t lane, uint32_t threshold) {
-  return static_cast<uint32_t>((bits >> (16 * lane)) & 0xFFFFu) >= threshold;
+// Random bits of element pair `pair` (elements 2 pair and 2 pair + 1). Pairs past 2^32 (inputs
+// over 8G elements) get a different 32-bit key for each block of 2^32 pairs.
+RESLORA_HD uint32_t dropout_pair_bits(uint64_t key, uint64_t pair) {
+  const uint32_t k = static_cast<uint32_t>(key) + static_cast<uint32_t>(pair >> 32) * 0x9e3779b9U;
+  return mix32(static_cast<uint32_t>(pair) ^ k);
+}
+
+RESLORA_HD bool dropout_keep_lane(uint32_t bits, uint64_t lane, uint32_t threshold) {
+  return ((bits >> (16 * lane)) & 0x7fffU) >= threshold;
+}
+
+// 0xffff over each 16-bit half of the pair whose element is kept, 0 over a dropped one.
+RESLORA_HD uint32_t dropout_pair_mask(uint32_t bits, uint32_t threshold) {
+#if defined(__CUDA_ARCH__)
+  // Each 15-bit lane plus 0x8000 minus the threshold cannot borrow from its neighbour; its bit 15
+  // is set exactly when lane >= threshold; prmt replicates that sign bit over the lane's bytes.
+  const uint32_t d = ((bits & 0x7fff7fffU) | 0x80008000U) - (threshold | (threshold << 16));
+  uint32_t m;
+  asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(m) : "r"(d));
+  return m;
+#else
+  return (dropout_keep_lane(bits, 0, threshold) ? 0x0000ffffU : 0U) |
+         (dropout_keep_lane(bits, 1, threshold) ? 0xffff0000U : 0U);
+#endif
 }
 
 // True when element `index` is kept (probability 1 - p).
 RESLORA_HD bool dropout_keep(uint64_t key, uint64_t index, uint32_t threshold) {
-  return dropout_keep_bits(dropout_group_bits(key, index >> 2), index & 3, threshold);
+  return dropout_keep_lane(dropout_pair_bits(key, index >> 1), index & 1, threshold);
 }
 
 }  // namespace kernels

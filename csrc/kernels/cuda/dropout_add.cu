@@ -42,19 +42,19 @@ __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict_
   using M = OpMath<T>;
   using acc_t = typename M::type;
   const acc_t scale = static_cast<acc_t>(1.0) / (static_cast<acc_t>(1.0) - static_cast<acc_t>(p));
-  const int64_t groups = (numel + 3) / 4;
+  const int64_t pairs = (numel + 1) / 2;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  // One thread per group of four elements: one hash for all four.
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
+  // One thread per pair of elements: one hash for both.
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < pairs;
        g += stride) {
-    const uint64_t bits = dropout_group_bits(key, static_cast<uint64_t>(g));
+    const uint32_t bits = dropout_pair_bits(key, static_cast<uint64_t>(g));
 #pragma unroll
-    for (int lane = 0; lane < 4; ++lane) {
-      const int64_t i = 4 * g + lane;
+    for (int lane = 0; lane < 2; ++lane) {
+      const int64_t i = 2 * g + lane;
       if (i >= numel) break;
       acc_t v = M::load(x[i]);
       if (x_prev != nullptr) v += M::load(x_prev[i]);
-      const acc_t m = dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0);
+      const acc_t m = dropout_keep_lane(bits, lane, threshold) ? v * scale : acc_t(0);
       out[i] = M::store(accumulate ? M::load(out[i]) + m : m);
       if (out2 != nullptr) out2[i] = M::store(accumulate2 ? M::load(out2[i]) + m : m);
     }
@@ -65,7 +65,7 @@ template <typename T>
 cudaError_t launch(const DropoutAddParams& prm, cudaStream_t stream) {
   if (prm.numel == 0) return cudaSuccess;
   constexpr int kThreads = 256;
-  int64_t blocks = ((prm.numel + 3) / 4 + kThreads - 1) / kThreads;
+  int64_t blocks = ((prm.numel + 1) / 2 + kThreads - 1) / kThreads;
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;  // grid-stride loop covers the rest
   dropout_add_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(prm.x), static_cast<const T*>(prm.x_prev), static_cast<T*>(prm.out),

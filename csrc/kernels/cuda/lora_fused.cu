@@ -1,6 +1,7 @@
 #include "lora_fused.cuh"
 
 #include <algorithm>
+#include <atomic>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -51,17 +52,16 @@ __device__ __forceinline__ uint4 load8(const T* base, int64_t row, int64_t rows,
   return r;
 }
 
-// Keep flags of the eight elements at flat indices flat .. flat + 7.
+// Keep flags of the eight elements at flat indices flat .. flat + 7 (bit k: element flat + k).
 template <bool VEC>
 __device__ __forceinline__ uint32_t keep8(uint64_t key, uint64_t flat, uint32_t threshold) {
   uint32_t keep = 0;
-  if (VEC) {  // flat % 8 == 0: two hashes cover the eight elements
-    const uint64_t b0 = dropout_group_bits(key, flat >> 2);
-    const uint64_t b1 = dropout_group_bits(key, (flat >> 2) + 1);
+  if (VEC) {  // flat % 8 == 0: four pair hashes cover the eight elements
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      keep |= uint32_t(dropout_keep_bits(b0, k, threshold)) << k;
-      keep |= uint32_t(dropout_keep_bits(b1, k, threshold)) << (k + 4);
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t bits = dropout_pair_bits(key, (flat >> 1) + q);
+      keep |= uint32_t(dropout_keep_lane(bits, 0, threshold)) << (2 * q);
+      keep |= uint32_t(dropout_keep_lane(bits, 1, threshold)) << (2 * q + 1);
     }
   } else {
 #pragma unroll
@@ -70,23 +70,33 @@ __device__ __forceinline__ uint32_t keep8(uint64_t key, uint64_t flat, uint32_t 
   return keep;
 }
 
-// (x [+ x_prev]) * keep / (1 - p), rounded to T, into 8 elements of shared memory: the same
-// values the unfused path feeds to its GEMM.
+// keep * (x [+ x_prev]) rounded to T, into 8 elements of shared memory. The 1 / (1 - p) of
+// dropout is applied to the float accumulators after the product instead, so without x_prev the
+// mask is a bitwise AND of element pairs and the inputs are never converted.
 template <typename T, bool VEC>
 __device__ __forceinline__ void mask_store(uint4 rx, uint4 rp, bool has_prev, bool dropout,
                                            uint64_t key, uint64_t flat, uint32_t threshold,
-                                           float scale, T* dst) {
-  const T* ex = reinterpret_cast<const T*>(&rx);
-  const T* ep = reinterpret_cast<const T*>(&rp);
-  const uint32_t keep = dropout ? keep8<VEC>(key, flat, threshold) : 0xFFu;
-  uint4 o;
-  T* eo = reinterpret_cast<T*>(&o);
+                                           T* dst) {
+  uint4 o = rx;
+  if (has_prev) {
+    const T* ex = reinterpret_cast<const T*>(&rx);
+    const T* ep = reinterpret_cast<const T*>(&rp);
+    T* eo = reinterpret_cast<T*>(&o);
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    float v = Cvt<T>::f(ex[k]);
-    if (has_prev) v += Cvt<T>::f(ep[k]);
-    if (dropout) v = (keep >> k) & 1u ? v * scale : 0.f;
-    eo[k] = Cvt<T>::t(v);
+    for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(Cvt<T>::f(ex[k]) + Cvt<T>::f(ep[k]));
+  }
+  if (dropout) {
+    if (VEC) {  // flat % 8 == 0: word q holds the pair flat / 2 + q
+      uint32_t* w = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        w[q] &= dropout_pair_mask(dropout_pair_bits(key, (flat >> 1) + q), threshold);
+    } else {
+      T* eo = reinterpret_cast<T*>(&o);
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (!dropout_keep(key, flat + k, threshold)) eo[k] = Cvt<T>::t(0.f);
+    }
   }
   *reinterpret_cast<uint4*>(dst) = o;
 }
@@ -203,8 +213,15 @@ __device__ __forceinline__ void mask_tile(const T* xr, const T* pr, int64_t r0, 
     const uint4 rp =
         pr != nullptr ? *reinterpret_cast<const uint4*>(pr + off) : make_uint4(0, 0, 0, 0);
     mask_store<T, VEC>(rx, rp, pr != nullptr, c.dropout, key, uint64_t((r0 + row) * c.d + c0 + cu),
-                       c.threshold, c.scale, xs + row * kLd + cu);
+                       c.threshold, xs + row * kLd + cu);
   }
+}
+
+// The 1 / (1 - p) of dropout (1 without), on a float accumulator.
+__device__ __forceinline__ void scale_fragment(
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float>& acc, float scale) {
+#pragma unroll
+  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= scale;
 }
 
 // Shared memory of each kernel (bytes), for the launch and the support check.
@@ -308,6 +325,8 @@ __global__ void __launch_bounds__(kThreads)
       });
   float* out = ws + ((split * c.segments + seg) * n_pad + row0 + warp * 16) * RP;
 #pragma unroll
+  for (int f = 0; f < NF; ++f) scale_fragment(acc[f], c.scale);
+#pragma unroll
   for (int f = 0; f < NF; ++f) wmma::store_matrix_sync(out + f * 16, acc[f], RP, wmma::mem_row_major);
 #endif
 }
@@ -368,6 +387,8 @@ __global__ void __launch_bounds__(kThreads)
         }
       });
   float* out = ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16;
+#pragma unroll
+  for (int f = 0; f < NF; ++f) scale_fragment(acc[f], c.scale);
 #pragma unroll
   for (int f = 0; f < NF; ++f)
     wmma::store_matrix_sync(out + f * 16 * d_pad, acc[f], d_pad, wmma::mem_row_major);
@@ -447,10 +468,9 @@ __global__ void __launch_bounds__(kThreads)
         const uint32_t keep =
             c.dropout ? keep8<VEC>(key, uint64_t((row0 + row) * c.d + col0 + cu), c.threshold)
                       : 0xFFu;
-        const float s = c.dropout ? c.scale : 1.f;
 #pragma unroll
         for (int k = 0; k < 8; ++k)
-          if ((keep >> k) & 1u) sum[j][k] += ts[row * kLdt + cu + k] * s;
+          if ((keep >> k) & 1u) sum[j][k] += ts[row * kLdt + cu + k];
       }
       __syncthreads();  // ts is rewritten by the next segment or column tile
     }
@@ -463,7 +483,7 @@ __global__ void __launch_bounds__(kThreads)
       uint4 o;
       T* eo = reinterpret_cast<T*>(&o);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(sum[j][k]);
+      for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(sum[j][k] * c.scale);
       T* p = out + row * c.d + col;
       T* p2 = out2 != nullptr ? out2 + row * c.d + col : nullptr;
       if (VEC) {
@@ -571,10 +591,21 @@ bool aligned(const void* ptr, uintptr_t bytes) {
   return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
-template <typename K>
-cudaError_t set_smem(K kernel, size_t bytes) {
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
+// Allows `Kernel` the largest dynamic shared memory any supported problem needs. The attribute
+// belongs to the device, so it is set once per device (a bit each for devices 0..63; others set
+// it on every launch) instead of costing a driver call per launch.
+template <auto Kernel>
+cudaError_t allow_smem() {
+  static std::atomic<uint64_t> done{0};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const uint64_t bit = device >= 0 && device < 64 ? uint64_t(1) << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kMaxSmemBytes));
+  if (err == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return err;
 }
 
 template <typename T, bool VEC, int NF>
@@ -591,7 +622,7 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, cons
     case LowRankOp::kDown: {
       const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits),
                       static_cast<unsigned>(p.segments));
-      if ((err = set_smem(down_kernel<T, VEC, NF>, smem)) != cudaSuccess) return err;
+      if ((err = allow_smem<down_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
       down_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, A, p.workspace, c, pl.n_pad);
       reduce_down_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
           p.workspace, static_cast<T*>(p.out), c, pl.splits, pl.n_pad, static_cast<int>(pl.rp));
@@ -600,7 +631,7 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, cons
     case LowRankOp::kGradA: {
       const dim3 grid(static_cast<unsigned>(cdiv(p.d, kTile)), static_cast<unsigned>(pl.splits),
                       static_cast<unsigned>(p.segments));
-      if ((err = set_smem(grad_a_kernel<T, VEC, NF>, smem)) != cudaSuccess) return err;
+      if ((err = allow_smem<grad_a_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
       grad_a_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, dz, p.workspace, c, pl.d_pad);
       reduce_grad_a_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
           p.workspace, static_cast<T*>(p.out), c, pl.splits, pl.d_pad, static_cast<int>(pl.rp));
@@ -608,7 +639,7 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, cons
     }
     case LowRankOp::kUpDx: {
       const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits));
-      if ((err = set_smem(up_dx_kernel<T, VEC, NF>, smem)) != cudaSuccess) return err;
+      if ((err = allow_smem<up_dx_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
       up_dx_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(
           dz, A, static_cast<T*>(p.out), static_cast<T*>(p.out2), c);
       break;

@@ -28,15 +28,15 @@ void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& 
     const scalar_t* ps = xpc != nullptr ? xpc->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* os = out.mutable_data_ptr<scalar_t>();
     scalar_t* o2 = out2 != nullptr ? out2->mutable_data_ptr<scalar_t>() : nullptr;
-    const int64_t groups = (n + 3) / 4;
-    at::parallel_for(0, groups, 1 << 12, [&](int64_t begin, int64_t end) {
+    const int64_t pairs = (n + 1) / 2;
+    at::parallel_for(0, pairs, 1 << 12, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        const uint64_t bits = kernels::dropout_group_bits(key, static_cast<uint64_t>(g));
-        for (int64_t lane = 0; lane < 4 && 4 * g + lane < n; ++lane) {
-          const int64_t i = 4 * g + lane;
+        const uint32_t bits = kernels::dropout_pair_bits(key, static_cast<uint64_t>(g));
+        for (int64_t lane = 0; lane < 2 && 2 * g + lane < n; ++lane) {
+          const int64_t i = 2 * g + lane;
           acc_t v = static_cast<acc_t>(xs[i]);
           if (ps != nullptr) v += static_cast<acc_t>(ps[i]);
-          const acc_t m = kernels::dropout_keep_bits(bits, lane, threshold) ? v * scale : acc_t(0);
+          const acc_t m = kernels::dropout_keep_lane(bits, lane, threshold) ? v * scale : acc_t(0);
           os[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(os[i]) + m : m);
           if (o2 != nullptr) o2[i] = static_cast<scalar_t>(accumulate2 ? static_cast<acc_t>(o2[i]) + m : m);
         }
