@@ -1,19 +1,22 @@
-// Norm statistics for the is / ms merges. Composite ops made of ATen calls: they run on the
-// tensors' device, never read a value back to the host, and trace under torch.compile.
+// Norm statistics for the is / ms merges, made of ATen calls: they run on the tensors' device,
+// never read a value back to the host, and trace under torch.compile. The CUDA backend replaces
+// record_stats_ by one fused pass (ops/cuda/stats_kernel.cpp) and falls back to this one.
+#include "stats.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 namespace reslora {
-namespace {
+namespace detail {
 
-void check_ring(const at::Tensor& ring, const char* name) {
+static void check_ring(const at::Tensor& ring, const char* name) {
   TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1 && at::isFloatingType(ring.scalar_type()),
               "reslora::record_stats_: ", name,
               " must be a 1-D floating tensor (float32 recommended) with at least one slot, got ",
               ring.scalar_type(), " of shape ", ring.sizes());
 }
 
-void check_count(const at::Tensor& count, const at::Tensor& ring, const char* op) {
+static void check_count(const at::Tensor& count, const at::Tensor& ring, const char* op) {
   TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kLong, "reslora::", op,
               ": count must be an int64 tensor with one element, got ", count.scalar_type(),
               " of shape ", count.sizes());
@@ -22,14 +25,19 @@ void check_count(const at::Tensor& count, const at::Tensor& ring, const char* op
               count.device());
 }
 
-void record_stats_impl(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,
-                       const at::Tensor& x, const at::Tensor& z) {
+void check_record_stats(const at::Tensor& x_norms, const at::Tensor& z_norms,
+                        const at::Tensor& count) {
   check_ring(x_norms, "x_norms");
   check_ring(z_norms, "z_norms");
   TORCH_CHECK(z_norms.size(0) == x_norms.size(0),
               "reslora::record_stats_: z_norms must have the length of x_norms (",
               x_norms.size(0), "), got ", z_norms.size(0));
   check_count(count, x_norms, "record_stats_");
+}
+
+void record_stats_generic(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,
+                          const at::Tensor& x, const at::Tensor& z) {
+  check_record_stats(x_norms, z_norms, count);
   const at::Tensor slot = count.reshape({1}).remainder(x_norms.size(0));
   // Statistics carry no gradient.
   const auto norm = [](const at::Tensor& t) {
@@ -44,7 +52,7 @@ void record_stats_impl(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& cou
   count.add_(1);
 }
 
-at::Tensor stats_mean_impl(const at::Tensor& ring, const at::Tensor& count) {
+static at::Tensor stats_mean_impl(const at::Tensor& ring, const at::Tensor& count) {
   TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1, "reslora::stats_mean: ring must be a 1-D ",
               "tensor with at least one slot, got shape ", ring.sizes());
   check_count(count, ring, "stats_mean");
@@ -53,11 +61,15 @@ at::Tensor stats_mean_impl(const at::Tensor& ring, const at::Tensor& count) {
   return at::where(used, ring.to(at::kFloat), 0).sum() / filled.clamp_min(1).to(at::kFloat);
 }
 
-}  // namespace
+}  // namespace detail
+
+// Every backend (Meta included) runs the ATen composition unless it registers its own kernel.
+TORCH_LIBRARY_IMPL(reslora, CompositeExplicitAutograd, m) {
+  m.impl("record_stats_", &detail::record_stats_generic);
+}
 
 TORCH_LIBRARY_IMPL(reslora, CompositeImplicitAutograd, m) {
-  m.impl("record_stats_", &record_stats_impl);
-  m.impl("stats_mean", &stats_mean_impl);
+  m.impl("stats_mean", &detail::stats_mean_impl);
 }
 
 }  // namespace reslora

@@ -78,3 +78,48 @@ def test_fused_down_op_with_segments_matches_reference():
     ref_g = ops._lora_down_backward(gz.double(), x.double(), None, A.double(), 0.3, SEED, 5, True)
     out_g = ops._lora_down_backward(gz.cuda(), x.cuda(), None, A.cuda(), 0.3, SEED, 5, True)
     close(ref_g, out_g, 2e-2)
+
+
+# --- the fused norm statistics (record_stats_) -------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("nx,nz,offset", [
+    (3_000_001, 4099, 0),  # many blocks, a tail past the 16-byte loads
+    (1000, 16, 1),          # a base that is not 16-byte aligned: element loads only
+    (0, 0, 0),              # empty inputs: the norms are 0
+])
+def test_record_stats_cuda_matches_float64(dtype, nx, nz, offset):
+    g = torch.Generator().manual_seed(nx)
+    x64 = torch.randn(nx + offset, generator=g, dtype=torch.float64)
+    z64 = torch.randn(nz + offset, generator=g, dtype=torch.float64) * 3
+    x, z = x64.to("cuda", dtype)[offset:], z64.to("cuda", dtype)[offset:]
+    ring_x = torch.full((3,), -1.0, device="cuda")
+    ring_z = torch.full((3,), -1.0, device="cuda")
+    count = torch.full((1,), 4, dtype=torch.long, device="cuda")  # slot 4 % 3 = 1
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ops.record_stats_(ring_x, ring_z, count, x, z)
+        torch.cuda.synchronize()
+    assert "sumsq_kernel" in " ".join(e.key for e in prof.key_averages())
+    assert count.item() == 5
+    want_x = x.double().norm().item()  # the rounded inputs, summed in float64
+    want_z = z.double().norm().item()
+    assert ring_x[[0, 2]].tolist() == [-1.0, -1.0] and ring_z[[0, 2]].tolist() == [-1.0, -1.0]
+    assert ring_x[1].item() == pytest.approx(want_x, rel=1e-5, abs=1e-6)
+    assert ring_z[1].item() == pytest.approx(want_z, rel=1e-5, abs=1e-6)
+    again_x, again_z = ring_x.clone(), ring_z.clone()
+    count.fill_(4)
+    ops.record_stats_(ring_x, ring_z, count, x, z)
+    assert torch.equal(ring_x, again_x) and torch.equal(ring_z, again_z)  # deterministic
+
+
+def test_record_stats_cuda_falls_back_for_other_layouts():
+    # A float64 ring and a non-contiguous x take the ATen composition: same values.
+    x = torch.randn(64, 32, device="cuda").t()
+    z = torch.randn(32, 4, device="cuda")
+    ring_x = torch.zeros(2, dtype=torch.float64, device="cuda")
+    ring_z = torch.zeros(2, dtype=torch.float64, device="cuda")
+    count = torch.zeros(1, dtype=torch.long, device="cuda")
+    ops.record_stats_(ring_x, ring_z, count, x, z)
+    assert count.item() == 1
+    assert ring_x[0].item() == pytest.approx(x.double().norm().item(), rel=1e-5)
+    assert ring_z[0].item() == pytest.approx(z.double().norm().item(), rel=1e-5)

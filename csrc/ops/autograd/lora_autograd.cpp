@@ -84,6 +84,9 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                double scaling, double dropout, int64_t seed,
                                int64_t segment_rank) {
     check_frozen("lora_linear", weight, bias);
+    // z is often unused downstream (every variant but ms): its gradient then stays undefined
+    // instead of a zero tensor that backward would add.
+    ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
                               segment_rank);
@@ -143,9 +146,17 @@ at::Tensor lora_up_autograd(const at::Tensor& x, const at::Tensor& weight,
   return LoraUpFunction::apply(x, weight, bias, z, B, scaling);
 }
 
+// Statistics carry no gradient: the recording runs below autograd on whatever the inputs are.
+void record_stats_autograd(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,
+                           const at::Tensor& x, const at::Tensor& z) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  record_stats_(x_norms, z_norms, count, x, z);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(reslora, Autograd, m) {
+  m.impl("record_stats_", &record_stats_autograd);
   m.impl("lora_down", &lora_down_autograd);
   m.impl("lora_up", &lora_up_autograd);
   m.impl("lora_linear", &lora_linear_autograd);
