@@ -53,6 +53,12 @@ inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   return out;
 }
 
+// scaling * a b as one GEMM (alpha = scaling; beta = 0, so the fresh output is never read).
+inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double scaling) {
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/scaling);
+}
+
 // z = drop_k(x2 [+ xp2]) A_k^T for every segment k: [N, R].
 inline at::Tensor down_z(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
                          double dropout, int64_t seed, int64_t segment_rank, const KernelSet& k) {
@@ -157,8 +163,7 @@ inline at::Tensor lora_up_impl(const at::Tensor& x, const at::Tensor& weight,
   if (bias.has_value()) {
     y = at::addmm(*bias, z2, B.t(), /*beta=*/1, /*alpha=*/scaling);
   } else {
-    y = at::empty({x2.size(0), weight.size(0)}, x2.options());
-    at::addmm_out(y, y, z2, B.t(), /*beta=*/0, /*alpha=*/scaling);  // beta = 0: y not read
+    y = scaled_mm(z2, B.t(), scaling);
   }
   y.addmm_(x2, weight.t());
   return y.view(with_last(x.sizes(), weight.size(0)));
@@ -188,8 +193,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward_impl(
   at::Tensor grad_x = compute_grad_x
                           ? at::mm(g, weight).view(with_last(grad_y.sizes(), weight.size(1)))
                           : at::empty({0}, grad_y.options());
-  at::Tensor grad_z = at::mm(g, B).mul_(scaling).view(z.sizes());
-  at::Tensor grad_B = at::mm(g.t(), z2).mul_(scaling);
+  at::Tensor grad_z = scaled_mm(g, B, scaling).view(z.sizes());
+  at::Tensor grad_B = scaled_mm(g.t(), z2, scaling);
   return {grad_x, grad_z, grad_B};
 }
 
@@ -238,12 +243,16 @@ inline LinearGrads lora_linear_backward_impl(
   const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
   const at::Tensor z2 = z.reshape({-1, R});
   const at::Tensor zt2 = z_extra.has_value() ? z2 + z_extra->reshape({-1, R}) : z2;
-  at::Tensor dzt = at::mm(g, B).mul_(scaling);  // gradient of z + z_extra
-  at::Tensor grad_B = at::mm(g.t(), zt2).mul_(scaling);
-  at::Tensor grad_z_extra =
-      z_extra.has_value() ? dzt.view(z.sizes()).clone() : at::empty({0}, x.options());
-  const at::Tensor dz =
-      grad_z.has_value() && grad_z->defined() ? dzt.add_(grad_z->reshape({-1, R})) : dzt;
+  at::Tensor dzt = scaled_mm(g, B, scaling);  // gradient of z + z_extra
+  at::Tensor grad_B = scaled_mm(g.t(), zt2, scaling);
+  // z_extra gets the gradient of the sum; z also gets grad_z from its own downstream use (ms).
+  // With z_extra the sum dz is a new tensor, so the returned grad_z_extra is never modified.
+  at::Tensor grad_z_extra = z_extra.has_value() ? dzt.view(z.sizes()) : at::empty({0}, x.options());
+  at::Tensor dz = dzt;
+  if (grad_z.has_value() && grad_z->defined()) {
+    const at::Tensor gz = grad_z->reshape({-1, R});
+    dz = z_extra.has_value() ? dzt + gz : dzt.add_(gz);
+  }
   const at::Tensor grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
   at::Tensor dx, dxp;
   if (compute_grad_x) {
