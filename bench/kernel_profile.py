@@ -1,13 +1,19 @@
 """Per-kernel breakdown of one configuration of the benchmark (torch.profiler, CUDA time).
 
-    python bench/kernel_profile.py [--llama] [--d 4096] [--tokens 8192] [--dropout 0.05] [--rows 25]
+    python bench/kernel_profile.py [--llama] [--host] [--d 4096] [--tokens 8192] [--dropout 0.05]
+                                   [--rows 25]
 
 Profiles the 8-layer chain of bench.py (or, with --llama, its Llama training step) for the frozen
 base, PEFT LoRA and each reslora variant and prints, per configuration, the kernels that take
-the most GPU time.
+the most GPU time. With --host it prints, instead, how long the host takes to issue a step
+against how long the GPU takes to run it (a step whose issue time is close to its run time is
+host-bound: the GPU waits for launches), flags any host-device synchronisation inside a step,
+and lists the host-side operators that take the most CPU time.
 """
 
 import argparse
+import time
+import warnings
 
 import torch
 from torch import nn
@@ -23,6 +29,7 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--llama", action="store_true", help="the Llama training step of bench.py")
+    ap.add_argument("--host", action="store_true", help="host issue time and host-side operators")
     args = ap.parse_args()
     args.quick = False
     if args.llama:
@@ -42,6 +49,8 @@ def main():
 
 
 def report(name, step, args, steps=5):
+    if args.host:
+        return report_host(name, step, args, steps)
     for _ in range(3):
         step()
     torch.cuda.synchronize()
@@ -53,6 +62,40 @@ def report(name, step, args, steps=5):
     print(f"\n=== {name}: {total:.3f} ms of kernels per step")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows,
                                     max_name_column_width=90))
+
+
+def report_host(name, step, args, steps):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    issue, run = [], []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        step()
+        issue.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        torch.cuda.synchronize()
+        run.append(start.elapsed_time(end))
+    issue.sort()
+    run.sort()
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+    torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
+    print(f"\n=== {name}: GPU {run[steps // 2]:.3f} ms per step, host issue {issue[steps // 2]:.3f} ms, "
+          f"host-device syncs in a step: {len(syncs)}")
+    for s in syncs:
+        print("    sync:", s)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
+                                    max_name_column_width=70))
 
 
 def profile_llama(args):
