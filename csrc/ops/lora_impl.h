@@ -20,24 +20,23 @@ namespace detail {
 using DropoutSumFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor* x_prev, double p,
                                     int64_t seed, int64_t segment);
 
-// acc += drop(t); out2 (=|+=) drop(t) when out2 is given. acc and t share shape [N, d] and acc
-// is contiguous. Called only with p > 0.
-using MaskedAccumulateFn = void (*)(at::Tensor& acc, at::Tensor* out2, bool accumulate2,
-                                    const at::Tensor& t, double p, int64_t seed, int64_t segment);
+// acc += drop(t). acc and t share shape [N, d] and acc is contiguous. Called only with p > 0.
+using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
+                                    int64_t segment);
 
 // Optional fused kernels of a backend for the low-rank path. Each returns false when it does not
 // take the problem (dtype, rank, device); the generic composition of ATen products and the
 // dropout kernel above then runs. x2 / xp2 are [N, d] (xp2 may be undefined), dz is [N, R].
 //   down:   *z = drop_k(x2 [+ xp2]) A_k^T per segment k             ([N, R])
 //   grad_A: *grad_A = dz_k^T drop_k(x2 [+ xp2]) per segment k       ([R, d])
-//   up_dx:  *out = sum_k drop_k(dz_k A_k), *out2 = the same if given ([N, d], fresh tensors)
+//   up_dx:  *out = sum_k drop_k(dz_k A_k)                            ([N, d], a fresh tensor)
 using FusedDownFn = bool (*)(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
                              double p, int64_t seed, int64_t segment_rank, at::Tensor* z);
 using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
                               const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
                               at::Tensor* grad_A);
 using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
-                             int64_t segment_rank, at::Tensor* out, at::Tensor* out2);
+                             int64_t segment_rank, at::Tensor* out);
 
 struct KernelSet {
   DropoutSumFn dropout_sum;
@@ -95,22 +94,15 @@ inline at::Tensor down_grad_A(const at::Tensor& dz, const at::Tensor& x2, const 
   return grad_A;
 }
 
-// The input gradient of the low-rank path, sum_k drop_k(dz_k A_k), as a fresh [N, d] tensor
-// (and a second copy in *out2 when asked: the is shortcut's x_prev gets the same gradient).
+// The input gradient of the low-rank path, sum_k drop_k(dz_k A_k), as a fresh [N, d] tensor.
 inline at::Tensor down_grad_x(const at::Tensor& dz, const at::Tensor& A, double dropout,
-                              int64_t seed, int64_t segment_rank, at::Tensor* out2,
-                              const KernelSet& k) {
+                              int64_t seed, int64_t segment_rank, const KernelSet& k) {
   at::Tensor out;
-  if (k.up_dx != nullptr && k.up_dx(dz, A, dropout, seed, segment_rank, &out, out2)) return out;
-  if (dropout == 0.0) {
-    out = at::mm(dz, A);
-    if (out2 != nullptr) *out2 = at::mm(dz, A);
-    return out;
-  }
+  if (k.up_dx != nullptr && k.up_dx(dz, A, dropout, seed, segment_rank, &out)) return out;
+  if (dropout == 0.0) return at::mm(dz, A);
   out = at::zeros({dz.size(0), A.size(1)}, dz.options());
-  if (out2 != nullptr) *out2 = at::empty_like(out);
   for (int64_t s = 0; s < A.size(0) / segment_rank; ++s) {
-    k.masked_accumulate(out, out2, /*accumulate2=*/s > 0,
+    k.masked_accumulate(out,
                         at::mm(dz.narrow(1, s * segment_rank, segment_rank),
                                A.narrow(0, s * segment_rank, segment_rank)),
                         dropout, seed, s);
@@ -145,7 +137,7 @@ inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
   const at::Tensor dz = grad_z.reshape({-1, R});
   at::Tensor grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
   at::Tensor grad_x = compute_grad_x
-                          ? down_grad_x(dz, A, dropout, seed, segment_rank, nullptr, k).view(x.sizes())
+                          ? down_grad_x(dz, A, dropout, seed, segment_rank, k).view(x.sizes())
                           : at::empty({0}, x.options());
   return {grad_x, grad_A};
 }
@@ -255,8 +247,13 @@ inline LinearGrads lora_linear_backward_impl(
   }
   const at::Tensor grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
   at::Tensor dx, dxp;
-  if (compute_grad_x) {
-    dx = down_grad_x(dz, A, dropout, seed, segment_rank, xp2.defined() ? &dxp : nullptr, k);
+  if (compute_grad_x && xp2.defined()) {
+    // is: x_prev gets the low-rank part alone; dx = that + dy W is the base GEMM's output with
+    // the low-rank part as its C, so the low-rank part is written once and read once.
+    dxp = down_grad_x(dz, A, dropout, seed, segment_rank, k);
+    dx = at::addmm(dxp, g, weight);
+  } else if (compute_grad_x) {
+    dx = down_grad_x(dz, A, dropout, seed, segment_rank, k);
     dx.addmm_(g, weight);
   }
   const auto empty = [&] { return at::empty({0}, x.options()); };  // outputs must not alias

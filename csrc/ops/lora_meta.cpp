@@ -12,8 +12,7 @@ at::Tensor dropout_sum_meta(const at::Tensor& x, const at::Tensor* /*x_prev*/, d
   return at::empty(x.sizes(), x.options());
 }
 
-void masked_accumulate_meta(at::Tensor&, at::Tensor*, bool, const at::Tensor&, double, int64_t,
-                            int64_t) {}
+void masked_accumulate_meta(at::Tensor&, const at::Tensor&, double, int64_t, int64_t) {}
 
 constexpr detail::KernelSet kMetaKernels{&dropout_sum_meta, &masked_accumulate_meta,
                                           nullptr, nullptr, nullptr};

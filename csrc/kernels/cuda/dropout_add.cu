@@ -36,8 +36,8 @@ struct OpMath<__nv_bfloat16> {
 
 template <typename T>
 __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict__ x_prev,
-                                   T* __restrict__ out, bool accumulate, T* __restrict__ out2,
-                                   bool accumulate2, int64_t numel, uint32_t threshold, float p,
+                                   T* __restrict__ out, bool accumulate, int64_t numel,
+                                   uint32_t threshold, float p,
                                    uint64_t key) {
   using M = OpMath<T>;
   using acc_t = typename M::type;
@@ -56,7 +56,6 @@ __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict_
       if (x_prev != nullptr) v += M::load(x_prev[i]);
       const acc_t m = dropout_keep_lane(bits, lane, threshold) ? v * scale : acc_t(0);
       out[i] = M::store(accumulate ? M::load(out[i]) + m : m);
-      if (out2 != nullptr) out2[i] = M::store(accumulate2 ? M::load(out2[i]) + m : m);
     }
   }
 }
@@ -69,7 +68,7 @@ cudaError_t launch(const DropoutAddParams& prm, cudaStream_t stream) {
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;  // grid-stride loop covers the rest
   dropout_add_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(prm.x), static_cast<const T*>(prm.x_prev), static_cast<T*>(prm.out),
-      prm.accumulate, static_cast<T*>(prm.out2), prm.accumulate2, prm.numel,
+      prm.accumulate, prm.numel,
       dropout_threshold(prm.p), prm.p, dropout_key(prm.seed, prm.segment));
   return cudaGetLastError();
 }

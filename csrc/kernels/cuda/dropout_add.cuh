@@ -1,6 +1,6 @@
-// Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, segment, i) / (1 - p), and
-// optionally the same into out2. The generic path (fp32 / fp64, ranks the fused kernels of
-// lora_fused.cuh do not take) uses it for the masked input and the masked input gradient.
+// Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, segment, i) / (1 - p). The
+// generic path (fp32 / fp64, ranks the fused kernels of lora_fused.cuh do not take) uses it for
+// the masked input and the masked input gradient.
 // Takes raw pointers and a stream so it builds with nvcc alone (no ATen), and is tested that way.
 #pragma once
 
@@ -16,8 +16,6 @@ struct DropoutAddParams {
   const void* x_prev = nullptr;  // [numel] or nullptr
   void* out = nullptr;           // [numel]
   bool accumulate = false;       // out += result instead of out = result
-  void* out2 = nullptr;          // [numel] or nullptr: a second copy of the result
-  bool accumulate2 = false;      // out2 += result instead of out2 = result
   int64_t numel = 0;
   float p = 0.f;                 // drop probability in [0, 1)
   uint64_t seed = 0;

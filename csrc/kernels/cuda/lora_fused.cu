@@ -395,12 +395,12 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// out (= out2) = sum_k drop_k(dz[:, seg k] A_k) for 64 rows and the column tiles of this split.
+// out = sum_k drop_k(dz[:, seg k] A_k) for 64 rows and the column tiles of this split.
 // The block keeps its dz rows (every segment) in shared memory and streams the A tiles.
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads)
     up_dx_kernel(const T* __restrict__ dz, const T* __restrict__ A, T* __restrict__ out,
-                 T* __restrict__ out2, Common c) {
+                 Common c) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
@@ -485,15 +485,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(sum[j][k] * c.scale);
       T* p = out + row * c.d + col;
-      T* p2 = out2 != nullptr ? out2 + row * c.d + col : nullptr;
       if (VEC) {
         *reinterpret_cast<uint4*>(p) = o;
-        if (p2 != nullptr) *reinterpret_cast<uint4*>(p2) = o;
       } else {
-        for (int k = 0; k < 8 && col + k < c.d; ++k) {
-          p[k] = eo[k];
-          if (p2 != nullptr) p2[k] = eo[k];
-        }
+        for (int k = 0; k < 8 && col + k < c.d; ++k) p[k] = eo[k];
       }
     }
     stage ^= 1;
@@ -641,7 +636,7 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, cons
       const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits));
       if ((err = allow_smem<up_dx_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
       up_dx_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(
-          dz, A, static_cast<T*>(p.out), static_cast<T*>(p.out2), c);
+          dz, A, static_cast<T*>(p.out), c);
       break;
     }
   }
@@ -665,7 +660,7 @@ cudaError_t launch_typed(LowRankOp op, const LowRankParams& p, int num_sms, cuda
   const Common c = make_common(p, pl);
   // Fast path: 16-byte copies of x / x_prev / A / out, 4-byte copies of dz element pairs.
   const bool vec = p.d % 8 == 0 && aligned(p.x, 16) && aligned(p.x_prev, 16) &&
-                   aligned(p.A, 16) && aligned(p.out, 16) && aligned(p.out2, 16) &&
+                   aligned(p.A, 16) && aligned(p.out, 16) &&
                    (op == LowRankOp::kDown ||
                     (c.R % 2 == 0 && c.sr % 2 == 0 && aligned(p.dz, 4)));
   return vec ? launch_rank<T, true>(op, p, pl, c, stream)

@@ -6,7 +6,7 @@
 // full-size temporary:
 //   down:   z[:, seg k]   = drop_k(x [+ x_prev]) A_k^T                     (reads x once)
 //   grad_A: dA[seg k, :]  = dz[:, seg k]^T drop_k(x [+ x_prev])            (reads x once)
-//   up_dx:  out (= out2)  = sum_k drop_k(dz[:, seg k] A_k)                  (writes out once)
+//   up_dx:  out           = sum_k drop_k(dz[:, seg k] A_k)                  (writes out once)
 // A segment is a block of `segment_rank` rows of A with its own mask (bs chains). Reductions run
 // over a split of the long dimension into fp32 partial sums in a workspace, summed in a fixed
 // order by a second small kernel, so results are deterministic. Everything runs on `stream`
@@ -33,7 +33,6 @@ struct LowRankParams {
   const void* A = nullptr;       // [segments * segment_rank, d] contiguous
   const void* dz = nullptr;      // [n, segments * segment_rank] contiguous (grad_A, up_dx)
   void* out = nullptr;           // z [n, R] (down), dA [R, d] (grad_A), [n, d] (up_dx)
-  void* out2 = nullptr;          // up_dx only: a second copy of out, or nullptr
   float* workspace = nullptr;    // fp32, at least lowrank_workspace_floats(...) elements
   int64_t n = 0;
   int64_t d = 0;

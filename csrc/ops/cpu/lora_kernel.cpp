@@ -10,9 +10,9 @@
 namespace reslora {
 namespace {
 
-// out (=|+=) drop(x [+ x_prev]); out2 (=|+=) the same when given. All contiguous, same shape.
+// out (=|+=) drop(x [+ x_prev]). All contiguous, same shape.
 void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                       bool accumulate, at::Tensor* out2, bool accumulate2, double p,
+                       bool accumulate, double p,
                        int64_t seed, int64_t segment) {
   const int64_t n = xc.numel();
   const float pf = static_cast<float>(p);
@@ -27,7 +27,6 @@ void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& 
     const scalar_t* xs = xc.const_data_ptr<scalar_t>();
     const scalar_t* ps = xpc != nullptr ? xpc->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* os = out.mutable_data_ptr<scalar_t>();
-    scalar_t* o2 = out2 != nullptr ? out2->mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t pairs = (n + 1) / 2;
     at::parallel_for(0, pairs, 1 << 12, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
@@ -38,7 +37,6 @@ void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& 
           if (ps != nullptr) v += static_cast<acc_t>(ps[i]);
           const acc_t m = kernels::dropout_keep_lane(bits, lane, threshold) ? v * scale : acc_t(0);
           os[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(os[i]) + m : m);
-          if (o2 != nullptr) o2[i] = static_cast<scalar_t>(accumulate2 ? static_cast<acc_t>(o2[i]) + m : m);
         }
       }
     });
@@ -50,14 +48,14 @@ at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double
   const at::Tensor xc = x.contiguous();
   const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  dropout_apply_cpu(xc, xpc.defined() ? &xpc : nullptr, out, false, nullptr, false, p, seed, segment);
+  dropout_apply_cpu(xc, xpc.defined() ? &xpc : nullptr, out, false, p, seed, segment);
   return out;
 }
 
-void masked_accumulate_cpu(at::Tensor& acc, at::Tensor* out2, bool accumulate2, const at::Tensor& t,
+void masked_accumulate_cpu(at::Tensor& acc, const at::Tensor& t,
                            double p, int64_t seed, int64_t segment) {
   const at::Tensor tc = t.contiguous();
-  dropout_apply_cpu(tc, nullptr, acc, true, out2, accumulate2, p, seed, segment);
+  dropout_apply_cpu(tc, nullptr, acc, true, p, seed, segment);
 }
 
 constexpr detail::KernelSet kCpuKernels{&dropout_sum_cpu, &masked_accumulate_cpu,

@@ -25,7 +25,7 @@ kernels::DType to_kernel_dtype(at::ScalarType t) {
 }
 
 void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                        bool accumulate, at::Tensor* out2, bool accumulate2, double p, int64_t seed,
+                        bool accumulate, double p, int64_t seed,
                         int64_t segment) {
   if (xc.numel() == 0) return;
   // The launch goes to the current stream of x's device, whatever device is current.
@@ -35,8 +35,6 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
   prm.x_prev = xpc != nullptr ? xpc->const_data_ptr() : nullptr;
   prm.out = out.mutable_data_ptr();
   prm.accumulate = accumulate;
-  prm.out2 = out2 != nullptr ? out2->mutable_data_ptr() : nullptr;
-  prm.accumulate2 = accumulate2;
   prm.numel = xc.numel();
   prm.p = static_cast<float>(p);
   prm.seed = static_cast<uint64_t>(seed);
@@ -52,15 +50,15 @@ at::Tensor dropout_sum_cuda(const at::Tensor& x, const at::Tensor* x_prev, doubl
   const at::Tensor xc = x.contiguous();
   const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  dropout_apply_cuda(xc, xpc.defined() ? &xpc : nullptr, out, false, nullptr, false, p, seed,
+  dropout_apply_cuda(xc, xpc.defined() ? &xpc : nullptr, out, false, p, seed,
                      segment);
   return out;
 }
 
-void masked_accumulate_cuda(at::Tensor& acc, at::Tensor* out2, bool accumulate2,
+void masked_accumulate_cuda(at::Tensor& acc,
                             const at::Tensor& t, double p, int64_t seed, int64_t segment) {
   const at::Tensor tc = t.contiguous();
-  dropout_apply_cuda(tc, nullptr, acc, true, out2, accumulate2, p, seed, segment);
+  dropout_apply_cuda(tc, nullptr, acc, true, p, seed, segment);
 }
 
 // The fused kernels take the problem when its dtype, segment rank and device allow. Without
@@ -148,7 +146,7 @@ bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Ten
 }
 
 bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
-                      int64_t segment_rank, at::Tensor* out, at::Tensor* out2) {
+                      int64_t segment_rank, at::Tensor* out) {
   const int64_t n = dz.size(0), d = A.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank, false);
   if (!fp.ok) return false;
@@ -156,12 +154,10 @@ bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64
   const at::Tensor dzc = dz.contiguous();
   const at::Tensor Ac = A.contiguous();
   *out = at::empty({n, d}, dz.options());
-  if (out2 != nullptr) *out2 = at::empty({n, d}, dz.options());
   kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
   prm.dz = dzc.const_data_ptr();
   prm.A = Ac.const_data_ptr();
   prm.out = out->mutable_data_ptr();
-  prm.out2 = out2 != nullptr ? out2->mutable_data_ptr() : nullptr;
   launch_lowrank(kernels::LowRankOp::kUpDx, prm, dz, fp);
   return true;
 }
