@@ -497,33 +497,26 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-// z[row][seg * sr + r] = sum over splits of ws[split][seg][row][r].
+// The sum over splits of the fp32 partials of down or grad_A, in a fixed order, rounded to T.
+// The output has `other` (n for down, d for grad_A) rows or columns besides the R rank ones;
+// rank_cols: the output is [n, R] (down) and a split's partials are [segments][pad][rp],
+// otherwise it is [R, d] (grad_A) and they are [segments][rp][pad], pad being other rounded up
+// to the tile.
 template <typename T>
-__global__ void reduce_down_kernel(const float* __restrict__ ws, T* __restrict__ z, Common c,
-                                   int64_t splits, int64_t n_pad, int rp) {
-  const int64_t total = c.n * c.R;
+__global__ void reduce_splits_kernel(const float* __restrict__ ws, T* __restrict__ out, Common c,
+                                     bool rank_cols, int64_t other, int64_t splits, int64_t pad,
+                                     int rp) {
+  const int64_t cols = rank_cols ? c.R : other;
+  const int64_t total = c.R * other;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t row = i / c.R, col = i % c.R;
-    const int64_t seg = col / c.sr, r = col % c.sr;
+    const int64_t row = i / cols, col = i % cols;
+    const int64_t rank = rank_cols ? col : row, o = rank_cols ? row : col;
+    const int64_t seg = rank / c.sr, r = rank % c.sr;
+    const int64_t inner = rank_cols ? o * rp + r : r * pad + o;
     float s = 0.f;
-    for (int64_t k = 0; k < splits; ++k) s += ws[((k * c.segments + seg) * n_pad + row) * rp + r];
-    z[i] = Cvt<T>::t(s);
-  }
-}
-
-// dA[seg * sr + r][col] = sum over splits of ws[split][seg][r][col].
-template <typename T>
-__global__ void reduce_grad_a_kernel(const float* __restrict__ ws, T* __restrict__ dA, Common c,
-                                     int64_t splits, int64_t d_pad, int rp) {
-  const int64_t total = c.R * c.d;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += int64_t(blockDim.x) * gridDim.x) {
-    const int64_t row = i / c.d, col = i % c.d;
-    const int64_t seg = row / c.sr, r = row % c.sr;
-    float s = 0.f;
-    for (int64_t k = 0; k < splits; ++k) s += ws[((k * c.segments + seg) * rp + r) * d_pad + col];
-    dA[i] = Cvt<T>::t(s);
+    for (int64_t k = 0; k < splits; ++k) s += ws[(k * c.segments + seg) * pad * rp + inner];
+    out[i] = Cvt<T>::t(s);
   }
 }
 
@@ -619,8 +612,9 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, cons
                       static_cast<unsigned>(p.segments));
       if ((err = allow_smem<down_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
       down_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, A, p.workspace, c, pl.n_pad);
-      reduce_down_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
-          p.workspace, static_cast<T*>(p.out), c, pl.splits, pl.n_pad, static_cast<int>(pl.rp));
+      reduce_splits_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
+          p.workspace, static_cast<T*>(p.out), c, /*rank_cols=*/true, p.n, pl.splits, pl.n_pad,
+          static_cast<int>(pl.rp));
       break;
     }
     case LowRankOp::kGradA: {
@@ -628,8 +622,9 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, cons
                       static_cast<unsigned>(p.segments));
       if ((err = allow_smem<grad_a_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
       grad_a_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, dz, p.workspace, c, pl.d_pad);
-      reduce_grad_a_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
-          p.workspace, static_cast<T*>(p.out), c, pl.splits, pl.d_pad, static_cast<int>(pl.rp));
+      reduce_splits_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
+          p.workspace, static_cast<T*>(p.out), c, /*rank_cols=*/false, p.d, pl.splits, pl.d_pad,
+          static_cast<int>(pl.rp));
       break;
     }
     case LowRankOp::kUpDx: {

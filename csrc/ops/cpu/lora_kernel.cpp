@@ -12,8 +12,7 @@ namespace {
 
 // out (=|+=) drop(x [+ x_prev]). All contiguous, same shape.
 void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                       bool accumulate, double p,
-                       int64_t seed, int64_t segment) {
+                       bool accumulate, double p, int64_t seed, int64_t segment) {
   const int64_t n = xc.numel();
   const float pf = static_cast<float>(p);
   const uint32_t threshold = kernels::dropout_threshold(pf);
@@ -52,8 +51,8 @@ at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double
   return out;
 }
 
-void masked_accumulate_cpu(at::Tensor& acc, const at::Tensor& t,
-                           double p, int64_t seed, int64_t segment) {
+void masked_accumulate_cpu(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
+                           int64_t segment) {
   const at::Tensor tc = t.contiguous();
   dropout_apply_cpu(tc, nullptr, acc, true, p, seed, segment);
 }

@@ -25,8 +25,7 @@ kernels::DType to_kernel_dtype(at::ScalarType t) {
 }
 
 void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                        bool accumulate, double p, int64_t seed,
-                        int64_t segment) {
+                        bool accumulate, double p, int64_t seed, int64_t segment) {
   if (xc.numel() == 0) return;
   // The launch goes to the current stream of x's device, whatever device is current.
   const c10::cuda::CUDAGuard guard(xc.device());
@@ -50,13 +49,12 @@ at::Tensor dropout_sum_cuda(const at::Tensor& x, const at::Tensor* x_prev, doubl
   const at::Tensor xc = x.contiguous();
   const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  dropout_apply_cuda(xc, xpc.defined() ? &xpc : nullptr, out, false, p, seed,
-                     segment);
+  dropout_apply_cuda(xc, xpc.defined() ? &xpc : nullptr, out, false, p, seed, segment);
   return out;
 }
 
-void masked_accumulate_cuda(at::Tensor& acc,
-                            const at::Tensor& t, double p, int64_t seed, int64_t segment) {
+void masked_accumulate_cuda(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
+                            int64_t segment) {
   const at::Tensor tc = t.contiguous();
   dropout_apply_cuda(tc, nullptr, acc, true, p, seed, segment);
 }
