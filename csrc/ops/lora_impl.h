@@ -38,6 +38,27 @@ using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const 
 using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
                              int64_t segment_rank, at::Tensor* out);
 
+// A backend's dropout kernel: out (=|+=) drop(xc [+ xpc]) over contiguous tensors of one shape.
+using DropoutApplyFn = void (*)(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
+                                bool accumulate, double p, int64_t seed, int64_t segment);
+
+// The two dropout entries of a KernelSet made from a backend's dropout kernel.
+template <DropoutApplyFn Apply>
+at::Tensor dropout_sum_with(const at::Tensor& x, const at::Tensor* x_prev, double p,
+                            int64_t seed, int64_t segment) {
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
+  Apply(xc, xpc.defined() ? &xpc : nullptr, out, false, p, seed, segment);
+  return out;
+}
+template <DropoutApplyFn Apply>
+void masked_accumulate_with(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
+                            int64_t segment) {
+  const at::Tensor tc = t.contiguous();
+  Apply(tc, nullptr, acc, true, p, seed, segment);
+}
+
 struct KernelSet {
   DropoutSumFn dropout_sum;
   MaskedAccumulateFn masked_accumulate;

@@ -596,45 +596,50 @@ cudaError_t allow_smem() {
   return err;
 }
 
+// down or grad_A (`Kernel`, which reads x [+ x_prev] and `operand`: A or dz): the main kernel
+// over a grid of tiles x splits x segments, then the reduction of its partials. `other` is the
+// output's non-rank dimension (n or d) and `pad` that rounded up to the tile.
+template <auto Kernel, typename T>
+cudaError_t launch_over_x(const LowRankParams& p, const Plan& pl, const Common& c,
+                          const T* operand, bool rank_cols, int64_t other, int64_t pad,
+                          size_t smem, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(cdiv(other, kTile)), static_cast<unsigned>(pl.splits),
+                  static_cast<unsigned>(p.segments));
+  const cudaError_t err = allow_smem<Kernel>();
+  if (err != cudaSuccess) return err;
+  Kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(p.x),
+                                           static_cast<const T*>(p.x_prev), operand, p.workspace,
+                                           c, pad);
+  reduce_splits_kernel<T><<<1024, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
+                                                    rank_cols, other, pl.splits, pad,
+                                                    static_cast<int>(pl.rp));
+  return cudaSuccess;
+}
+
 template <typename T, bool VEC, int NF>
 cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, const Common& c,
                       cudaStream_t stream) {
-  const T* x = static_cast<const T*>(p.x);
-  const T* xp = static_cast<const T*>(p.x_prev);
   const T* A = static_cast<const T*>(p.A);
   const T* dz = static_cast<const T*>(p.dz);
-  const int reduce_blocks = 1024;
   const size_t smem = smem_bytes(op, p, 16 * NF);
   cudaError_t err = cudaSuccess;
   switch (op) {
-    case LowRankOp::kDown: {
-      const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits),
-                      static_cast<unsigned>(p.segments));
-      if ((err = allow_smem<down_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
-      down_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, A, p.workspace, c, pl.n_pad);
-      reduce_splits_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
-          p.workspace, static_cast<T*>(p.out), c, /*rank_cols=*/true, p.n, pl.splits, pl.n_pad,
-          static_cast<int>(pl.rp));
+    case LowRankOp::kDown:
+      err = launch_over_x<down_kernel<T, VEC, NF>>(p, pl, c, A, /*rank_cols=*/true, p.n,
+                                                   pl.n_pad, smem, stream);
       break;
-    }
-    case LowRankOp::kGradA: {
-      const dim3 grid(static_cast<unsigned>(cdiv(p.d, kTile)), static_cast<unsigned>(pl.splits),
-                      static_cast<unsigned>(p.segments));
-      if ((err = allow_smem<grad_a_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
-      grad_a_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(x, xp, dz, p.workspace, c, pl.d_pad);
-      reduce_splits_kernel<T><<<reduce_blocks, 256, 0, stream>>>(
-          p.workspace, static_cast<T*>(p.out), c, /*rank_cols=*/false, p.d, pl.splits, pl.d_pad,
-          static_cast<int>(pl.rp));
+    case LowRankOp::kGradA:
+      err = launch_over_x<grad_a_kernel<T, VEC, NF>>(p, pl, c, dz, /*rank_cols=*/false, p.d,
+                                                     pl.d_pad, smem, stream);
       break;
-    }
     case LowRankOp::kUpDx: {
       const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits));
       if ((err = allow_smem<up_dx_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
-      up_dx_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(
-          dz, A, static_cast<T*>(p.out), c);
+      up_dx_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(dz, A, static_cast<T*>(p.out), c);
       break;
     }
   }
+  if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 

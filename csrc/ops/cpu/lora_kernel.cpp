@@ -42,22 +42,8 @@ void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& 
   });
 }
 
-at::Tensor dropout_sum_cpu(const at::Tensor& x, const at::Tensor* x_prev, double p, int64_t seed,
-                           int64_t segment) {
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  dropout_apply_cpu(xc, xpc.defined() ? &xpc : nullptr, out, false, p, seed, segment);
-  return out;
-}
-
-void masked_accumulate_cpu(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
-                           int64_t segment) {
-  const at::Tensor tc = t.contiguous();
-  dropout_apply_cpu(tc, nullptr, acc, true, p, seed, segment);
-}
-
-constexpr detail::KernelSet kCpuKernels{&dropout_sum_cpu, &masked_accumulate_cpu,
+constexpr detail::KernelSet kCpuKernels{&detail::dropout_sum_with<&dropout_apply_cpu>,
+                                         &detail::masked_accumulate_with<&dropout_apply_cpu>,
                                          nullptr, nullptr, nullptr};
 
 }  // namespace

@@ -44,21 +44,6 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
               cudaGetErrorString(err));
 }
 
-at::Tensor dropout_sum_cuda(const at::Tensor& x, const at::Tensor* x_prev, double p, int64_t seed,
-                            int64_t segment) {
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
-  at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
-  dropout_apply_cuda(xc, xpc.defined() ? &xpc : nullptr, out, false, p, seed, segment);
-  return out;
-}
-
-void masked_accumulate_cuda(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
-                            int64_t segment) {
-  const at::Tensor tc = t.contiguous();
-  dropout_apply_cuda(tc, nullptr, acc, true, p, seed, segment);
-}
-
 // The fused kernels take the problem when its dtype, segment rank and device allow. Without
 // dropout every segment sees the same input, so the whole rank is one segment when it fits.
 struct FusedProblem {
@@ -160,7 +145,8 @@ bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64
   return true;
 }
 
-constexpr detail::KernelSet kCudaKernels{&dropout_sum_cuda, &masked_accumulate_cuda,
+constexpr detail::KernelSet kCudaKernels{&detail::dropout_sum_with<&dropout_apply_cuda>,
+                                         &detail::masked_accumulate_with<&dropout_apply_cuda>,
                                          &fused_down_cuda, &fused_grad_A_cuda, &fused_up_dx_cuda};
 
 }  // namespace
