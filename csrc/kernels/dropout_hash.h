@@ -31,9 +31,8 @@ RESLORA_HD uint64_t dropout_key(uint64_t seed, uint64_t segment) {
 
 // One 32-bit hash serves a pair of consecutive elements (15 random bits each, bits 0..14 for the
 // even element and 16..30 for the odd one), so a kernel spends half a hash per element, and a
-// pair of 16-bit elements is masked by one AND with dropout_pair_mask. Element `index` keeps its
-// value when its 15 bits are >= threshold = floor(p * 32768), i.e. with probability 1 - p (to
-// 2^-15).
+// pair of 16-bit elements can be masked by one AND. Element `index` keeps its value when its 15
+// bits are >= threshold = floor(p * 32768), i.e. with probability 1 - p (to 2^-15).
 RESLORA_HD uint32_t dropout_threshold(float p) {
   return static_cast<uint32_t>(p * 32768.0f);
 }
@@ -57,21 +56,6 @@ RESLORA_HD uint32_t dropout_pair_bits(uint64_t key, uint64_t pair) {
 
 RESLORA_HD bool dropout_keep_lane(uint32_t bits, uint64_t lane, uint32_t threshold) {
   return ((bits >> (16 * lane)) & 0x7fffU) >= threshold;
-}
-
-// 0xffff over each 16-bit half of the pair whose element is kept, 0 over a dropped one.
-RESLORA_HD uint32_t dropout_pair_mask(uint32_t bits, uint32_t threshold) {
-#if defined(__CUDA_ARCH__)
-  // Each 15-bit lane plus 0x8000 minus the threshold cannot borrow from its neighbour; its bit 15
-  // is set exactly when lane >= threshold; prmt replicates that sign bit over the lane's bytes.
-  const uint32_t d = ((bits & 0x7fff7fffU) | 0x80008000U) - (threshold | (threshold << 16));
-  uint32_t m;
-  asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(m) : "r"(d));
-  return m;
-#else
-  return (dropout_keep_lane(bits, 0, threshold) ? 0x0000ffffU : 0U) |
-         (dropout_keep_lane(bits, 1, threshold) ? 0xffff0000U : 0U);
-#endif
 }
 
 // True when element `index` is kept (probability 1 - p).

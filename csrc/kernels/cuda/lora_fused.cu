@@ -52,6 +52,17 @@ __device__ __forceinline__ uint4 load8(const T* base, int64_t row, int64_t rows,
   return r;
 }
 
+// 0xffff over each 16-bit half of a pair of elements whose element is kept (dropout_keep_lane),
+// 0 over a dropped one. Each 15-bit lane plus 0x8000 minus the threshold cannot borrow from its
+// neighbour; its bit 15 is set exactly when lane >= threshold; prmt replicates that sign bit over
+// the lane's bytes.
+__device__ __forceinline__ uint32_t dropout_pair_mask(uint32_t bits, uint32_t threshold) {
+  const uint32_t d = ((bits & 0x7fff7fffU) | 0x80008000U) - (threshold | (threshold << 16));
+  uint32_t m;
+  asm("prmt.b32 %0, %1, 0, 0xBB99;" : "=r"(m) : "r"(d));
+  return m;
+}
+
 // Keep flags of the eight elements at flat indices flat .. flat + 7 (bit k: element flat + k).
 template <bool VEC>
 __device__ __forceinline__ uint32_t keep8(uint64_t key, uint64_t flat, uint32_t threshold) {
