@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -30,6 +31,8 @@ using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double
 //   down:   *z = drop_k(x2 [+ xp2]) A_k^T per segment k             ([N, R])
 //   grad_A: *grad_A = dz_k^T drop_k(x2 [+ xp2]) per segment k       ([R, d])
 //   up_dx:  *out = sum_k drop_k(dz_k A_k)                            ([N, d], a fresh tensor)
+//   up_out: *y = scaling z2 B^T                                       ([N, d_out], a fresh tensor)
+//   grad_A_up_dx: grad_A and up_dx together (one segment), the mask made once for both
 using FusedDownFn = bool (*)(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
                              double p, int64_t seed, int64_t segment_rank, at::Tensor* z);
 using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
@@ -37,6 +40,12 @@ using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const 
                               at::Tensor* grad_A);
 using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
                              int64_t segment_rank, at::Tensor* out);
+using FusedUpOutFn = bool (*)(const at::Tensor& z2, const at::Tensor& B, double scaling,
+                              at::Tensor* y);
+using FusedGradAUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2,
+                                  const at::Tensor& xp2, const at::Tensor& A, double p,
+                                  int64_t seed, int64_t segment_rank, at::Tensor* grad_A,
+                                  at::Tensor* grad_x);
 
 // A backend's dropout kernel: out (=|+=) drop(xc [+ xpc]) over contiguous tensors of one shape.
 using DropoutApplyFn = void (*)(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
@@ -65,6 +74,8 @@ struct KernelSet {
   FusedDownFn down;
   FusedGradAFn grad_A;
   FusedUpDxFn up_dx;
+  FusedUpOutFn up_out;
+  FusedGradAUpDxFn grad_A_up_dx;
 };
 
 inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
@@ -131,6 +142,22 @@ inline at::Tensor down_grad_x(const at::Tensor& dz, const at::Tensor& A, double 
   return out;
 }
 
+// grad_A and, when asked for, the low-rank input gradient ([N, d]; undefined otherwise): in one
+// pass over x when the backend fuses them, else as down_grad_A and down_grad_x.
+inline std::pair<at::Tensor, at::Tensor> down_grads(const at::Tensor& dz, const at::Tensor& x2,
+                                                    const at::Tensor& xp2, const at::Tensor& A,
+                                                    double dropout, int64_t seed,
+                                                    int64_t segment_rank, bool compute_grad_x,
+                                                    const KernelSet& k) {
+  at::Tensor grad_A, grad_x;
+  if (compute_grad_x && k.grad_A_up_dx != nullptr &&
+      k.grad_A_up_dx(dz, x2, xp2, A, dropout, seed, segment_rank, &grad_A, &grad_x))
+    return {grad_A, grad_x};
+  grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
+  if (compute_grad_x) grad_x = down_grad_x(dz, A, dropout, seed, segment_rank, k);
+  return {grad_A, grad_x};
+}
+
 inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
                                  const at::Tensor& A, double dropout, int64_t seed,
                                  int64_t segment_rank, const KernelSet& k) {
@@ -156,16 +183,14 @@ inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
   const at::Tensor x2 = x.reshape({-1, d_in});
   const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
   const at::Tensor dz = grad_z.reshape({-1, R});
-  at::Tensor grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
-  at::Tensor grad_x = compute_grad_x
-                          ? down_grad_x(dz, A, dropout, seed, segment_rank, k).view(x.sizes())
-                          : at::empty({0}, x.options());
-  return {grad_x, grad_A};
+  auto [grad_A, grad_x] =
+      down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x, k);
+  return {compute_grad_x ? grad_x.view(x.sizes()) : at::empty({0}, x.options()), grad_A};
 }
 
 inline at::Tensor lora_up_impl(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& z,
-                               const at::Tensor& B, double scaling) {
+                               const at::Tensor& B, double scaling, const KernelSet& k) {
   check_up("lora_up", x, weight, bias, z, B, scaling);
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
   const at::Tensor z2 = z.reshape({-1, B.size(1)});
@@ -175,7 +200,7 @@ inline at::Tensor lora_up_impl(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor y;
   if (bias.has_value()) {
     y = at::addmm(*bias, z2, B.t(), /*beta=*/1, /*alpha=*/scaling);
-  } else {
+  } else if (k.up_out == nullptr || !k.up_out(z2, B, scaling, &y)) {
     y = scaled_mm(z2, B.t(), scaling);
   }
   y.addmm_(x2, weight.t());
@@ -225,7 +250,7 @@ inline std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
     check_same("lora_linear", "z_extra", *z_extra, x);
   }
   const at::Tensor y =
-      lora_up_impl(x, weight, bias, z_extra.has_value() ? z + *z_extra : z, B, scaling);
+      lora_up_impl(x, weight, bias, z_extra.has_value() ? z + *z_extra : z, B, scaling, k);
   return {y, z};
 }
 
@@ -266,15 +291,16 @@ inline LinearGrads lora_linear_backward_impl(
     const at::Tensor gz = grad_z->reshape({-1, R});
     dz = z_extra.has_value() ? dzt + gz : dzt.add_(gz);
   }
-  const at::Tensor grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
+  auto [grad_A, dx_low] =
+      down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x, k);
   at::Tensor dx, dxp;
   if (compute_grad_x && xp2.defined()) {
     // is: x_prev gets the low-rank part alone; dx = that + dy W is the base GEMM's output with
     // the low-rank part as its C, so the low-rank part is written once and read once.
-    dxp = down_grad_x(dz, A, dropout, seed, segment_rank, k);
+    dxp = dx_low;
     dx = at::addmm(dxp, g, weight);
   } else if (compute_grad_x) {
-    dx = down_grad_x(dz, A, dropout, seed, segment_rank, k);
+    dx = dx_low;
     dx.addmm_(g, weight);
   }
   const auto empty = [&] { return at::empty({0}, x.options()); };  // outputs must not alias
@@ -298,6 +324,11 @@ struct Backend {
     return lora_down_backward_impl(grad_z, x, x_prev, A, dropout, seed, segment_rank,
                                    compute_grad_x, *K);
   }
+  static at::Tensor up(const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, const at::Tensor& z,
+                       const at::Tensor& B, double scaling) {
+    return lora_up_impl(x, weight, bias, z, B, scaling, *K);
+  }
   static std::tuple<at::Tensor, at::Tensor> linear(
       const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
@@ -317,7 +348,7 @@ struct Backend {
   static void register_kernels(torch::Library& m) {
     m.impl("lora_down", &down);
     m.impl("_lora_down_backward", &down_backward);
-    m.impl("lora_up", &lora_up_impl);
+    m.impl("lora_up", &up);
     m.impl("_lora_up_backward", &lora_up_backward_impl);
     m.impl("lora_linear", &linear);
     m.impl("_lora_linear_backward", &linear_backward);

@@ -52,18 +52,49 @@ def test_fused_matches_float64(dtype, p, n, d_in, d_out, r, segments, with_prev)
     close(ref, out, 2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 
-def test_fused_kernels_run_and_are_deterministic():
-    c = inputs(500, 512, 256, 32, torch.bfloat16, True)
+def launches(fn):
+    """{kernel name: launches} of the CUDA kernels fn() runs."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        first = block(c, "cuda", torch.bfloat16, 0.1, 16)
+        out = fn()
         torch.cuda.synchronize()
-    names = " ".join(e.key for e in prof.key_averages())
-    for kernel in ("down_kernel", "grad_a_kernel", "up_dx_kernel"):
-        assert kernel in names, (kernel, names)
-    assert "dropout_add_kernel" not in names  # no full-size masked copy of x
-    second = block(c, "cuda", torch.bfloat16, 0.1, 16)
+    return out, {e.key: e.count for e in prof.key_averages()}
+
+
+def count(calls, part):
+    return sum(v for k, v in calls.items() if part in k)
+
+
+@pytest.mark.parametrize("segment_rank,fused_backward", [(16, False), (32, True)])
+def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
+    c = inputs(500, 512, 256, 32, torch.bfloat16, True)
+    first, calls = launches(lambda: block(c, "cuda", torch.bfloat16, 0.1, segment_rank))
+    assert count(calls, "down_kernel") == 1, calls
+    if fused_backward:  # one segment: grad_A and the low-rank dx share one pass over x
+        assert count(calls, "grad_a_up_kernel") == 1 and count(calls, "grad_a_kernel") == 0, calls
+        assert count(calls, "up_kernel") - count(calls, "grad_a_up_kernel") == 1, calls
+    else:  # two dropout segments: grad_A per segment, the up kernel sums the masked products
+        assert count(calls, "grad_a_kernel") == 1 and count(calls, "grad_a_up_kernel") == 0, calls
+        assert count(calls, "up_kernel") == 2, calls  # the forward's s z B^T and the dx
+    assert count(calls, "dropout_add_kernel") == 0, calls  # no full-size masked copy of x
+    second = block(c, "cuda", torch.bfloat16, 0.1, segment_rank)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d_out,R", [(1, 8, 1), (333, 1000, 16), (64, 130, 48), (257, 72, 64),
+                                       (2049, 2048, 16)])
+def test_fused_up_output_matches_float64(dtype, n, d_out, R):
+    """lora_up without bias: the low-rank output comes from the up kernel (up to 2^22 output
+    elements; cuBLAS past that), the base GEMM adds x W^T onto it; a single row, odd widths
+    (element-wise path) and every fragment count."""
+    g = torch.Generator().manual_seed(n)
+    t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    x, W, z, B = t(n, 40), t(d_out, 40), t(n, R), t(d_out, R)
+    ref = ops.lora_up(x.double(), W.double(), None, z.double(), B.double(), 0.75)
+    out, calls = launches(lambda: ops.lora_up(x.cuda(), W.cuda(), None, z.cuda(), B.cuda(), 0.75))
+    assert count(calls, "up_kernel") == (1 if n * d_out <= 1 << 22 else 0), calls
+    close([ref], [out], 2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 
 def test_fused_down_op_with_segments_matches_reference():

@@ -5,15 +5,12 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 
 #include "../dropout_hash.h"
 
 namespace reslora {
 namespace kernels {
 namespace {
-
-namespace wmma = nvcuda::wmma;
 
 constexpr int kTile = 64;      // rows and columns of a tile
 constexpr int kLd = kTile + 8;  // padded leading dimension of 16-bit tiles in shared memory
@@ -63,58 +60,10 @@ __device__ __forceinline__ uint32_t dropout_pair_mask(uint32_t bits, uint32_t th
   return m;
 }
 
-// Keep flags of the eight elements at flat indices flat .. flat + 7 (bit k: element flat + k).
-template <bool VEC>
-__device__ __forceinline__ uint32_t keep8(uint64_t key, uint64_t flat, uint32_t threshold) {
-  uint32_t keep = 0;
-  if (VEC) {  // flat % 8 == 0: four pair hashes cover the eight elements
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t bits = dropout_pair_bits(key, (flat >> 1) + q);
-      keep |= uint32_t(dropout_keep_lane(bits, 0, threshold)) << (2 * q);
-      keep |= uint32_t(dropout_keep_lane(bits, 1, threshold)) << (2 * q + 1);
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) keep |= uint32_t(dropout_keep(key, flat + k, threshold)) << k;
-  }
-  return keep;
-}
-
-// keep * (x [+ x_prev]) rounded to T, into 8 elements of shared memory. The 1 / (1 - p) of
-// dropout is applied to the float accumulators after the product instead, so without x_prev the
-// mask is a bitwise AND of element pairs and the inputs are never converted.
-template <typename T, bool VEC>
-__device__ __forceinline__ void mask_store(uint4 rx, uint4 rp, bool has_prev, bool dropout,
-                                           uint64_t key, uint64_t flat, uint32_t threshold,
-                                           T* dst) {
-  uint4 o = rx;
-  if (has_prev) {
-    const T* ex = reinterpret_cast<const T*>(&rx);
-    const T* ep = reinterpret_cast<const T*>(&rp);
-    T* eo = reinterpret_cast<T*>(&o);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(Cvt<T>::f(ex[k]) + Cvt<T>::f(ep[k]));
-  }
-  if (dropout) {
-    if (VEC) {  // flat % 8 == 0: word q holds the pair flat / 2 + q
-      uint32_t* w = reinterpret_cast<uint32_t*>(&o);
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        w[q] &= dropout_pair_mask(dropout_pair_bits(key, (flat >> 1) + q), threshold);
-    } else {
-      T* eo = reinterpret_cast<T*>(&o);
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if (!dropout_keep(key, flat + k, threshold)) eo[k] = Cvt<T>::t(0.f);
-    }
-  }
-  *reinterpret_cast<uint4*>(dst) = o;
-}
-
 struct Common {
   int64_t n, d, sr, R, segments, per_split;
   bool dropout;
+  bool wide_rank;  // R, sr multiples of 8 and dz (z, B) 16-byte aligned: 16-byte rank copies
   uint32_t threshold;
   float scale;
   uint64_t seed;
@@ -142,25 +91,6 @@ __device__ __forceinline__ void cp_wait() {
 
 constexpr int kStages = 3;  // tiles in flight per block: kStages - 1
 
-// Rows [r0, r0 + 64) x columns [c0, c0 + 64) of a [rows, d] matrix into a dense [64][64] stage.
-// VEC: asynchronous 16-byte copies; otherwise element loads (odd shapes).
-template <typename T, bool VEC>
-__device__ __forceinline__ void copy_tile(T* dst, const T* src, int64_t r0, int64_t rows,
-                                          int64_t c0, int64_t d, int tid) {
-#pragma unroll
-  for (int j = 0; j < kUnits; ++j) {
-    const int u = tid + kThreads * j;
-    const int row = u >> 3, cu = (u & 7) * 8;
-    T* s = dst + row * kTile + cu;
-    if (VEC) {
-      const bool ok = r0 + row < rows && c0 + cu < d;
-      cp_async16(s, ok ? src + (r0 + row) * d + c0 + cu : src, ok);
-    } else {
-      *reinterpret_cast<uint4*>(s) = load8<T, false>(src, r0 + row, rows, c0 + cu, d);
-    }
-  }
-}
-
 // Rows [0, RP) (zero from `rows` on) x columns [c0, c0 + 64) of a [rows, d] matrix into a
 // [RP][kLd] stage.
 template <typename T, bool VEC, int RP>
@@ -180,82 +110,102 @@ __device__ __forceinline__ void copy_rows(T* dst, const T* src, int64_t rows, in
   }
 }
 
-// dz[r0 .. r0 + 64, seg * sr .. + sr] into a [64][RP + 8] stage. VEC (R, sr even, dz 4-byte
-// aligned): asynchronous copies of element pairs; columns sr .. RP stay as zeroed at start.
+// Rows [r0, r0 + 64) (zero from `rows` on), columns seg * sr .. + sr of a [rows, R] matrix (dz,
+// or B in the forward) into a [64][RP + 8] stage. VEC (R, sr even, 4-byte aligned): asynchronous
+// copies of element pairs, or of 8 elements when c.wide_rank; columns sr .. RP stay as zeroed at
+// start.
 template <typename T, bool VEC, int RP>
-__device__ __forceinline__ void copy_dz(T* dst, const T* dz, int64_t r0, const Common& c,
-                                        int64_t seg, int tid) {
+__device__ __forceinline__ void copy_dz(T* dst, const T* dz, int64_t r0, int64_t rows,
+                                        const Common& c, int64_t seg, int tid) {
   constexpr int kLdz = RP + 8;
-  if (VEC) {
+  if (VEC && c.wide_rank) {
+    for (int e = tid; e < kTile * RP / 8; e += kThreads) {
+      const int row = e / (RP / 8), col = 8 * (e % (RP / 8));
+      if (col >= c.sr) continue;
+      const bool ok = r0 + row < rows;
+      cp_async16(dst + row * kLdz + col, ok ? dz + (r0 + row) * c.R + seg * c.sr + col : dz, ok);
+    }
+  } else if (VEC) {
     for (int e = tid; e < kTile * RP / 2; e += kThreads) {
       const int row = e / (RP / 2), col = 2 * (e % (RP / 2));
       if (col >= c.sr) continue;
-      const bool ok = r0 + row < c.n;
+      const bool ok = r0 + row < rows;
       cp_async4(dst + row * kLdz + col, ok ? dz + (r0 + row) * c.R + seg * c.sr + col : dz, ok);
     }
   } else {
     for (int e = tid; e < kTile * RP; e += kThreads) {
       const int row = e / RP, col = e % RP;
-      dst[row * kLdz + col] = r0 + row < c.n && col < c.sr
+      dst[row * kLdz + col] = r0 + row < rows && col < c.sr
                                   ? dz[(r0 + row) * c.R + seg * c.sr + col]
                                   : Cvt<T>::t(0.f);
     }
   }
 }
 
-// x [+ x_prev] rows [r0, r0 + 64) x columns [c0, c0 + 64) into one stage each.
-template <typename T, bool VEC>
-__device__ __forceinline__ void copy_inputs(T* xr, T* pr, const T* x, const T* xp, int64_t r0,
-                                            int64_t c0, const Common& c, int tid) {
-  copy_tile<T, VEC>(xr, x, r0, c.n, c0, c.d, tid);
-  if (xp != nullptr) copy_tile<T, VEC>(pr, xp, r0, c.n, c0, c.d, tid);
+// Shared memory of each kernel (bytes), for the launch and the support check.
+constexpr size_t down_smem(int rp, bool prev) {
+  return 2 * size_t(kStages) * (size_t(kTile) * kTile * (prev ? 2 : 1) + size_t(rp) * kTile);
+}
+constexpr size_t grad_a_smem(int rp, bool prev) {
+  return 2 * size_t(kStages) * (size_t(kTile) * kTile * (prev ? 2 : 1) + size_t(kTile) * (rp + 8));
+}
+constexpr size_t grad_a_up_smem(int rp, bool prev) {
+  return grad_a_smem(rp, prev) + 2 * (size_t(rp) * kLd + size_t(kTile) * kLd);
+}
+constexpr size_t up_smem(int rp, int64_t segments, bool bt) {
+  return 2 * (size_t(kTile) * (32 + 8) +
+              size_t(segments) * (size_t(kTile) * (rp + 8) +
+                                  size_t(kStages) * (bt ? size_t(kTile) * (rp + 8) : size_t(rp) * kLd)));
 }
 
-// A landed stage of x [+ x_prev] (tile origin r0, c0 in the [n, d] input), masked into xs.
-template <typename T, bool VEC>
-__device__ __forceinline__ void mask_tile(const T* xr, const T* pr, int64_t r0, int64_t c0,
-                                          const Common& c, uint64_t key, T* xs, int tid) {
-#pragma unroll
-  for (int j = 0; j < kUnits; ++j) {
-    const int u = tid + kThreads * j;
-    const int row = u >> 3, cu = (u & 7) * 8;
-    const int off = row * kTile + cu;
-    const uint4 rx = *reinterpret_cast<const uint4*>(xr + off);
-    const uint4 rp =
-        pr != nullptr ? *reinterpret_cast<const uint4*>(pr + off) : make_uint4(0, 0, 0, 0);
-    mask_store<T, VEC>(rx, rp, pr != nullptr, c.dropout, key, uint64_t((r0 + row) * c.d + c0 + cu),
-                       c.threshold, xs + row * kLd + cu);
+// --- Raw tensor-core fragments (mma.sync m16n8k16, fp32 accumulators), whose register layout is
+// fixed by the PTX ISA: the up kernels mask and store their results straight from registers.
+// A (16 x 16, row-major): a[0] = (row g, cols 2t, 2t+1), a[1] = (g + 8, 2t), a[2] = (g, 2t + 8),
+// a[3] = (g + 8, 2t + 8); B (16 x 8): b[0] = (rows 2t, 2t+1, col g), b[1] = (2t + 8, g);
+// C: c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (g + 8, 2t, 2t+1); g = lane / 4, t = lane % 4.
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Mma<__half> {
+  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Four 8 x 8 matrices of 16-bit elements from shared memory; lane l gives the row address of
+// matrix l / 8, row l % 8. TRANS: each matrix transposed on the way.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  if (TRANS) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
   }
 }
 
-// The 1 / (1 - p) of dropout (1 without), on a float accumulator.
-__device__ __forceinline__ void scale_fragment(
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float>& acc, float scale) {
-#pragma unroll
-  for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= scale;
-}
-
-// Shared memory of each kernel (bytes), for the launch and the support check.
-constexpr size_t down_smem(int rp, bool prev) {
-  return 2 * (size_t(kTile) * kLd + size_t(kStages) * kTile * kTile * (prev ? 2 : 1) +
-              size_t(kStages) * rp * kLd);
-}
-constexpr size_t grad_a_smem(int rp, bool prev) {
-  return 2 * (size_t(kTile) * kLd + size_t(kStages) * kTile * kTile * (prev ? 2 : 1) +
-              size_t(kStages) * kTile * (rp + 8));
-}
-constexpr size_t up_dx_smem(int rp, int64_t segments) {
-  return 2 * (size_t(segments) * kTile * (rp + 8) + 2 * size_t(segments) * rp * kLd) +
-         4 * size_t(kTile) * (kTile + 4);
-}
-
-// The pipeline of both reductions over x: tiles [t_begin, t_end) stream through kStages
-// shared-memory stages. copy(t, stage) starts the asynchronous copies of tile t; each landed tile
-// is masked into the block's tile (mask(t, stage)) and then consumed by the tensor cores
-// (mma(stage)) while the next kStages - 1 tiles are in flight.
-template <typename Copy, typename Mask, typename Mma>
-__device__ __forceinline__ void stream_tiles(int64_t t_begin, int64_t t_end, Copy copy, Mask mask,
-                                             Mma mma) {
+// The pipeline of both reductions over x and of the up kernels: tiles [t_begin, t_end) stream
+// through kStages shared-memory stages. copy(t, stage) starts the asynchronous copies of tile t;
+// use(t, stage) consumes a landed tile while the next kStages - 1 are in flight.
+template <typename Copy, typename Use>
+__device__ __forceinline__ void stream_tiles(int64_t t_begin, int64_t t_end, Copy copy, Use use) {
   const auto issue = [&](int64_t t, int stage) {
     if (t < t_end) copy(t, stage);
     cp_commit();  // an empty group past the end keeps the wait counts uniform
@@ -266,11 +216,9 @@ __device__ __forceinline__ void stream_tiles(int64_t t_begin, int64_t t_end, Cop
   for (int64_t t = t_begin; t < t_end; ++t) {
     cp_wait<kStages - 2>();
     __syncthreads();
-    mask(t, stage);
-    __syncthreads();
-    // The stage refilled here was consumed by the previous iteration, before both barriers.
+    // The stage refilled here was read in the previous iteration, before the barrier.
     issue(t + kStages - 1, (stage + kStages - 1) % kStages);
-    mma(stage);
+    use(t, stage);
     stage = (stage + 1) % kStages;
   }
   cp_wait<0>();
@@ -283,66 +231,160 @@ __device__ __forceinline__ void split_range(int64_t tiles, int64_t per_split, in
   *end = *begin + per_split < tiles ? *begin + per_split : tiles;
 }
 
-// z partial sums: ws[split][seg][n_pad][RP] over the column tiles of this split.
+// A [rows][64] stage of 16-bit elements with its 16-byte chunks swizzled (chunk ^ row % 8), so
+// that eight consecutive rows of one chunk column, as ldmatrix reads them, hit distinct banks.
+__device__ __forceinline__ int swz(int row, int chunk) {
+  return row * kTile + ((chunk ^ (row & 7)) << 3);
+}
+
+// Rows [r0, r0 + ROWS) x columns [c0, c0 + 64) of a [rows, d] matrix (zero outside) into a
+// swizzled [ROWS][64] stage. VEC: asynchronous 16-byte copies; otherwise element loads.
+template <typename T, bool VEC, int ROWS>
+__device__ __forceinline__ void copy_swz(T* dst, const T* src, int64_t r0, int64_t rows,
+                                         int64_t c0, int64_t d, int tid) {
+#pragma unroll
+  for (int j = 0; j < (ROWS * 8 + kThreads - 1) / kThreads; ++j) {
+    const int u = tid + kThreads * j;
+    if (ROWS * 8 % kThreads != 0 && u >= ROWS * 8) break;
+    const int row = u >> 3, ch = u & 7;
+    T* s = dst + swz(row, ch);
+    if (VEC) {
+      const bool ok = r0 + row < rows && c0 + ch * 8 < d;
+      cp_async16(s, ok ? src + (r0 + row) * d + c0 + ch * 8 : src, ok);
+    } else {
+      *reinterpret_cast<uint4*>(s) = load8<T, false>(src, r0 + row, rows, c0 + ch * 8, d);
+    }
+  }
+}
+
+// The pair masks (0xffff over each kept element) of the eight elements at flat .. flat + 7 of
+// the [n, d] input, one word per element pair. VEC: flat % 8 == 0, so each word is one hash pair.
+template <bool VEC>
+__device__ __forceinline__ void chunk_masks(uint64_t key, uint64_t flat, uint32_t threshold,
+                                            uint32_t (&m)[4]) {
+  if (VEC) {
+    const uint64_t pair = flat >> 1;
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      m[q] = dropout_pair_mask(dropout_pair_bits(key, pair + q), threshold);
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      m[q] = (dropout_keep(key, flat + 2 * q, threshold) ? 0x0000ffffU : 0U) |
+             (dropout_keep(key, flat + 2 * q + 1, threshold) ? 0xffff0000U : 0U);
+  }
+}
+
+// Eight elements of x plus eight of x_prev, each sum rounded to T.
+template <typename T>
+__device__ __forceinline__ uint4 add_chunk(uint4 a, uint4 b) {
+  const T* ea = reinterpret_cast<const T*>(&a);
+  const T* eb = reinterpret_cast<const T*>(&b);
+  uint4 o;
+  T* eo = reinterpret_cast<T*>(&o);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(Cvt<T>::f(ea[k]) + Cvt<T>::f(eb[k]));
+  return o;
+}
+
+__device__ __forceinline__ uint4 and_chunk(uint4 v, const uint32_t (&m)[4]) {
+  return make_uint4(v.x & m[0], v.y & m[1], v.z & m[2], v.w & m[3]);
+}
+
+// A landed swizzled [64][64] stage of x (origin r0, c0 in the [n, d] input), in place:
+// drop(x [+ x_prev]) rounded to T. The 1 / (1 - p) is applied to the fp32 products instead.
+template <typename T, bool VEC>
+__device__ __forceinline__ void mask_stage(T* xs, const T* ps, bool prev, int64_t r0, int64_t c0,
+                                           const Common& c, uint64_t key, int tid) {
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    const int u = tid + kThreads * j;
+    const int row = u >> 3, ch = u & 7;
+    uint4* px = reinterpret_cast<uint4*>(xs + swz(row, ch));
+    uint4 v = *px;
+    if (prev) v = add_chunk<T>(v, *reinterpret_cast<const uint4*>(ps + swz(row, ch)));
+    if (c.dropout) {
+      uint32_t m[4];
+      chunk_masks<VEC>(key, uint64_t((r0 + row) * c.d + c0 + ch * 8), c.threshold, m);
+      v = and_chunk(v, m);
+    }
+    *px = v;
+  }
+}
+
+// z partial sums: ws[split][seg][n_pad][RP] over the column tiles of this split. Each warp owns
+// 16 rows. A landed tile of x [+ x_prev] is summed and masked in place (skipped without dropout
+// and x_prev), then read by ldmatrix straight from its stage.
 template <typename T, bool VEC, int NF>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 5)
     down_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ A,
                 float* __restrict__ ws, Common c, int64_t n_pad) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);               // masked tile [64][kLd]
-  T* xr = xs + kTile * kLd;                          // x stages [kStages][64][64]
-  T* pr = xr + kStages * kTile * kTile;              // x_prev stages, when given
-  T* ar = pr + (xp != nullptr ? kStages * kTile * kTile : 0);  // A stages [kStages][RP][kLd]
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
+  const bool prev = xp != nullptr;
+  T* xr = reinterpret_cast<T*>(smem);                       // x stages [kStages][64][64]
+  T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
+  T* ar = pr + (prev ? kStages * kTile * kTile : 0);         // A stages [kStages][RP][64]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t4 = lane % 4, j = lane / 8, i8 = lane % 8;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y, seg = blockIdx.z;
   int64_t t_begin, t_end;
   split_range((c.d + kTile - 1) / kTile, c.per_split, split, &t_begin, &t_end);
   const uint64_t key = dropout_key(c.seed, seg);
   const T* A_seg = A + seg * c.sr * c.d;
+  const int arow = warp * 16 + lane % 16;  // the row whose address this lane gives to ldmatrix
+  const int64_t rg = row0 + warp * 16 + g;  // this thread's fragment rows: rg and rg + 8
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+  float acc[2 * NF][4];
 #pragma unroll
-  for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
+  for (int f = 0; f < 2 * NF; ++f)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[f][e] = 0.f;
 
   stream_tiles(
       t_begin, t_end,
       [&](int64_t t, int stage) {
-        copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp, row0,
-                            t * kTile, c, tid);
-        copy_rows<T, VEC, RP>(ar + stage * RP * kLd, A_seg, c.sr, t * kTile, c.d, tid);
+        copy_swz<T, VEC, kTile>(xr + stage * kTile * kTile, x, row0, c.n, t * kTile, c.d, tid);
+        if (prev)
+          copy_swz<T, VEC, kTile>(pr + stage * kTile * kTile, xp, row0, c.n, t * kTile, c.d, tid);
+        copy_swz<T, VEC, RP>(ar + stage * RP * kTile, A_seg, 0, c.sr, t * kTile, c.d, tid);
       },
       [&](int64_t t, int stage) {
-        mask_tile<T, VEC>(xr + stage * kTile * kTile,
-                          xp != nullptr ? pr + stage * kTile * kTile : nullptr, row0, t * kTile,
-                          c, key, xs, tid);
-      },
-      [&](int stage) {
-        const T* as = ar + stage * RP * kLd;
+        const T* xs = xr + stage * kTile * kTile;
+        const T* ps = pr + stage * kTile * kTile;
+        const T* as = ar + stage * RP * kTile;
+        if (prev || c.dropout) {
+          mask_stage<T, VEC>(xr + stage * kTile * kTile, ps, prev, row0, t * kTile, c, key, tid);
+          __syncthreads();
+        }
 #pragma unroll
         for (int kk = 0; kk < kTile / 16; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::load_matrix_sync(a, xs + warp * 16 * kLd + kk * 16, kLd);
+          uint32_t a[4];
+          ldmatrix_x4<false>(a, xs + swz(arow, 2 * kk + lane / 16));
 #pragma unroll
-          for (int f = 0; f < NF; ++f) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;  // A_seg^T
-            wmma::load_matrix_sync(b, as + f * 16 * kLd + kk * 16, kLd);
-            wmma::mma_sync(acc[f], a, b, acc[f]);
+          for (int f = 0; f < NF; ++f) {  // A rows are the B operand's columns: [n][k]
+            uint32_t b[4];
+            ldmatrix_x4<false>(b, as + swz(f * 16 + (j / 2) * 8 + i8, 2 * kk + (j % 2)));
+            Mma<T>::run(acc[2 * f], a, b[0], b[1]);
+            Mma<T>::run(acc[2 * f + 1], a, b[2], b[3]);
           }
         }
       });
-  float* out = ws + ((split * c.segments + seg) * n_pad + row0 + warp * 16) * RP;
+  float* out = ws + (split * c.segments + seg) * n_pad * RP;
 #pragma unroll
-  for (int f = 0; f < NF; ++f) scale_fragment(acc[f], c.scale);
+  for (int f = 0; f < 2 * NF; ++f)
 #pragma unroll
-  for (int f = 0; f < NF; ++f) wmma::store_matrix_sync(out + f * 16, acc[f], RP, wmma::mem_row_major);
+    for (int h = 0; h < 2; ++h)
+      *reinterpret_cast<float2*>(out + (rg + 8 * h) * RP + f * 8 + 2 * t4) =
+          make_float2(acc[f][2 * h] * c.scale, acc[f][2 * h + 1] * c.scale);
 #endif
 }
 
-// dA partial sums: ws[split][seg][RP][d_pad] over the row tiles of this split.
+// dA partial sums: ws[split][seg][RP][d_pad] over the row tiles of this split. Each warp owns 16
+// columns. A landed tile of x [+ x_prev] is summed and masked in place (skipped without dropout
+// and x_prev), then read transposed by ldmatrix.
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads)
     grad_a_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ dz,
@@ -351,12 +393,12 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
   extern __shared__ __align__(128) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);               // masked tile [64][kLd]
-  T* xr = xs + kTile * kLd;                          // x stages [kStages][64][64]
-  T* pr = xr + kStages * kTile * kTile;              // x_prev stages, when given
-  T* dr = pr + (xp != nullptr ? kStages * kTile * kTile : 0);  // dz stages [kStages][64][kLdz]
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
+  const bool prev = xp != nullptr;
+  T* xr = reinterpret_cast<T*>(smem);                       // x stages [kStages][64][64]
+  T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
+  T* dr = pr + (prev ? kStages * kTile * kTile : 0);         // dz stages [kStages][64][kLdz]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t4 = lane % 4, j = lane / 8, i8 = lane % 8;
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y, seg = blockIdx.z;
   int64_t t_begin, t_end;
@@ -367,144 +409,344 @@ __global__ void __launch_bounds__(kThreads)
   for (int e = tid; e < kStages * kTile * kLdz; e += kThreads) dr[e] = Cvt<T>::t(0.f);
   __syncthreads();
 
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NF];
+  float acc[NF][2][4];
 #pragma unroll
-  for (int f = 0; f < NF; ++f) wmma::fill_fragment(acc[f], 0.f);
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[f][nt][e] = 0.f;
 
   stream_tiles(
       t_begin, t_end,
       [&](int64_t t, int stage) {
-        copy_inputs<T, VEC>(xr + stage * kTile * kTile, pr + stage * kTile * kTile, x, xp,
-                            t * kTile, col0, c, tid);
-        copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c, seg, tid);
+        copy_swz<T, VEC, kTile>(xr + stage * kTile * kTile, x, t * kTile, c.n, col0, c.d, tid);
+        if (prev)
+          copy_swz<T, VEC, kTile>(pr + stage * kTile * kTile, xp, t * kTile, c.n, col0, c.d, tid);
+        copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c.n, c, seg, tid);
       },
       [&](int64_t t, int stage) {
-        mask_tile<T, VEC>(xr + stage * kTile * kTile,
-                          xp != nullptr ? pr + stage * kTile * kTile : nullptr, t * kTile, col0,
-                          c, key, xs, tid);
-      },
-      [&](int stage) {
+        T* xs = xr + stage * kTile * kTile;
         const T* ds = dr + stage * kTile * kLdz;
+        if (prev || c.dropout) {
+          mask_stage<T, VEC>(xs, pr + stage * kTile * kTile, prev, t * kTile, col0, c, key, tid);
+          __syncthreads();
+        }
 #pragma unroll
         for (int kk = 0; kk < kTile / 16; ++kk) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;  // masked x rows
-          wmma::load_matrix_sync(b, xs + kk * 16 * kLd + warp * 16, kLd);
+          uint32_t b[4];  // masked x rows (k) x this warp's 16 columns (n), transposed
+          ldmatrix_x4<true>(b, xs + swz(kk * 16 + (j % 2) * 8 + i8, warp * 2 + j / 2));
 #pragma unroll
           for (int f = 0; f < NF; ++f) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;  // dz^T
-            wmma::load_matrix_sync(a, ds + kk * 16 * kLdz + f * 16, kLdz);
-            wmma::mma_sync(acc[f], a, b, acc[f]);
+            uint32_t a[4];  // dz^T: rank (m) x rows (k), from the [k][m] stage
+            ldmatrix_x4<true>(a, ds + (kk * 16 + (j / 2) * 8 + i8) * kLdz + f * 16 + (j % 2) * 8);
+            Mma<T>::run(acc[f][0], a, b[0], b[1]);
+            Mma<T>::run(acc[f][1], a, b[2], b[3]);
           }
         }
       });
   float* out = ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16;
 #pragma unroll
-  for (int f = 0; f < NF; ++f) scale_fragment(acc[f], c.scale);
-#pragma unroll
   for (int f = 0; f < NF; ++f)
-    wmma::store_matrix_sync(out + f * 16 * d_pad, acc[f], d_pad, wmma::mem_row_major);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<float2*>(out + (f * 16 + g + 8 * h) * d_pad + nt * 8 + 2 * t4) =
+            make_float2(acc[f][nt][2 * h] * c.scale, acc[f][nt][2 * h + 1] * c.scale);
 #endif
 }
 
-// out = sum_k drop_k(dz[:, seg k] A_k) for 64 rows and the column tiles of this split.
-// The block keeps its dz rows (every segment) in shared memory and streams the A tiles.
+// The two backward products of one segment that share the mask of x, in one pass over x: dA
+// partial sums as grad_a_kernel (ws[split][RP][d_pad]) and the low-rank input gradient
+// out2 = drop(dz A) over the same tiles. Per tile of 64 rows x the block's 64 columns: the
+// tensor cores write dz A (times 1 / (1 - p)) into a staging tile; one pass computes each
+// element pair's mask once, masks x [+ x_prev] in place and the staged tile on its way to memory
+// (16-byte stores); then dA accumulates over the masked x.
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads)
-    up_dx_kernel(const T* __restrict__ dz, const T* __restrict__ A, T* __restrict__ out,
-                 Common c) {
+    grad_a_up_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ dz,
+                     const T* __restrict__ A, float* __restrict__ ws, T* __restrict__ out2,
+                     Common c, int64_t d_pad) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
-  constexpr int kLdt = kTile + 4;
   extern __shared__ __align__(128) unsigned char smem[];
-  float* ts = reinterpret_cast<float*>(smem);                       // [64][kLdt]
-  T* ds = reinterpret_cast<T*>(ts + kTile * kLdt);                   // [segments][64][kLdz]
-  T* ar = ds + c.segments * kTile * kLdz;                            // [2][segments][RP][kLd]
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
+  const bool prev = xp != nullptr;
+  T* xr = reinterpret_cast<T*>(smem);                       // x stages [kStages][64][64]
+  T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
+  T* dr = pr + (prev ? kStages * kTile * kTile : 0);         // dz stages [kStages][64][kLdz]
+  T* as = dr + kStages * kTile * kLdz;                       // A columns of the block [RP][kLd]
+  T* os = as + RP * kLd;                                     // staged dz A tile [64][kLd]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t4 = lane % 4, j = lane / 8, i8 = lane % 8;
+  const int64_t col0 = int64_t(blockIdx.x) * kTile;
+  int64_t t_begin, t_end;
+  split_range((c.n + kTile - 1) / kTile, c.per_split, blockIdx.y, &t_begin, &t_end);
+  const uint64_t key = dropout_key(c.seed, 0);
+
+  // Rank columns past R are never copied: zero them once in every stage.
+  for (int e = tid; e < kStages * kTile * kLdz; e += kThreads) dr[e] = Cvt<T>::t(0.f);
+  __syncthreads();
+  copy_rows<T, VEC, RP>(as, A, c.sr, col0, c.d, tid);  // lands with the first tile
+
+  float acc[NF][2][4];
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[f][nt][e] = 0.f;
+
+  stream_tiles(
+      t_begin, t_end,
+      [&](int64_t t, int stage) {
+        copy_swz<T, VEC, kTile>(xr + stage * kTile * kTile, x, t * kTile, c.n, col0, c.d, tid);
+        if (prev)
+          copy_swz<T, VEC, kTile>(pr + stage * kTile * kTile, xp, t * kTile, c.n, col0, c.d, tid);
+        copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c.n, c, 0, tid);
+      },
+      [&](int64_t t, int stage) {
+        T* xs = xr + stage * kTile * kTile;
+        const T* ps = pr + stage * kTile * kTile;
+        const T* ds = dr + stage * kTile * kLdz;
+        // dz A for this warp's 16 rows, in two halves of 32 columns, into the staging tile.
+#pragma unroll 1
+        for (int half = 0; half < 2; ++half) {
+          float up[4][4];
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) up[nt][e] = 0.f;
+#pragma unroll
+          for (int kk = 0; kk < NF; ++kk) {
+            uint32_t a[4];
+            ldmatrix_x4<false>(a, ds + (warp * 16 + lane % 16) * kLdz + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+            for (int np = 0; np < 2; ++np) {
+              uint32_t b[4];
+              ldmatrix_x4<true>(b, as + (kk * 16 + (j % 2) * 8 + i8) * kLd + half * 32 + np * 16 +
+                                       (j / 2) * 8);
+              Mma<T>::run(up[2 * np], a, b[0], b[1]);
+              Mma<T>::run(up[2 * np + 1], a, b[2], b[3]);
+            }
+          }
+          uint32_t* st = reinterpret_cast<uint32_t*>(os);
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              T pair[2] = {Cvt<T>::t(c.scale * up[nt][2 * h]),
+                           Cvt<T>::t(c.scale * up[nt][2 * h + 1])};
+              st[((warp * 16 + g + 8 * h) * kLd + half * 32 + nt * 8 + 2 * t4) / 2] =
+                  *reinterpret_cast<const uint32_t*>(pair);
+            }
+        }
+        __syncthreads();
+        // One mask per element pair for both: x [+ x_prev] in place, the staged tile to memory.
+#pragma unroll
+        for (int u0 = 0; u0 < kUnits; ++u0) {
+          const int u = tid + kThreads * u0;
+          const int row = u >> 3, ch = u & 7;
+          const int64_t grow = t * kTile + row, gcol = col0 + ch * 8;
+          uint4 o = *reinterpret_cast<const uint4*>(os + row * kLd + ch * 8);
+          if (prev || c.dropout) {
+            uint4* px = reinterpret_cast<uint4*>(xs + swz(row, ch));
+            uint4 v = *px;
+            if (prev) v = add_chunk<T>(v, *reinterpret_cast<const uint4*>(ps + swz(row, ch)));
+            if (c.dropout) {
+              uint32_t m[4];
+              chunk_masks<VEC>(key, uint64_t(grow * c.d + gcol), c.threshold, m);
+              v = and_chunk(v, m);
+              o = and_chunk(o, m);
+            }
+            *px = v;
+          }
+          if (grow < c.n && gcol < c.d) {
+            T* dst = out2 + grow * c.d + gcol;
+            if (VEC) {
+              *reinterpret_cast<uint4*>(dst) = o;
+            } else {
+              const T* eo = reinterpret_cast<const T*>(&o);
+              for (int k = 0; k < 8 && gcol + k < c.d; ++k) dst[k] = eo[k];
+            }
+          }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kTile / 16; ++kk) {
+          uint32_t b[4];
+          ldmatrix_x4<true>(b, xs + swz(kk * 16 + (j % 2) * 8 + i8, warp * 2 + j / 2));
+#pragma unroll
+          for (int f = 0; f < NF; ++f) {
+            uint32_t a[4];
+            ldmatrix_x4<true>(a, ds + (kk * 16 + (j / 2) * 8 + i8) * kLdz + f * 16 + (j % 2) * 8);
+            Mma<T>::run(acc[f][0], a, b[0], b[1]);
+            Mma<T>::run(acc[f][1], a, b[2], b[3]);
+          }
+        }
+      });
+  float* out = ws + blockIdx.y * RP * d_pad + col0 + warp * 16;
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<float2*>(out + (f * 16 + g + 8 * h) * d_pad + nt * 8 + 2 * t4) =
+            make_float2(acc[f][nt][2 * h] * c.scale, acc[f][nt][2 * h + 1] * c.scale);
+#endif
+}
+
+// Two elements (row, col) and (row, col + 1) of a [rows, d] output, rounded to T (odd shapes).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* out, int64_t row, int64_t col, const Common& c,
+                                           float v0, float v1) {
+  if (row >= c.n || col >= c.d) return;
+  T* p = out + row * c.d + col;
+  p[0] = Cvt<T>::t(v0);
+  if (col + 1 < c.d) p[1] = Cvt<T>::t(v1);
+}
+
+// Keep flags (bit 0: flat, bit 1: flat + 1) of two neighbouring elements of one row.
+template <bool VEC>
+__device__ __forceinline__ uint32_t keep2(uint64_t key, uint64_t flat, uint32_t threshold) {
+  if (VEC) {  // flat is even: one pair hash
+    const uint32_t bits = dropout_pair_bits(key, flat >> 1);
+    return uint32_t(dropout_keep_lane(bits, 0, threshold)) |
+           (uint32_t(dropout_keep_lane(bits, 1, threshold)) << 1);
+  }
+  return uint32_t(dropout_keep(key, flat, threshold)) |
+         (uint32_t(dropout_keep(key, flat + 1, threshold)) << 1);
+}
+
+// out = alpha / (1 - p) * sum_k drop_k(dz[:, seg k] M_k) for 64 rows and the 64-column tiles of
+// this split, M_k being the segment's rows of A ([R, d], up_dx) or, BT, its columns of B
+// transposed (B [d, R]; the forward's s z B^T, one segment, no dropout). The block keeps its dz
+// rows in shared memory and streams tiles of M; each warp owns 16 rows, masks its fp32 results
+// in registers and stores them from there.
+template <typename T, bool VEC, int NF, bool BT>
+__global__ void __launch_bounds__(kThreads)
+    up_kernel(const T* __restrict__ dz, const T* __restrict__ M, T* __restrict__ out, Common c) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  constexpr int RP = 16 * NF;
+  constexpr int kLdz = RP + 8;
+  constexpr int kStage = BT ? kTile * kLdz : RP * kLd;  // elements of one segment's M tile
+  constexpr int kLdo = 32 + 8;  // staging rows of 32 output columns
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* stg = reinterpret_cast<T*>(smem);    // [64][kLdo]: 16 rows per warp
+  T* ds = stg + kTile * kLdo;             // [segments][64][kLdz]
+  T* ms = ds + c.segments * kTile * kLdz;  // [kStages][segments][kStage]
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int g = lane / 4, t4 = lane % 4;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   int64_t t_begin, t_end;
   split_range((c.d + kTile - 1) / kTile, c.per_split, blockIdx.y, &t_begin, &t_end);
 
-  for (int64_t seg = 0; seg < c.segments; ++seg) {
-    T* dseg = ds + seg * kTile * kLdz;
-    for (int e = tid; e < kTile * kLdz; e += kThreads) dseg[e] = Cvt<T>::t(0.f);
-  }
+  // Rank columns past the segment's stay zero: zero everything once.
+  const int zero_elems = c.segments * (kTile * kLdz + (BT ? kStages * kStage : 0));
+  for (int e = tid; e < zero_elems; e += kThreads) ds[e] = Cvt<T>::t(0.f);
   __syncthreads();
   for (int64_t seg = 0; seg < c.segments; ++seg)
-    copy_dz<T, VEC, RP>(ds + seg * kTile * kLdz, dz, row0, c, seg, tid);
-  auto issue = [&](int64_t t, int stage) {
-    if (t < t_end) {
-      for (int64_t seg = 0; seg < c.segments; ++seg)
-        copy_rows<T, VEC, RP>(ar + (stage * c.segments + seg) * RP * kLd, A + seg * c.sr * c.d,
-                              c.sr, t * kTile, c.d, tid);
-    }
-    cp_commit();
-  };
-  issue(t_begin, 0);
-  int stage = 0;
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    cp_wait<0>();
-    __syncthreads();
-    issue(t + 1, stage ^ 1);
-    const int64_t col0 = t * kTile;
-    float sum[kUnits][8];
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j)
-#pragma unroll
-      for (int k = 0; k < 8; ++k) sum[j][k] = 0.f;
+    copy_dz<T, VEC, RP>(ds + seg * kTile * kLdz, dz, row0, c.n, c, seg, tid);
+  const float alpha = c.scale;
+  const int64_t rg = row0 + warp * 16 + g;  // this thread's rows: rg and rg + 8
+  stream_tiles(t_begin, t_end, [&](int64_t t, int stage) {
     for (int64_t seg = 0; seg < c.segments; ++seg) {
-      const T* dseg = ds + seg * kTile * kLdz;
-      const T* as = ar + (stage * c.segments + seg) * RP * kLd;
+      T* dst = ms + (stage * c.segments + seg) * kStage;
+      if (BT) {
+        copy_dz<T, VEC, RP>(dst, M, t * kTile, c.d, c, seg, tid);
+      } else {
+        copy_rows<T, VEC, RP>(dst, M + seg * c.sr * c.d, c.sr, t * kTile, c.d, tid);
+      }
+    }
+  }, [&](int64_t t, int stage) {
+    // Two halves of 32 columns, one after the other, keep the fragments of one half live.
+#pragma unroll 1
+    for (int half = 0; half < 2; ++half) {
+      const int64_t col0 = t * kTile + half * 32;
+      float sum[4][4];
 #pragma unroll
-      for (int m = 0; m < kTile / 16; ++m) {
-        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-        wmma::fill_fragment(acc, 0.f);
+      for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sum[nt][e] = 0.f;
+      for (int64_t seg = 0; seg < c.segments; ++seg) {
+        const T* dseg = ds + seg * kTile * kLdz;
+        const T* mseg = ms + (stage * c.segments + seg) * kStage;
+        float acc[4][4];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < NF; ++kk) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-          wmma::load_matrix_sync(a, dseg + warp * 16 * kLdz + kk * 16, kLdz);
-          wmma::load_matrix_sync(b, as + kk * 16 * kLd + m * 16, kLd);
-          wmma::mma_sync(acc, a, b, acc);
+          uint32_t a[4];
+          ldmatrix_x4<false>(a, dseg + (warp * 16 + lane % 16) * kLdz + kk * 16 + (lane / 16) * 8);
+          const int j = lane / 8, i8 = lane % 8;
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {  // two 8-column tiles per load
+            const int n0 = half * 32 + np * 16 + (j / 2) * 8;
+            uint32_t b[4];
+            if (BT) {  // M^T rows are B rows: [n][k], no transpose
+              ldmatrix_x4<false>(b, mseg + (n0 + i8) * kLdz + kk * 16 + (j % 2) * 8);
+            } else {  // A rows are [k][n]
+              ldmatrix_x4<true>(b, mseg + (kk * 16 + (j % 2) * 8 + i8) * kLd + n0);
+            }
+            Mma<T>::run(acc[2 * np], a, b[0], b[1]);
+            Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
+          }
         }
-        wmma::store_matrix_sync(ts + warp * 16 * kLdt + m * 16, acc, kLdt, wmma::mem_row_major);
+        if (c.dropout) {
+          const uint64_t key = dropout_key(c.seed, seg);
+          const uint64_t flat0 = uint64_t(rg * c.d + col0 + 2 * t4);  // row rg, first pair
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // rows rg and rg + 8
+              const uint32_t keep =
+                  keep2<VEC>(key, flat0 + uint64_t(8 * h * c.d + nt * 8), c.threshold);
+              if (keep & 1u) sum[nt][2 * h] += acc[nt][2 * h];
+              if (keep & 2u) sum[nt][2 * h + 1] += acc[nt][2 * h + 1];
+            }
+        } else {
+#pragma unroll
+          for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sum[nt][e] += acc[nt][e];
+        }
       }
-      __syncthreads();
-      const uint64_t key = dropout_key(c.seed, seg);
-#pragma unroll
-      for (int j = 0; j < kUnits; ++j) {
-        const int u = tid + kThreads * j;
-        const int row = u >> 3, cu = (u & 7) * 8;
-        const uint32_t keep =
-            c.dropout ? keep8<VEC>(key, uint64_t((row0 + row) * c.d + col0 + cu), c.threshold)
-                      : 0xFFu;
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if ((keep >> k) & 1u) sum[j][k] += ts[row * kLdt + cu + k];
-      }
-      __syncthreads();  // ts is rewritten by the next segment or column tile
-    }
-#pragma unroll
-    for (int j = 0; j < kUnits; ++j) {
-      const int u = tid + kThreads * j;
-      const int64_t row = row0 + (u >> 3);
-      const int64_t col = col0 + (u & 7) * 8;
-      if (row >= c.n || col >= c.d) continue;
-      uint4 o;
-      T* eo = reinterpret_cast<T*>(&o);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) eo[k] = Cvt<T>::t(sum[j][k] * c.scale);
-      T* p = out + row * c.d + col;
       if (VEC) {
-        *reinterpret_cast<uint4*>(p) = o;
+        // Through the warp's own staging rows: 16-byte stores, each row's 64 bytes whole
+        // sectors (4-byte stores straight from the fragments halve the store throughput).
+        uint32_t* st = reinterpret_cast<uint32_t*>(stg + warp * 16 * kLdo);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            T pair[2] = {Cvt<T>::t(alpha * sum[nt][2 * h]), Cvt<T>::t(alpha * sum[nt][2 * h + 1])};
+            st[((g + 8 * h) * kLdo) / 2 + nt * 4 + t4] = *reinterpret_cast<const uint32_t*>(pair);
+          }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int r = lane / 4 + 8 * i, cu = (lane % 4) * 8;
+          const int64_t row = row0 + warp * 16 + r, col = col0 + cu;
+          const uint4 v = *reinterpret_cast<const uint4*>(stg + (warp * 16 + r) * kLdo + cu);
+          if (row < c.n && col < c.d) *reinterpret_cast<uint4*>(out + row * c.d + col) = v;
+        }
+        __syncwarp();  // the staging rows are rewritten by the next half
       } else {
-        for (int k = 0; k < 8 && col + k < c.d; ++k) p[k] = eo[k];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int64_t col = col0 + nt * 8 + 2 * t4;
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            store_pair<T>(out, rg + 8 * h, col, c, alpha * sum[nt][2 * h],
+                          alpha * sum[nt][2 * h + 1]);
+        }
       }
     }
-    stage ^= 1;
-  }
-  cp_wait<0>();
+  });
 #endif
 }
 
@@ -537,24 +779,23 @@ struct Plan {
   int64_t splits = 1, per_split = 1, rp = 16, n_pad = 0, d_pad = 0;
 };
 
-size_t smem_bytes(LowRankOp op, const LowRankParams& p, int rp);
+// The most blocks of one kernel a multiprocessor runs at once that the grids are sized for.
+constexpr int kMaxBlocksPerSm = 8;
 
-// Splits the long dimension (the reduced one of down / grad_A, the columns of up_dx) so that the
-// grid is one full wave: every multiprocessor holds up to four blocks (as many as its shared
-// memory allows), each streaming a long run of tiles.
-Plan make_plan(LowRankOp op, const LowRankParams& p, int num_sms) {
+// Splits the long dimension (the reduced one of down / grad_A, the columns of up) so that the
+// grid is one full wave: every multiprocessor holds `blocks_per_sm` blocks, each streaming a long
+// run of tiles.
+Plan make_plan(LowRankOp op, const LowRankParams& p, int num_sms, int blocks_per_sm) {
   Plan pl;
   pl.rp = cdiv(p.segment_rank, 16) * 16;
   pl.n_pad = cdiv(p.n, kTile) * kTile;
   pl.d_pad = cdiv(p.d, kTile) * kTile;
-  const int64_t tiles_long = op == LowRankOp::kGradA ? cdiv(p.n, kTile) : cdiv(p.d, kTile);
-  const int64_t tiles_other = op == LowRankOp::kDown    ? cdiv(p.n, kTile) * p.segments
-                              : op == LowRankOp::kGradA ? cdiv(p.d, kTile) * p.segments
-                                                        : cdiv(p.n, kTile);
-  const size_t per_sm = p.smem_per_sm > 0 ? p.smem_per_sm : size_t(100) * 1024;
-  const int64_t blocks_per_sm = std::max<int64_t>(
-      1, std::min<int64_t>(4, static_cast<int64_t>(per_sm / (smem_bytes(op, p, int(pl.rp)) + 1024))));
-  const int64_t target = blocks_per_sm * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
+  const bool over_rows = op == LowRankOp::kGradA || op == LowRankOp::kGradAUpDx;
+  const int64_t tiles_long = over_rows ? cdiv(p.n, kTile) : cdiv(p.d, kTile);
+  const int64_t tiles_other = op == LowRankOp::kDown ? cdiv(p.n, kTile) * p.segments
+                              : over_rows            ? cdiv(p.d, kTile) * p.segments
+                                                     : cdiv(p.n, kTile);  // the up ops
+  const int64_t target = std::max(1, blocks_per_sm) * static_cast<int64_t>(std::max(1, num_sms));
   int64_t s = target / (tiles_other > 0 ? tiles_other : 1);
   s = std::max<int64_t>(1, std::min<int64_t>({s, tiles_long, 65535}));
   pl.per_split = std::max<int64_t>(1, cdiv(tiles_long, s));
@@ -566,9 +807,15 @@ size_t smem_bytes(LowRankOp op, const LowRankParams& p, int rp) {
   switch (op) {
     case LowRankOp::kDown: return down_smem(rp, p.x_prev != nullptr);
     case LowRankOp::kGradA: return grad_a_smem(rp, p.x_prev != nullptr);
-    case LowRankOp::kUpDx: return up_dx_smem(rp, p.segments);
+    case LowRankOp::kGradAUpDx: return grad_a_up_smem(rp, p.x_prev != nullptr);
+    case LowRankOp::kUpDx: return up_smem(rp, p.segments, false);
+    case LowRankOp::kUpOut: return up_smem(rp, p.segments, true);
   }
   return 0;
+}
+
+bool aligned(const void* ptr, uintptr_t bytes) {
+  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 Common make_common(const LowRankParams& p, const Plan& pl) {
@@ -581,13 +828,10 @@ Common make_common(const LowRankParams& p, const Plan& pl) {
   c.per_split = pl.per_split;
   c.dropout = p.p > 0.f;
   c.threshold = dropout_threshold(p.p);
-  c.scale = c.dropout ? 1.f / (1.f - p.p) : 1.f;
+  c.scale = p.alpha * (c.dropout ? 1.f / (1.f - p.p) : 1.f);
   c.seed = p.seed;
+  c.wide_rank = c.R % 8 == 0 && c.sr % 8 == 0 && aligned(p.dz, 16);
   return c;
-}
-
-bool aligned(const void* ptr, uintptr_t bytes) {
-  return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
 }
 
 // Allows `Kernel` the largest dynamic shared memory any supported problem needs. The attribute
@@ -607,17 +851,39 @@ cudaError_t allow_smem() {
   return err;
 }
 
+// Blocks of `Kernel` with `smem` bytes of shared memory that one multiprocessor runs at once
+// (registers and shared memory both count), capped at kMaxBlocksPerSm. The last answer is kept,
+// keyed by smem, so a run of launches of one shape asks the runtime once.
+template <auto Kernel>
+int blocks_per_sm(size_t smem) {
+  static std::atomic<uint64_t> last{0};  // (smem + 1) << 8 | blocks
+  const uint64_t seen = last.load(std::memory_order_relaxed);
+  if ((seen >> 8) == smem + 1) return static_cast<int>(seen & 0xff);
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, kThreads, smem) !=
+          cudaSuccess ||
+      blocks < 1) {
+    (void)cudaGetLastError();
+    blocks = 1;
+  }
+  blocks = std::min(blocks, kMaxBlocksPerSm);
+  last.store(((uint64_t(smem) + 1) << 8) | uint64_t(blocks), std::memory_order_relaxed);
+  return blocks;
+}
+
 // down or grad_A (`Kernel`, which reads x [+ x_prev] and `operand`: A or dz): the main kernel
 // over a grid of tiles x splits x segments, then the reduction of its partials. `other` is the
-// output's non-rank dimension (n or d) and `pad` that rounded up to the tile.
+// output's non-rank dimension (n or d); rank_cols as in reduce_splits_kernel.
 template <auto Kernel, typename T>
-cudaError_t launch_over_x(const LowRankParams& p, const Plan& pl, const Common& c,
-                          const T* operand, bool rank_cols, int64_t other, int64_t pad,
-                          size_t smem, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(cdiv(other, kTile)), static_cast<unsigned>(pl.splits),
-                  static_cast<unsigned>(p.segments));
+cudaError_t launch_over_x(LowRankOp op, const LowRankParams& p, int num_sms, const T* operand,
+                          bool rank_cols, int64_t other, size_t smem, cudaStream_t stream) {
   const cudaError_t err = allow_smem<Kernel>();
   if (err != cudaSuccess) return err;
+  const Plan pl = make_plan(op, p, num_sms, blocks_per_sm<Kernel>(smem));
+  const Common c = make_common(p, pl);
+  const int64_t pad = rank_cols ? pl.n_pad : pl.d_pad;
+  const dim3 grid(static_cast<unsigned>(cdiv(other, kTile)), static_cast<unsigned>(pl.splits),
+                  static_cast<unsigned>(p.segments));
   Kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(p.x),
                                            static_cast<const T*>(p.x_prev), operand, p.workspace,
                                            c, pad);
@@ -627,55 +893,87 @@ cudaError_t launch_over_x(const LowRankParams& p, const Plan& pl, const Common& 
   return cudaSuccess;
 }
 
-template <typename T, bool VEC, int NF>
-cudaError_t launch_op(LowRankOp op, const LowRankParams& p, const Plan& pl, const Common& c,
+// grad_A and the low-rank dx of one segment in one pass (grad_a_up_kernel), then the reduction
+// of the dA partials.
+template <auto Kernel, typename T>
+cudaError_t launch_grad_a_up(const LowRankParams& p, int num_sms, size_t smem,
+                             cudaStream_t stream) {
+  const cudaError_t err = allow_smem<Kernel>();
+  if (err != cudaSuccess) return err;
+  const Plan pl = make_plan(LowRankOp::kGradAUpDx, p, num_sms, blocks_per_sm<Kernel>(smem));
+  const Common c = make_common(p, pl);
+  const dim3 grid(static_cast<unsigned>(cdiv(p.d, kTile)), static_cast<unsigned>(pl.splits));
+  Kernel<<<grid, kThreads, smem, stream>>>(
+      static_cast<const T*>(p.x), static_cast<const T*>(p.x_prev), static_cast<const T*>(p.dz),
+      static_cast<const T*>(p.A), p.workspace, static_cast<T*>(p.out2), c, pl.d_pad);
+  reduce_splits_kernel<T><<<1024, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
+                                                    /*rank_cols=*/false, p.d, pl.splits, pl.d_pad,
+                                                    static_cast<int>(pl.rp));
+  return cudaSuccess;
+}
+
+// An up kernel over a grid of 64-row tiles x splits of the columns.
+template <auto Kernel, typename T>
+cudaError_t launch_up(LowRankOp op, const LowRankParams& p, int num_sms, size_t smem,
                       cudaStream_t stream) {
-  const T* A = static_cast<const T*>(p.A);
-  const T* dz = static_cast<const T*>(p.dz);
+  const cudaError_t err = allow_smem<Kernel>();
+  if (err != cudaSuccess) return err;
+  const Plan pl = make_plan(op, p, num_sms, blocks_per_sm<Kernel>(smem));
+  const Common c = make_common(p, pl);
+  const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits));
+  Kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(p.dz), static_cast<const T*>(p.A),
+                                           static_cast<T*>(p.out), c);
+  return cudaSuccess;
+}
+
+template <typename T, bool VEC, int NF>
+cudaError_t launch_op(LowRankOp op, const LowRankParams& p, int num_sms, cudaStream_t stream) {
   const size_t smem = smem_bytes(op, p, 16 * NF);
   cudaError_t err = cudaSuccess;
   switch (op) {
     case LowRankOp::kDown:
-      err = launch_over_x<down_kernel<T, VEC, NF>>(p, pl, c, A, /*rank_cols=*/true, p.n,
-                                                   pl.n_pad, smem, stream);
+      err = launch_over_x<down_kernel<T, VEC, NF>>(op, p, num_sms, static_cast<const T*>(p.A),
+                                                   /*rank_cols=*/true, p.n, smem, stream);
       break;
     case LowRankOp::kGradA:
-      err = launch_over_x<grad_a_kernel<T, VEC, NF>>(p, pl, c, dz, /*rank_cols=*/false, p.d,
-                                                     pl.d_pad, smem, stream);
+      err = launch_over_x<grad_a_kernel<T, VEC, NF>>(op, p, num_sms, static_cast<const T*>(p.dz),
+                                                     /*rank_cols=*/false, p.d, smem, stream);
       break;
-    case LowRankOp::kUpDx: {
-      const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits));
-      if ((err = allow_smem<up_dx_kernel<T, VEC, NF>>()) != cudaSuccess) return err;
-      up_dx_kernel<T, VEC, NF><<<grid, kThreads, smem, stream>>>(dz, A, static_cast<T*>(p.out), c);
+    case LowRankOp::kGradAUpDx:
+      err = launch_grad_a_up<grad_a_up_kernel<T, VEC, NF>, T>(p, num_sms, smem, stream);
       break;
-    }
+    case LowRankOp::kUpDx:
+      err = launch_up<up_kernel<T, VEC, NF, false>, T>(op, p, num_sms, smem, stream);
+      break;
+    case LowRankOp::kUpOut:
+      err = launch_up<up_kernel<T, VEC, NF, true>, T>(op, p, num_sms, smem, stream);
+      break;
   }
   if (err != cudaSuccess) return err;
   return cudaGetLastError();
 }
 
 template <typename T, bool VEC>
-cudaError_t launch_rank(LowRankOp op, const LowRankParams& p, const Plan& pl, const Common& c,
-                        cudaStream_t stream) {
-  switch (pl.rp / 16) {
-    case 1: return launch_op<T, VEC, 1>(op, p, pl, c, stream);
-    case 2: return launch_op<T, VEC, 2>(op, p, pl, c, stream);
-    case 3: return launch_op<T, VEC, 3>(op, p, pl, c, stream);
-    default: return launch_op<T, VEC, 4>(op, p, pl, c, stream);
+cudaError_t launch_rank(LowRankOp op, const LowRankParams& p, int num_sms, cudaStream_t stream) {
+  switch (cdiv(p.segment_rank, 16)) {
+    case 1: return launch_op<T, VEC, 1>(op, p, num_sms, stream);
+    case 2: return launch_op<T, VEC, 2>(op, p, num_sms, stream);
+    case 3: return launch_op<T, VEC, 3>(op, p, num_sms, stream);
+    default: return launch_op<T, VEC, 4>(op, p, num_sms, stream);
   }
 }
 
 template <typename T>
 cudaError_t launch_typed(LowRankOp op, const LowRankParams& p, int num_sms, cudaStream_t stream) {
-  const Plan pl = make_plan(op, p, num_sms);
-  const Common c = make_common(p, pl);
-  // Fast path: 16-byte copies of x / x_prev / A / out, 4-byte copies of dz element pairs.
+  const int64_t R = p.segments * p.segment_rank;
+  // Fast path: 16-byte copies of x / x_prev / A / out, 4-byte copies of dz element pairs (of z
+  // and B rows for up_out).
   const bool vec = p.d % 8 == 0 && aligned(p.x, 16) && aligned(p.x_prev, 16) &&
-                   aligned(p.A, 16) && aligned(p.out, 16) &&
+                   aligned(p.A, 16) && aligned(p.out, 16) && aligned(p.out2, 16) &&
                    (op == LowRankOp::kDown ||
-                    (c.R % 2 == 0 && c.sr % 2 == 0 && aligned(p.dz, 4)));
-  return vec ? launch_rank<T, true>(op, p, pl, c, stream)
-             : launch_rank<T, false>(op, p, pl, c, stream);
+                    (R % 2 == 0 && p.segment_rank % 2 == 0 && aligned(p.dz, 4)));
+  return vec ? launch_rank<T, true>(op, p, num_sms, stream)
+             : launch_rank<T, false>(op, p, num_sms, stream);
 }
 
 }  // namespace
@@ -687,17 +985,21 @@ bool lowrank_supported(DType dtype, int64_t segment_rank, int64_t segments, bool
   // Tensor-core fragments of both 16-bit types and asynchronous copies: compute capability 8.0+.
   if ((dtype != DType::kFloat16 && dtype != DType::kBFloat16) || device_major < 8) return false;
   const int rp = static_cast<int>(cdiv(segment_rank, 16) * 16);
-  return std::max({down_smem(rp, with_prev), grad_a_smem(rp, with_prev), up_dx_smem(rp, segments)}) <=
-         kMaxSmemBytes;
+  return std::max({down_smem(rp, with_prev), grad_a_smem(rp, with_prev),
+                   up_smem(rp, segments, false), up_smem(rp, segments, true),
+                   segments == 1 ? grad_a_up_smem(rp, with_prev) : size_t(0)}) <= kMaxSmemBytes;
 }
 size_t lowrank_workspace_floats(LowRankOp op, const LowRankParams& params, int num_sms) {
-  const Plan pl = make_plan(op, params, num_sms);
+  // Sized for the most splits any kernel's occupancy can ask for.
+  const Plan pl = make_plan(op, params, num_sms, kMaxBlocksPerSm);
   switch (op) {
     case LowRankOp::kDown:
       return static_cast<size_t>(pl.splits * params.segments * pl.n_pad * pl.rp);
     case LowRankOp::kGradA:
+    case LowRankOp::kGradAUpDx:
       return static_cast<size_t>(pl.splits * params.segments * pl.rp * pl.d_pad);
-    case LowRankOp::kUpDx: return 0;
+    case LowRankOp::kUpDx:
+    case LowRankOp::kUpOut: return 0;
   }
   return 0;
 }
@@ -707,7 +1009,12 @@ cudaError_t lowrank_launch(LowRankOp op, const LowRankParams& params, DType dtyp
   if (params.n <= 0 || params.d <= 0 || params.segments < 1 || params.segments > 65535 ||
       params.segment_rank < 1 || params.segment_rank > kFusedMaxRank)
     return cudaErrorInvalidValue;
-  if (op != LowRankOp::kUpDx && params.workspace == nullptr) return cudaErrorInvalidValue;
+  const bool up = op == LowRankOp::kUpDx || op == LowRankOp::kUpOut;
+  if (!up && params.workspace == nullptr) return cudaErrorInvalidValue;
+  if (op == LowRankOp::kUpOut && (params.segments != 1 || params.p != 0.f))
+    return cudaErrorInvalidValue;
+  if (op == LowRankOp::kGradAUpDx && (params.segments != 1 || params.out2 == nullptr))
+    return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat16: return launch_typed<__half>(op, params, num_sms, stream);
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(op, params, num_sms, stream);

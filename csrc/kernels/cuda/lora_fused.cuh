@@ -1,4 +1,5 @@
-// Torch-free fused kernels of the low-rank path (fp16 / bf16, tensor cores through WMMA).
+// Torch-free fused kernels of the low-rank path (fp16 / bf16, tensor cores: WMMA fragments for
+// the reductions, raw mma.sync fragments masked and stored from registers for the up products).
 //
 // With dropout (and for the is sum x + x_prev) the low-rank path used to materialise the full-size
 // masked input once in forward and twice in backward. These kernels read x (and x_prev) straight
@@ -7,6 +8,9 @@
 //   down:   z[:, seg k]   = drop_k(x [+ x_prev]) A_k^T                     (reads x once)
 //   grad_A: dA[seg k, :]  = dz[:, seg k]^T drop_k(x [+ x_prev])            (reads x once)
 //   up_dx:  out           = sum_k drop_k(dz[:, seg k] A_k)                  (writes out once)
+//   up_out: out           = alpha z B^T                                    (the forward's s z B^T)
+//   grad_A_up_dx: grad_A and up_dx of one segment in one pass: each element pair's mask is made
+//           once for both                                 (reads x once, writes out2 once)
 // A segment is a block of `segment_rank` rows of A with its own mask (bs chains). Reductions run
 // over a split of the long dimension into fp32 partial sums in a workspace, summed in a fixed
 // order by a second small kernel, so results are deterministic. Everything runs on `stream`
@@ -30,20 +34,23 @@ constexpr int64_t kFusedMaxRank = 64;
 struct LowRankParams {
   const void* x = nullptr;       // [n, d] contiguous (down, grad_A)
   const void* x_prev = nullptr;  // [n, d] or nullptr
-  const void* A = nullptr;       // [segments * segment_rank, d] contiguous
-  const void* dz = nullptr;      // [n, segments * segment_rank] contiguous (grad_A, up_dx)
-  void* out = nullptr;           // z [n, R] (down), dA [R, d] (grad_A), [n, d] (up_dx)
+  const void* A = nullptr;       // [segments * segment_rank, d] contiguous; B [d, R] (up_out)
+  const void* dz = nullptr;      // [n, segments * segment_rank] contiguous (grad_A, up_dx); z
+                                 // (up_out)
+  void* out = nullptr;           // z [n, R] (down), dA [R, d] (grad_A, grad_A_up_dx), [n, d]
+                                 // (up_dx, up_out)
+  void* out2 = nullptr;          // [n, d]: the low-rank input gradient (grad_A_up_dx)
   float* workspace = nullptr;    // fp32, at least lowrank_workspace_floats(...) elements
   int64_t n = 0;
   int64_t d = 0;
   int64_t segments = 1;
   int64_t segment_rank = 0;
-  float p = 0.f;                 // dropout probability in [0, 1)
+  float p = 0.f;                 // dropout probability in [0, 1); 0 for up_out
+  float alpha = 1.f;             // factor on the result (the LoRA scaling of up_out)
   uint64_t seed = 0;
-  size_t smem_per_sm = 0;        // shared memory per multiprocessor (bytes), sizes the grid
 };
 
-enum class LowRankOp { kDown, kGradA, kUpDx };
+enum class LowRankOp { kDown, kGradA, kUpDx, kUpOut, kGradAUpDx };
 
 // Dynamic shared memory the kernels may ask for (every GPU of compute capability 8.0+ has it).
 constexpr size_t kMaxSmemBytes = 96 * 1024;
@@ -53,7 +60,7 @@ constexpr size_t kMaxSmemBytes = 96 * 1024;
 bool lowrank_supported(DType dtype, int64_t segment_rank, int64_t segments, bool with_prev,
                        int device_major);
 
-// fp32 elements of workspace the op needs (0 for kUpDx), for `num_sms` multiprocessors.
+// fp32 elements of workspace the op needs (0 for the up ops), for `num_sms` multiprocessors.
 size_t lowrank_workspace_floats(LowRankOp op, const LowRankParams& params, int num_sms);
 
 // Launches the op on `stream`; returns the launch status.

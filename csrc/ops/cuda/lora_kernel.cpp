@@ -50,7 +50,6 @@ struct FusedProblem {
   bool ok = false;
   int64_t segment_rank = 0;
   int num_sms = 0;
-  size_t smem_per_sm = 0;
 };
 
 FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R, double p,
@@ -61,7 +60,6 @@ FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R,
   fp.segment_rank = p == 0.0 && R <= kernels::kFusedMaxRank ? R : segment_rank;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   fp.num_sms = prop->multiProcessorCount;
-  fp.smem_per_sm = prop->sharedMemPerMultiprocessor;
   fp.ok = kernels::lowrank_supported(to_kernel_dtype(t.scalar_type()), fp.segment_rank,
                                      R / fp.segment_rank, with_prev, prop->major);
   return fp;
@@ -76,7 +74,6 @@ kernels::LowRankParams lowrank_params(int64_t n, int64_t d, int64_t R, const Fus
   prm.segments = R / fp.segment_rank;
   prm.p = static_cast<float>(p);
   prm.seed = static_cast<uint64_t>(seed);
-  prm.smem_per_sm = fp.smem_per_sm;
   return prm;
 }
 
@@ -145,9 +142,62 @@ bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64
   return true;
 }
 
+// Outputs up to this many elements take the fused up kernel in the forward; larger ones take
+// cuBLAS. Measured on the H200 (bench/cuda/lowrank_bench.cu): for 8192 x 4096 cuBLAS writes
+// s z B^T in 24 us and the up kernel in 37 us, while at small sizes the time is the launch, and
+// a kernel launch costs the host a fraction of a cuBLAS call.
+constexpr int64_t kFusedUpOutMaxElements = int64_t(1) << 22;
+
+// The forward's low-rank output y = scaling z2 B^T (one segment of the whole rank, no dropout),
+// which the base GEMM then accumulates onto.
+bool fused_up_out_cuda(const at::Tensor& z2, const at::Tensor& B, double scaling, at::Tensor* y) {
+  const int64_t n = z2.size(0), d = B.size(0), R = B.size(1);
+  if (n * d > kFusedUpOutMaxElements) return false;
+  const FusedProblem fp = fused_problem(z2, n, d, R, 0.0, R, false);
+  if (!fp.ok || fp.segment_rank != R) return false;
+  const c10::cuda::CUDAGuard guard(z2.device());
+  const at::Tensor zc = z2.contiguous();
+  const at::Tensor Bc = B.contiguous();
+  *y = at::empty({n, d}, z2.options());
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, 0.0, 0);
+  prm.dz = zc.const_data_ptr();
+  prm.A = Bc.const_data_ptr();
+  prm.out = y->mutable_data_ptr();
+  prm.alpha = static_cast<float>(scaling);
+  launch_lowrank(kernels::LowRankOp::kUpOut, prm, z2, fp);
+  return true;
+}
+
+// grad_A and the low-rank dx of a one-segment problem in one pass over x (the mask of each
+// element pair made once for both).
+bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                             const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
+                             at::Tensor* grad_A, at::Tensor* grad_x) {
+  const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
+  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
+  if (!fp.ok || fp.segment_rank != R) return false;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const at::Tensor xc = x2.contiguous();
+  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
+  const at::Tensor dzc = dz.contiguous();
+  const at::Tensor Ac = A.contiguous();
+  *grad_A = at::empty({R, d}, x2.options());
+  *grad_x = at::empty({n, d}, x2.options());
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
+  prm.x = xc.const_data_ptr();
+  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
+  prm.dz = dzc.const_data_ptr();
+  prm.A = Ac.const_data_ptr();
+  prm.out = grad_A->mutable_data_ptr();
+  prm.out2 = grad_x->mutable_data_ptr();
+  launch_lowrank(kernels::LowRankOp::kGradAUpDx, prm, x2, fp);
+  return true;
+}
+
 constexpr detail::KernelSet kCudaKernels{&detail::dropout_sum_with<&dropout_apply_cuda>,
                                          &detail::masked_accumulate_with<&dropout_apply_cuda>,
-                                         &fused_down_cuda, &fused_grad_A_cuda, &fused_up_dx_cuda};
+                                         &fused_down_cuda, &fused_grad_A_cuda, &fused_up_dx_cuda,
+                                         &fused_up_out_cuda, &fused_grad_A_up_dx_cuda};
 
 }  // namespace
 
