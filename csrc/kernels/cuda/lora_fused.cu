@@ -382,6 +382,65 @@ __global__ void __launch_bounds__(kThreads, 5)
 #endif
 }
 
+// --- Pieces of the two dA kernels (grad_a_kernel, grad_a_up_kernel). Each warp owns 16 of the
+// block's 64 columns; its accumulators are rank (RP = 16 NF) x 16 columns in m16n8 fragments.
+
+// Tile t of x [+ x_prev] (rows t * 64 .., the block's columns) and the same rows of dz's
+// segment `seg` into their stages.
+template <typename T, bool VEC, int RP>
+__device__ __forceinline__ void copy_grad_a_tile(T* xs, T* ps, T* ds, const T* x, const T* xp,
+                                                 const T* dz, int64_t t, int64_t col0,
+                                                 const Common& c, int64_t seg, int tid) {
+  copy_swz<T, VEC, kTile>(xs, x, t * kTile, c.n, col0, c.d, tid);
+  if (xp != nullptr) copy_swz<T, VEC, kTile>(ps, xp, t * kTile, c.n, col0, c.d, tid);
+  copy_dz<T, VEC, RP>(ds, dz, t * kTile, c.n, c, seg, tid);
+}
+
+template <int NF>
+__device__ __forceinline__ void zero_grad_a(float (&acc)[NF][2][4]) {
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[f][nt][e] = 0.f;
+}
+
+// acc += dz^T x over one landed tile: xs the masked x stage, ds the dz stage ([64][RP + 8]).
+template <typename T, int NF>
+__device__ __forceinline__ void mma_grad_a(float (&acc)[NF][2][4], const T* xs, const T* ds,
+                                           int lane, int warp) {
+  constexpr int kLdz = 16 * NF + 8;
+  const int j = lane / 8, i8 = lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < kTile / 16; ++kk) {
+    uint32_t b[4];  // masked x rows (k) x this warp's 16 columns (n), transposed
+    ldmatrix_x4<true>(b, xs + swz(kk * 16 + (j % 2) * 8 + i8, warp * 2 + j / 2));
+#pragma unroll
+    for (int f = 0; f < NF; ++f) {
+      uint32_t a[4];  // dz^T: rank (m) x rows (k), from the [k][m] stage
+      ldmatrix_x4<true>(a, ds + (kk * 16 + (j / 2) * 8 + i8) * kLdz + f * 16 + (j % 2) * 8);
+      Mma<T>::run(acc[f][0], a, b[0], b[1]);
+      Mma<T>::run(acc[f][1], a, b[2], b[3]);
+    }
+  }
+}
+
+// scale * acc into the warp's columns of a [RP][d_pad] partial-sum slice.
+template <int NF>
+__device__ __forceinline__ void store_grad_a(const float (&acc)[NF][2][4], float* out,
+                                             int64_t d_pad, int lane, float scale) {
+  const int g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int f = 0; f < NF; ++f)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<float2*>(out + (f * 16 + g + 8 * h) * d_pad + nt * 8 + 2 * t4) =
+            make_float2(acc[f][nt][2 * h] * scale, acc[f][nt][2 * h + 1] * scale);
+}
+
 // dA partial sums: ws[split][seg][RP][d_pad] over the row tiles of this split. Each warp owns 16
 // columns. A landed tile of x [+ x_prev] is summed and masked in place (skipped without dropout
 // and x_prev), then read transposed by ldmatrix.
@@ -398,7 +457,6 @@ __global__ void __launch_bounds__(kThreads)
   T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
   T* dr = pr + (prev ? kStages * kTile * kTile : 0);         // dz stages [kStages][64][kLdz]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int g = lane / 4, t4 = lane % 4, j = lane / 8, i8 = lane % 8;
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y, seg = blockIdx.z;
   int64_t t_begin, t_end;
@@ -410,20 +468,13 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   float acc[NF][2][4];
-#pragma unroll
-  for (int f = 0; f < NF; ++f)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[f][nt][e] = 0.f;
+  zero_grad_a(acc);
 
   stream_tiles(
       t_begin, t_end,
       [&](int64_t t, int stage) {
-        copy_swz<T, VEC, kTile>(xr + stage * kTile * kTile, x, t * kTile, c.n, col0, c.d, tid);
-        if (prev)
-          copy_swz<T, VEC, kTile>(pr + stage * kTile * kTile, xp, t * kTile, c.n, col0, c.d, tid);
-        copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c.n, c, seg, tid);
+        copy_grad_a_tile<T, VEC, RP>(xr + stage * kTile * kTile, pr + stage * kTile * kTile,
+                                     dr + stage * kTile * kLdz, x, xp, dz, t, col0, c, seg, tid);
       },
       [&](int64_t t, int stage) {
         T* xs = xr + stage * kTile * kTile;
@@ -432,28 +483,10 @@ __global__ void __launch_bounds__(kThreads)
           mask_stage<T, VEC>(xs, pr + stage * kTile * kTile, prev, t * kTile, col0, c, key, tid);
           __syncthreads();
         }
-#pragma unroll
-        for (int kk = 0; kk < kTile / 16; ++kk) {
-          uint32_t b[4];  // masked x rows (k) x this warp's 16 columns (n), transposed
-          ldmatrix_x4<true>(b, xs + swz(kk * 16 + (j % 2) * 8 + i8, warp * 2 + j / 2));
-#pragma unroll
-          for (int f = 0; f < NF; ++f) {
-            uint32_t a[4];  // dz^T: rank (m) x rows (k), from the [k][m] stage
-            ldmatrix_x4<true>(a, ds + (kk * 16 + (j / 2) * 8 + i8) * kLdz + f * 16 + (j % 2) * 8);
-            Mma<T>::run(acc[f][0], a, b[0], b[1]);
-            Mma<T>::run(acc[f][1], a, b[2], b[3]);
-          }
-        }
+        mma_grad_a<T, NF>(acc, xs, ds, lane, warp);
       });
-  float* out = ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16;
-#pragma unroll
-  for (int f = 0; f < NF; ++f)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<float2*>(out + (f * 16 + g + 8 * h) * d_pad + nt * 8 + 2 * t4) =
-            make_float2(acc[f][nt][2 * h] * c.scale, acc[f][nt][2 * h + 1] * c.scale);
+  store_grad_a(acc, ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16, d_pad, lane,
+               c.scale);
 #endif
 }
 
@@ -491,20 +524,13 @@ __global__ void __launch_bounds__(kThreads)
   copy_rows<T, VEC, RP>(as, A, c.sr, col0, c.d, tid);  // lands with the first tile
 
   float acc[NF][2][4];
-#pragma unroll
-  for (int f = 0; f < NF; ++f)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[f][nt][e] = 0.f;
+  zero_grad_a(acc);
 
   stream_tiles(
       t_begin, t_end,
       [&](int64_t t, int stage) {
-        copy_swz<T, VEC, kTile>(xr + stage * kTile * kTile, x, t * kTile, c.n, col0, c.d, tid);
-        if (prev)
-          copy_swz<T, VEC, kTile>(pr + stage * kTile * kTile, xp, t * kTile, c.n, col0, c.d, tid);
-        copy_dz<T, VEC, RP>(dr + stage * kTile * kLdz, dz, t * kTile, c.n, c, 0, tid);
+        copy_grad_a_tile<T, VEC, RP>(xr + stage * kTile * kTile, pr + stage * kTile * kTile,
+                                     dr + stage * kTile * kLdz, x, xp, dz, t, col0, c, 0, tid);
       },
       [&](int64_t t, int stage) {
         T* xs = xr + stage * kTile * kTile;
@@ -573,28 +599,9 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kTile / 16; ++kk) {
-          uint32_t b[4];
-          ldmatrix_x4<true>(b, xs + swz(kk * 16 + (j % 2) * 8 + i8, warp * 2 + j / 2));
-#pragma unroll
-          for (int f = 0; f < NF; ++f) {
-            uint32_t a[4];
-            ldmatrix_x4<true>(a, ds + (kk * 16 + (j / 2) * 8 + i8) * kLdz + f * 16 + (j % 2) * 8);
-            Mma<T>::run(acc[f][0], a, b[0], b[1]);
-            Mma<T>::run(acc[f][1], a, b[2], b[3]);
-          }
-        }
+        mma_grad_a<T, NF>(acc, xs, ds, lane, warp);
       });
-  float* out = ws + blockIdx.y * RP * d_pad + col0 + warp * 16;
-#pragma unroll
-  for (int f = 0; f < NF; ++f)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        *reinterpret_cast<float2*>(out + (f * 16 + g + 8 * h) * d_pad + nt * 8 + 2 * t4) =
-            make_float2(acc[f][nt][2 * h] * c.scale, acc[f][nt][2 * h + 1] * c.scale);
+  store_grad_a(acc, ws + blockIdx.y * RP * d_pad + col0 + warp * 16, d_pad, lane, c.scale);
 #endif
 }
 
