@@ -490,6 +490,56 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
+// --- Pieces of the two up products (up_kernel, grad_a_up_kernel). Each warp owns 16 rows; the
+// columns go in halves of 32 so that one half's fragments are live at a time.
+
+// acc = this warp's 16 rows of dz (a [64][16 NF + 8] stage) times columns half * 32 .. + 32 of
+// M: A rows ([16 NF][kLd] stage, [k][n]) or, BT, B rows ([64][16 NF + 8] stage, [n][k]).
+template <typename T, int NF, bool BT>
+__device__ __forceinline__ void mma_up_half(float (&acc)[4][4], const T* dseg, const T* mseg,
+                                            int half, int lane, int warp) {
+  constexpr int kLdz = 16 * NF + 8;
+  const int j = lane / 8, i8 = lane % 8;
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < NF; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4<false>(a, dseg + (warp * 16 + lane % 16) * kLdz + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int np = 0; np < 2; ++np) {  // two 8-column tiles per load
+      uint32_t b[4];
+      if (BT) {  // M^T rows are B rows: [n][k], no transpose
+        ldmatrix_x4<false>(b, mseg + (half * 32 + np * 16 + (j / 2) * 8 + i8) * kLdz + kk * 16 +
+                                  (j % 2) * 8);
+      } else {  // A rows are [k][n]
+        ldmatrix_x4<true>(b, mseg + (kk * 16 + (j % 2) * 8 + i8) * kLd + half * 32 + np * 16 +
+                                 (j / 2) * 8);
+      }
+      Mma<T>::run(acc[2 * np], a, b[0], b[1]);
+      Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// scale * v (a warp's 16 x 32 fragments) rounded to T into staging rows: `rows` is the warp's
+// first row at the half's first column, `ld` the staging row length in elements (even).
+template <typename T>
+__device__ __forceinline__ void stage_half(T* rows, int ld, const float (&v)[4][4], float scale,
+                                           int lane) {
+  const int g = lane / 4, t4 = lane % 4;
+  uint32_t* st = reinterpret_cast<uint32_t*>(rows);
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      T pair[2] = {Cvt<T>::t(scale * v[nt][2 * h]), Cvt<T>::t(scale * v[nt][2 * h + 1])};
+      st[((g + 8 * h) * ld) / 2 + nt * 4 + t4] = *reinterpret_cast<const uint32_t*>(pair);
+    }
+}
+
 // The two backward products of one segment that share the mask of x, in one pass over x: dA
 // partial sums as grad_a_kernel (ws[split][RP][d_pad]) and the low-rank input gradient
 // out2 = drop(dz A) over the same tiles. Per tile of 64 rows x the block's 64 columns: the
@@ -512,7 +562,6 @@ __global__ void __launch_bounds__(kThreads)
   T* as = dr + kStages * kTile * kLdz;                       // A columns of the block [RP][kLd]
   T* os = as + RP * kLd;                                     // staged dz A tile [64][kLd]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int g = lane / 4, t4 = lane % 4, j = lane / 8, i8 = lane % 8;
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
   int64_t t_begin, t_end;
   split_range((c.n + kTile - 1) / kTile, c.per_split, blockIdx.y, &t_begin, &t_end);
@@ -540,33 +589,8 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll 1
         for (int half = 0; half < 2; ++half) {
           float up[4][4];
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) up[nt][e] = 0.f;
-#pragma unroll
-          for (int kk = 0; kk < NF; ++kk) {
-            uint32_t a[4];
-            ldmatrix_x4<false>(a, ds + (warp * 16 + lane % 16) * kLdz + kk * 16 + (lane / 16) * 8);
-#pragma unroll
-            for (int np = 0; np < 2; ++np) {
-              uint32_t b[4];
-              ldmatrix_x4<true>(b, as + (kk * 16 + (j % 2) * 8 + i8) * kLd + half * 32 + np * 16 +
-                                       (j / 2) * 8);
-              Mma<T>::run(up[2 * np], a, b[0], b[1]);
-              Mma<T>::run(up[2 * np + 1], a, b[2], b[3]);
-            }
-          }
-          uint32_t* st = reinterpret_cast<uint32_t*>(os);
-#pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              T pair[2] = {Cvt<T>::t(c.scale * up[nt][2 * h]),
-                           Cvt<T>::t(c.scale * up[nt][2 * h + 1])};
-              st[((warp * 16 + g + 8 * h) * kLd + half * 32 + nt * 8 + 2 * t4) / 2] =
-                  *reinterpret_cast<const uint32_t*>(pair);
-            }
+          mma_up_half<T, NF, false>(up, ds, as, half, lane, warp);
+          stage_half<T>(os + warp * 16 * kLd + half * 32, kLd, up, c.scale, lane);
         }
         __syncthreads();
         // One mask per element pair for both: x [+ x_prev] in place, the staged tile to memory.
@@ -681,28 +705,7 @@ __global__ void __launch_bounds__(kThreads)
         const T* dseg = ds + seg * kTile * kLdz;
         const T* mseg = ms + (stage * c.segments + seg) * kStage;
         float acc[4][4];
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[nt][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < NF; ++kk) {
-          uint32_t a[4];
-          ldmatrix_x4<false>(a, dseg + (warp * 16 + lane % 16) * kLdz + kk * 16 + (lane / 16) * 8);
-          const int j = lane / 8, i8 = lane % 8;
-#pragma unroll
-          for (int np = 0; np < 2; ++np) {  // two 8-column tiles per load
-            const int n0 = half * 32 + np * 16 + (j / 2) * 8;
-            uint32_t b[4];
-            if (BT) {  // M^T rows are B rows: [n][k], no transpose
-              ldmatrix_x4<false>(b, mseg + (n0 + i8) * kLdz + kk * 16 + (j % 2) * 8);
-            } else {  // A rows are [k][n]
-              ldmatrix_x4<true>(b, mseg + (kk * 16 + (j % 2) * 8 + i8) * kLd + n0);
-            }
-            Mma<T>::run(acc[2 * np], a, b[0], b[1]);
-            Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
-          }
-        }
+        mma_up_half<T, NF, BT>(acc, dseg, mseg, half, lane, warp);
         if (c.dropout) {
           const uint64_t key = dropout_key(c.seed, seg);
           const uint64_t flat0 = uint64_t(rg * c.d + col0 + 2 * t4);  // row rg, first pair
@@ -725,14 +728,7 @@ __global__ void __launch_bounds__(kThreads)
       if (VEC) {
         // Through the warp's own staging rows: 16-byte stores, each row's 64 bytes whole
         // sectors (4-byte stores straight from the fragments halve the store throughput).
-        uint32_t* st = reinterpret_cast<uint32_t*>(stg + warp * 16 * kLdo);
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            T pair[2] = {Cvt<T>::t(alpha * sum[nt][2 * h]), Cvt<T>::t(alpha * sum[nt][2 * h + 1])};
-            st[((g + 8 * h) * kLdo) / 2 + nt * 4 + t4] = *reinterpret_cast<const uint32_t*>(pair);
-          }
+        stage_half<T>(stg + warp * 16 * kLdo, kLdo, sum, alpha, lane);
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
