@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -159,32 +160,26 @@ constexpr size_t up_smem(int rp, int64_t segments, bool bt) {
 }
 
 // --- Raw tensor-core fragments (mma.sync m16n8k16, fp32 accumulators), whose register layout is
-// fixed by the PTX ISA: the up kernels mask and store their results straight from registers.
+// fixed by the PTX ISA, so the kernels can address (and mask) their elements.
 // A (16 x 16, row-major): a[0] = (row g, cols 2t, 2t+1), a[1] = (g + 8, 2t), a[2] = (g, 2t + 8),
 // a[3] = (g + 8, 2t + 8); B (16 x 8): b[0] = (rows 2t, 2t+1, col g), b[1] = (2t + 8, g);
 // C: c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (g + 8, 2t, 2t+1); g = lane / 4, t = lane % 4.
+#define RESLORA_MMA_16816(TYPE)                                                                \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                         \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                 \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
+struct Mma {
   __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (std::is_same_v<T, __half>) {
+      RESLORA_MMA_16816("f16");
+    } else {
+      RESLORA_MMA_16816("bf16");
+    }
   }
 };
-template <>
-struct Mma<__half> {
-  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
+#undef RESLORA_MMA_16816
 
 // Four 8 x 8 matrices of 16-bit elements from shared memory; lane l gives the row address of
 // matrix l / 8, row l % 8. TRANS: each matrix transposed on the way.
@@ -317,8 +312,9 @@ __device__ __forceinline__ void mask_stage(T* xs, const T* ps, bool prev, int64_
 // and x_prev), then read by ldmatrix straight from its stage.
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads, 5)
-    down_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ A,
-                float* __restrict__ ws, Common c, int64_t n_pad) {
+    down_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ /*dz*/,
+                const T* __restrict__ A, float* __restrict__ ws, T* __restrict__ /*out2*/,
+                Common c, int64_t n_pad) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -441,55 +437,6 @@ __device__ __forceinline__ void store_grad_a(const float (&acc)[NF][2][4], float
             make_float2(acc[f][nt][2 * h] * scale, acc[f][nt][2 * h + 1] * scale);
 }
 
-// dA partial sums: ws[split][seg][RP][d_pad] over the row tiles of this split. Each warp owns 16
-// columns. A landed tile of x [+ x_prev] is summed and masked in place (skipped without dropout
-// and x_prev), then read transposed by ldmatrix.
-template <typename T, bool VEC, int NF>
-__global__ void __launch_bounds__(kThreads)
-    grad_a_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ dz,
-                  float* __restrict__ ws, Common c, int64_t d_pad) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  constexpr int RP = 16 * NF;
-  constexpr int kLdz = RP + 8;
-  extern __shared__ __align__(128) unsigned char smem[];
-  const bool prev = xp != nullptr;
-  T* xr = reinterpret_cast<T*>(smem);                       // x stages [kStages][64][64]
-  T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
-  T* dr = pr + (prev ? kStages * kTile * kTile : 0);         // dz stages [kStages][64][kLdz]
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int64_t col0 = int64_t(blockIdx.x) * kTile;
-  const int64_t split = blockIdx.y, seg = blockIdx.z;
-  int64_t t_begin, t_end;
-  split_range((c.n + kTile - 1) / kTile, c.per_split, split, &t_begin, &t_end);
-  const uint64_t key = dropout_key(c.seed, seg);
-
-  // Rank columns past the segment's are never copied: zero them once in every stage.
-  for (int e = tid; e < kStages * kTile * kLdz; e += kThreads) dr[e] = Cvt<T>::t(0.f);
-  __syncthreads();
-
-  float acc[NF][2][4];
-  zero_grad_a(acc);
-
-  stream_tiles(
-      t_begin, t_end,
-      [&](int64_t t, int stage) {
-        copy_grad_a_tile<T, VEC, RP>(xr + stage * kTile * kTile, pr + stage * kTile * kTile,
-                                     dr + stage * kTile * kLdz, x, xp, dz, t, col0, c, seg, tid);
-      },
-      [&](int64_t t, int stage) {
-        T* xs = xr + stage * kTile * kTile;
-        const T* ds = dr + stage * kTile * kLdz;
-        if (prev || c.dropout) {
-          mask_stage<T, VEC>(xs, pr + stage * kTile * kTile, prev, t * kTile, col0, c, key, tid);
-          __syncthreads();
-        }
-        mma_grad_a<T, NF>(acc, xs, ds, lane, warp);
-      });
-  store_grad_a(acc, ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16, d_pad, lane,
-               c.scale);
-#endif
-}
-
 // --- Pieces of the two up products (up_kernel, grad_a_up_kernel). Each warp owns 16 rows; the
 // columns go in halves of 32 so that one half's fragments are live at a time.
 
@@ -540,17 +487,19 @@ __device__ __forceinline__ void stage_half(T* rows, int ld, const float (&v)[4][
     }
 }
 
-// The two backward products of one segment that share the mask of x, in one pass over x: dA
-// partial sums as grad_a_kernel (ws[split][RP][d_pad]) and the low-rank input gradient
-// out2 = drop(dz A) over the same tiles. Per tile of 64 rows x the block's 64 columns: the
-// tensor cores write dz A (times 1 / (1 - p)) into a staging tile; one pass computes each
-// element pair's mask once, masks x [+ x_prev] in place and the staged tile on its way to memory
-// (16-byte stores); then dA accumulates over the masked x.
-template <typename T, bool VEC, int NF>
-__global__ void __launch_bounds__(kThreads)
-    grad_a_up_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ dz,
-                     const T* __restrict__ A, float* __restrict__ ws, T* __restrict__ out2,
-                     Common c, int64_t d_pad) {
+// dA partial sums ws[split][seg][RP][d_pad] over the row tiles of this split; each warp owns 16
+// columns. A landed tile of x [+ x_prev] is summed and masked in place (skipped without dropout
+// and x_prev), then read transposed by ldmatrix.
+// UP (one segment): the same pass also writes the low-rank input gradient out2 = drop(dz A),
+// the other backward product that shares the mask of x. Per tile of 64 rows x the block's 64
+// columns the tensor cores write dz A (times 1 / (1 - p)) into a staging tile; one pass makes
+// each element pair's mask once, masks x [+ x_prev] in place and the staged tile on its way to
+// memory (16-byte stores); then dA accumulates over the masked x.
+template <typename T, bool VEC, int NF, bool UP>
+__device__ __forceinline__ void grad_a_body(const T* __restrict__ x, const T* __restrict__ xp,
+                                            const T* __restrict__ dz, const T* __restrict__ A,
+                                            float* __restrict__ ws, T* __restrict__ out2,
+                                            const Common& c, int64_t d_pad) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
@@ -559,18 +508,19 @@ __global__ void __launch_bounds__(kThreads)
   T* xr = reinterpret_cast<T*>(smem);                       // x stages [kStages][64][64]
   T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
   T* dr = pr + (prev ? kStages * kTile * kTile : 0);         // dz stages [kStages][64][kLdz]
-  T* as = dr + kStages * kTile * kLdz;                       // A columns of the block [RP][kLd]
-  T* os = as + RP * kLd;                                     // staged dz A tile [64][kLd]
+  T* as = dr + kStages * kTile * kLdz;                       // UP: A columns [RP][kLd]
+  T* os = as + RP * kLd;                                     // UP: staged dz A tile [64][kLd]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
+  const int64_t split = blockIdx.y, seg = UP ? 0 : blockIdx.z;
   int64_t t_begin, t_end;
-  split_range((c.n + kTile - 1) / kTile, c.per_split, blockIdx.y, &t_begin, &t_end);
-  const uint64_t key = dropout_key(c.seed, 0);
+  split_range((c.n + kTile - 1) / kTile, c.per_split, split, &t_begin, &t_end);
+  const uint64_t key = dropout_key(c.seed, seg);
 
-  // Rank columns past R are never copied: zero them once in every stage.
+  // Rank columns past the segment's are never copied: zero them once in every stage.
   for (int e = tid; e < kStages * kTile * kLdz; e += kThreads) dr[e] = Cvt<T>::t(0.f);
   __syncthreads();
-  copy_rows<T, VEC, RP>(as, A, c.sr, col0, c.d, tid);  // lands with the first tile
+  if (UP) copy_rows<T, VEC, RP>(as, A, c.sr, col0, c.d, tid);  // lands with the first tile
 
   float acc[NF][2][4];
   zero_grad_a(acc);
@@ -579,54 +529,78 @@ __global__ void __launch_bounds__(kThreads)
       t_begin, t_end,
       [&](int64_t t, int stage) {
         copy_grad_a_tile<T, VEC, RP>(xr + stage * kTile * kTile, pr + stage * kTile * kTile,
-                                     dr + stage * kTile * kLdz, x, xp, dz, t, col0, c, 0, tid);
+                                     dr + stage * kTile * kLdz, x, xp, dz, t, col0, c, seg, tid);
       },
       [&](int64_t t, int stage) {
         T* xs = xr + stage * kTile * kTile;
         const T* ps = pr + stage * kTile * kTile;
         const T* ds = dr + stage * kTile * kLdz;
-        // dz A for this warp's 16 rows, in two halves of 32 columns, into the staging tile.
-#pragma unroll 1
-        for (int half = 0; half < 2; ++half) {
-          float up[4][4];
-          mma_up_half<T, NF, false>(up, ds, as, half, lane, warp);
-          stage_half<T>(os + warp * 16 * kLd + half * 32, kLd, up, c.scale, lane);
-        }
-        __syncthreads();
-        // One mask per element pair for both: x [+ x_prev] in place, the staged tile to memory.
-#pragma unroll
-        for (int u0 = 0; u0 < kUnits; ++u0) {
-          const int u = tid + kThreads * u0;
-          const int row = u >> 3, ch = u & 7;
-          const int64_t grow = t * kTile + row, gcol = col0 + ch * 8;
-          uint4 o = *reinterpret_cast<const uint4*>(os + row * kLd + ch * 8);
+        if (!UP) {
           if (prev || c.dropout) {
-            uint4* px = reinterpret_cast<uint4*>(xs + swz(row, ch));
-            uint4 v = *px;
-            if (prev) v = add_chunk<T>(v, *reinterpret_cast<const uint4*>(ps + swz(row, ch)));
-            if (c.dropout) {
-              uint32_t m[4];
-              chunk_masks<VEC>(key, uint64_t(grow * c.d + gcol), c.threshold, m);
-              v = and_chunk(v, m);
-              o = and_chunk(o, m);
-            }
-            *px = v;
+            mask_stage<T, VEC>(xs, ps, prev, t * kTile, col0, c, key, tid);
+            __syncthreads();
           }
-          if (grow < c.n && gcol < c.d) {
-            T* dst = out2 + grow * c.d + gcol;
-            if (VEC) {
-              *reinterpret_cast<uint4*>(dst) = o;
-            } else {
-              const T* eo = reinterpret_cast<const T*>(&o);
-              for (int k = 0; k < 8 && gcol + k < c.d; ++k) dst[k] = eo[k];
+        } else {
+          // dz A for this warp's 16 rows, in two halves of 32 columns, into the staging tile.
+#pragma unroll 1
+          for (int half = 0; half < 2; ++half) {
+            float up[4][4];
+            mma_up_half<T, NF, false>(up, ds, as, half, lane, warp);
+            stage_half<T>(os + warp * 16 * kLd + half * 32, kLd, up, c.scale, lane);
+          }
+          __syncthreads();
+          // One mask per element pair for both: x [+ x_prev] in place, the staged tile to memory.
+#pragma unroll
+          for (int u0 = 0; u0 < kUnits; ++u0) {
+            const int u = tid + kThreads * u0;
+            const int row = u >> 3, ch = u & 7;
+            const int64_t grow = t * kTile + row, gcol = col0 + ch * 8;
+            uint4 o = *reinterpret_cast<const uint4*>(os + row * kLd + ch * 8);
+            if (prev || c.dropout) {
+              uint4* px = reinterpret_cast<uint4*>(xs + swz(row, ch));
+              uint4 v = *px;
+              if (prev) v = add_chunk<T>(v, *reinterpret_cast<const uint4*>(ps + swz(row, ch)));
+              if (c.dropout) {
+                uint32_t m[4];
+                chunk_masks<VEC>(key, uint64_t(grow * c.d + gcol), c.threshold, m);
+                v = and_chunk(v, m);
+                o = and_chunk(o, m);
+              }
+              *px = v;
+            }
+            if (grow < c.n && gcol < c.d) {
+              T* dst = out2 + grow * c.d + gcol;
+              if (VEC) {
+                *reinterpret_cast<uint4*>(dst) = o;
+              } else {
+                const T* eo = reinterpret_cast<const T*>(&o);
+                for (int k = 0; k < 8 && gcol + k < c.d; ++k) dst[k] = eo[k];
+              }
             }
           }
+          __syncthreads();
         }
-        __syncthreads();
         mma_grad_a<T, NF>(acc, xs, ds, lane, warp);
       });
-  store_grad_a(acc, ws + blockIdx.y * RP * d_pad + col0 + warp * 16, d_pad, lane, c.scale);
+  store_grad_a(acc, ws + (split * c.segments + seg) * RP * d_pad + col0 + warp * 16, d_pad, lane,
+               c.scale);
 #endif
+}
+
+// The two entries of grad_a_body: dA alone (every segment), and dA with the low-rank dx.
+template <typename T, bool VEC, int NF>
+__global__ void __launch_bounds__(kThreads)
+    grad_a_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ dz,
+                  const T* __restrict__ A, float* __restrict__ ws, T* __restrict__ out2, Common c,
+                  int64_t d_pad) {
+  grad_a_body<T, VEC, NF, false>(x, xp, dz, A, ws, out2, c, d_pad);
+}
+template <typename T, bool VEC, int NF>
+__global__ void __launch_bounds__(kThreads)
+    grad_a_up_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ dz,
+                     const T* __restrict__ A, float* __restrict__ ws, T* __restrict__ out2,
+                     Common c, int64_t d_pad) {
+  grad_a_body<T, VEC, NF, true>(x, xp, dz, A, ws, out2, c, d_pad);
 }
 
 // Two elements (row, col) and (row, col + 1) of a [rows, d] output, rounded to T (odd shapes).
@@ -658,7 +632,9 @@ __device__ __forceinline__ uint32_t keep2(uint64_t key, uint64_t flat, uint32_t 
 // in registers and stores them from there.
 template <typename T, bool VEC, int NF, bool BT>
 __global__ void __launch_bounds__(kThreads)
-    up_kernel(const T* __restrict__ dz, const T* __restrict__ M, T* __restrict__ out, Common c) {
+    up_kernel(const T* __restrict__ /*x*/, const T* __restrict__ /*xp*/, const T* __restrict__ dz,
+              const T* __restrict__ M, float* __restrict__ /*ws*/, T* __restrict__ out, Common c,
+              int64_t /*pad*/) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
@@ -874,58 +850,44 @@ int blocks_per_sm(size_t smem) {
   return blocks;
 }
 
-// down or grad_A (`Kernel`, which reads x [+ x_prev] and `operand`: A or dz): the main kernel
-// over a grid of tiles x splits x segments, then the reduction of its partials. `other` is the
-// output's non-rank dimension (n or d); rank_cols as in reduce_splits_kernel.
-template <auto Kernel, typename T>
-cudaError_t launch_over_x(LowRankOp op, const LowRankParams& p, int num_sms, const T* operand,
-                          bool rank_cols, int64_t other, size_t smem, cudaStream_t stream) {
+// Before a launch of `Kernel`: its shared-memory limit, its plan for this problem (sized by its
+// occupancy with `smem` bytes) and the kernel parameters.
+template <auto Kernel>
+cudaError_t prepare(LowRankOp op, const LowRankParams& p, int num_sms, size_t smem, Plan* pl,
+                    Common* c) {
   const cudaError_t err = allow_smem<Kernel>();
   if (err != cudaSuccess) return err;
-  const Plan pl = make_plan(op, p, num_sms, blocks_per_sm<Kernel>(smem));
-  const Common c = make_common(p, pl);
-  const int64_t pad = rank_cols ? pl.n_pad : pl.d_pad;
-  const dim3 grid(static_cast<unsigned>(cdiv(other, kTile)), static_cast<unsigned>(pl.splits),
-                  static_cast<unsigned>(p.segments));
-  Kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(p.x),
-                                           static_cast<const T*>(p.x_prev), operand, p.workspace,
-                                           c, pad);
-  reduce_splits_kernel<T><<<1024, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
-                                                    rank_cols, other, pl.splits, pad,
-                                                    static_cast<int>(pl.rp));
+  *pl = make_plan(op, p, num_sms, blocks_per_sm<Kernel>(smem));
+  *c = make_common(p, *pl);
   return cudaSuccess;
 }
 
-// grad_A and the low-rank dx of one segment in one pass (grad_a_up_kernel), then the reduction
-// of the dA partials.
+// Launches `Kernel` for `op`. Every kernel takes one parameter list and uses its own part:
+// - the reductions over x, over a grid of tiles x splits x segments, followed by the reduction
+//   of their partials: z (down_kernel; partials over columns, reduced into [n, R]) and dA
+//   (grad_a_kernel, or grad_a_up_kernel, which also writes the low-rank dx of its one segment;
+//   partials over rows, reduced into [R, d]);
+// - the up kernels, over a grid of 64-row tiles x splits of the columns.
 template <auto Kernel, typename T>
-cudaError_t launch_grad_a_up(const LowRankParams& p, int num_sms, size_t smem,
-                             cudaStream_t stream) {
-  const cudaError_t err = allow_smem<Kernel>();
+cudaError_t launch(LowRankOp op, const LowRankParams& p, int num_sms, size_t smem,
+                   cudaStream_t stream) {
+  Plan pl;
+  Common c;
+  const cudaError_t err = prepare<Kernel>(op, p, num_sms, smem, &pl, &c);
   if (err != cudaSuccess) return err;
-  const Plan pl = make_plan(LowRankOp::kGradAUpDx, p, num_sms, blocks_per_sm<Kernel>(smem));
-  const Common c = make_common(p, pl);
-  const dim3 grid(static_cast<unsigned>(cdiv(p.d, kTile)), static_cast<unsigned>(pl.splits));
+  const bool up = op == LowRankOp::kUpDx || op == LowRankOp::kUpOut;
+  const bool row_tiles = op == LowRankOp::kDown || up;  // grid.x over rows, not columns
+  const int64_t other = row_tiles ? p.n : p.d, pad = row_tiles ? pl.n_pad : pl.d_pad;
+  const dim3 grid(static_cast<unsigned>(cdiv(other, kTile)), static_cast<unsigned>(pl.splits),
+                  static_cast<unsigned>(up ? 1 : p.segments));
   Kernel<<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.x_prev), static_cast<const T*>(p.dz),
-      static_cast<const T*>(p.A), p.workspace, static_cast<T*>(p.out2), c, pl.d_pad);
-  reduce_splits_kernel<T><<<1024, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
-                                                    /*rank_cols=*/false, p.d, pl.splits, pl.d_pad,
-                                                    static_cast<int>(pl.rp));
-  return cudaSuccess;
-}
-
-// An up kernel over a grid of 64-row tiles x splits of the columns.
-template <auto Kernel, typename T>
-cudaError_t launch_up(LowRankOp op, const LowRankParams& p, int num_sms, size_t smem,
-                      cudaStream_t stream) {
-  const cudaError_t err = allow_smem<Kernel>();
-  if (err != cudaSuccess) return err;
-  const Plan pl = make_plan(op, p, num_sms, blocks_per_sm<Kernel>(smem));
-  const Common c = make_common(p, pl);
-  const dim3 grid(static_cast<unsigned>(cdiv(p.n, kTile)), static_cast<unsigned>(pl.splits));
-  Kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(p.dz), static_cast<const T*>(p.A),
-                                           static_cast<T*>(p.out), c);
+      static_cast<const T*>(p.A), p.workspace, static_cast<T*>(up ? p.out : p.out2), c, pad);
+  if (!up)
+    reduce_splits_kernel<T><<<1024, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
+                                                      /*rank_cols=*/row_tiles, other,
+                                                      pl.splits, pad,
+                                                      static_cast<int>(pl.rp));
   return cudaSuccess;
 }
 
@@ -935,21 +897,19 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, int num_sms, cudaStr
   cudaError_t err = cudaSuccess;
   switch (op) {
     case LowRankOp::kDown:
-      err = launch_over_x<down_kernel<T, VEC, NF>>(op, p, num_sms, static_cast<const T*>(p.A),
-                                                   /*rank_cols=*/true, p.n, smem, stream);
+      err = launch<down_kernel<T, VEC, NF>, T>(op, p, num_sms, smem, stream);
       break;
     case LowRankOp::kGradA:
-      err = launch_over_x<grad_a_kernel<T, VEC, NF>>(op, p, num_sms, static_cast<const T*>(p.dz),
-                                                     /*rank_cols=*/false, p.d, smem, stream);
+      err = launch<grad_a_kernel<T, VEC, NF>, T>(op, p, num_sms, smem, stream);
       break;
     case LowRankOp::kGradAUpDx:
-      err = launch_grad_a_up<grad_a_up_kernel<T, VEC, NF>, T>(p, num_sms, smem, stream);
+      err = launch<grad_a_up_kernel<T, VEC, NF>, T>(op, p, num_sms, smem, stream);
       break;
     case LowRankOp::kUpDx:
-      err = launch_up<up_kernel<T, VEC, NF, false>, T>(op, p, num_sms, smem, stream);
+      err = launch<up_kernel<T, VEC, NF, false>, T>(op, p, num_sms, smem, stream);
       break;
     case LowRankOp::kUpOut:
-      err = launch_up<up_kernel<T, VEC, NF, true>, T>(op, p, num_sms, smem, stream);
+      err = launch<up_kernel<T, VEC, NF, true>, T>(op, p, num_sms, smem, stream);
       break;
   }
   if (err != cudaSuccess) return err;
