@@ -143,6 +143,15 @@ def test_record_stats_cuda_matches_float64(dtype, nx, nz, offset):
     assert torch.equal(ring_x, again_x) and torch.equal(ring_z, again_z)  # deterministic
 
 
+def test_record_stats_cuda_bad_input_messages():
+    # The fused CUDA entry checks its arguments like the generic one, before any launch.
+    ring, x = torch.zeros(3, device="cuda"), torch.ones(8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"count must be an int64 tensor with one element, got Float"):
+        ops.record_stats_(ring, ring.clone(), torch.zeros(1, device="cuda"), x, x)
+    with pytest.raises(RuntimeError, match=r"z_norms must have the length of x_norms \(3\), got 2"):
+        ops.record_stats_(ring, torch.zeros(2, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"), x, x)
+
+
 def test_record_stats_cuda_falls_back_for_other_layouts():
     # A float64 ring and a non-contiguous x take the ATen composition: same values.
     x = torch.randn(64, 32, device="cuda").t()

@@ -281,6 +281,21 @@ def test_stats_ring_buffer():
     assert not ring.requires_grad
 
 
+def test_record_stats_bad_input_messages():
+    ring, count, x = torch.zeros(3), torch.zeros(1, dtype=torch.long), torch.ones(2)
+    bad(lambda: ops.record_stats_(torch.zeros(3, 1), ring, count, x, x),
+        r"record_stats_: x_norms must be a 1-D floating tensor .* got Float of shape \[3, 1\]")
+    bad(lambda: ops.record_stats_(ring, torch.zeros(3, dtype=torch.long), count, x, x),
+        r"record_stats_: z_norms must be a 1-D floating tensor .* got Long of shape \[3\]")
+    bad(lambda: ops.record_stats_(ring, torch.zeros(2), count, x, x),
+        r"record_stats_: z_norms must have the length of x_norms \(3\), got 2")
+    bad(lambda: ops.record_stats_(ring, ring.clone(), torch.zeros(1), x, x),
+        r"record_stats_: count must be an int64 tensor with one element, got Float of shape \[1\]")
+    bad(lambda: ops.record_stats_(ring, ring.clone(), torch.zeros(2, dtype=torch.long), x, x),
+        r"record_stats_: count must be an int64 tensor with one element, got Long of shape \[2\]")
+    assert count.item() == 0 and ring.tolist() == [0.0, 0.0, 0.0]  # nothing was written
+
+
 def test_build_info():
     info = reslora.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
