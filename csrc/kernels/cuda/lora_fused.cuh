@@ -1,5 +1,5 @@
-// Torch-free fused kernels of the low-rank path (fp16 / bf16, tensor cores: WMMA fragments for
-// the reductions, raw mma.sync fragments masked and stored from registers for the up products).
+// Torch-free fused kernels of the low-rank path (fp16 / bf16, tensor cores through raw mma.sync
+// fragments, tiles streamed through shared memory with asynchronous copies).
 //
 // With dropout (and for the is sum x + x_prev) the low-rank path used to materialise the full-size
 // masked input once in forward and twice in backward. These kernels read x (and x_prev) straight
