@@ -1,7 +1,7 @@
 """Per-kernel breakdown of one configuration of the benchmark (torch.profiler, CUDA time).
 
     python bench/kernel_profile.py [--llama] [--host] [--d 4096] [--tokens 8192] [--dropout 0.05]
-                                   [--rows 25]
+                                   [--rows 25] [--only NAME ...]
 
 Profiles the 8-layer chain of bench.py (or, with --llama, its Llama training step) for the frozen
 base, PEFT LoRA and each reslora variant and prints, per configuration, the kernels that take
@@ -30,6 +30,8 @@ def main():
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--llama", action="store_true", help="the Llama training step of bench.py")
     ap.add_argument("--host", action="store_true", help="host issue time and host-side operators")
+    ap.add_argument("--only", action="append", default=[],
+                    help="profile only the configurations whose name contains this (repeatable)")
     args = ap.parse_args()
     args.quick = False
     if args.llama:
@@ -41,11 +43,19 @@ def main():
     x = torch.randn(args.tokens, args.d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
     targets = [str(i) for i in range(layers)]
-    for name, wrap in bench.configs(args.dropout):
-        if "default" in name:
-            continue
+    for name, wrap in selected(args):
         step = bench.chain_step(base, wrap, x, g, targets)
         report(name, step, args)
+
+
+def selected(args, skip=()):
+    """The configurations of bench.py to profile (PEFT's fp32 default never)."""
+    for name, wrap in bench.configs(args.dropout):
+        if "default" in name or name in skip:
+            continue
+        if args.only and not any(o in name for o in args.only):
+            continue
+        yield name, wrap
 
 
 def report(name, step, args, steps=5):
@@ -102,9 +112,7 @@ def profile_llama(args):
     ids = torch.randint(0, 32000, (8, 1024), device="cuda")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = bench.llama(args).requires_grad_(False)
-    for name, wrap in bench.configs(args.dropout):
-        if "default" in name or "PEFT LoRA bf16, dropout 0" == name:
-            continue
+    for name, wrap in selected(args, skip=("PEFT LoRA bf16, dropout 0",)):
         step = bench.training_step(base, wrap, ids, targets)
         report(name, step, args, steps=3)
         del step
