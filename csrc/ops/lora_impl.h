@@ -32,7 +32,8 @@ using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double
 //   grad_A: *grad_A = dz_k^T drop_k(x2 [+ xp2]) per segment k       ([R, d])
 //   up_dx:  *out = sum_k drop_k(dz_k A_k)                            ([N, d], a fresh tensor)
 //   up_out: *y = scaling z2 B^T                                       ([N, d_out], a fresh tensor)
-//   grad_A_up_dx: grad_A and up_dx together (one segment), the mask made once for both
+//   grad_A_up_dx: grad_A and up_dx together (one segment), the mask made once for both; with
+//           grad_x_copy non-null it also writes a second copy of up_dx there
 using FusedDownFn = bool (*)(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
                              double p, int64_t seed, int64_t segment_rank, at::Tensor* z);
 using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
@@ -45,7 +46,7 @@ using FusedUpOutFn = bool (*)(const at::Tensor& z2, const at::Tensor& B, double 
 using FusedGradAUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2,
                                   const at::Tensor& xp2, const at::Tensor& A, double p,
                                   int64_t seed, int64_t segment_rank, at::Tensor* grad_A,
-                                  at::Tensor* grad_x);
+                                  at::Tensor* grad_x, at::Tensor* grad_x_copy);
 
 // A backend's dropout kernel: out (=|+=) drop(xc [+ xpc]) over contiguous tensors of one shape.
 using DropoutApplyFn = void (*)(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
@@ -142,20 +143,28 @@ inline at::Tensor down_grad_x(const at::Tensor& dz, const at::Tensor& A, double 
   return out;
 }
 
-// grad_A and, when asked for, the low-rank input gradient ([N, d]; undefined otherwise): in one
-// pass over x when the backend fuses them, else as down_grad_A and down_grad_x.
-inline std::pair<at::Tensor, at::Tensor> down_grads(const at::Tensor& dz, const at::Tensor& x2,
-                                                    const at::Tensor& xp2, const at::Tensor& A,
-                                                    double dropout, int64_t seed,
-                                                    int64_t segment_rank, bool compute_grad_x,
-                                                    const KernelSet& k) {
-  at::Tensor grad_A, grad_x;
+// grad_A and, when asked for, the low-rank input gradient ([N, d]) and a second copy of it
+// (`copy`: the is variant's dx, which the base GEMM then accumulates onto); what is not asked for
+// is undefined. In one pass over x when the backend fuses them, else as down_grad_A and
+// down_grad_x.
+struct DownGrads {
+  at::Tensor grad_A, grad_x, grad_x_copy;
+};
+inline DownGrads down_grads(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                            const at::Tensor& A, double dropout, int64_t seed,
+                            int64_t segment_rank, bool compute_grad_x, bool copy,
+                            const KernelSet& k) {
+  DownGrads g;
   if (compute_grad_x && k.grad_A_up_dx != nullptr &&
-      k.grad_A_up_dx(dz, x2, xp2, A, dropout, seed, segment_rank, &grad_A, &grad_x))
-    return {grad_A, grad_x};
-  grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
-  if (compute_grad_x) grad_x = down_grad_x(dz, A, dropout, seed, segment_rank, k);
-  return {grad_A, grad_x};
+      k.grad_A_up_dx(dz, x2, xp2, A, dropout, seed, segment_rank, &g.grad_A, &g.grad_x,
+                     copy ? &g.grad_x_copy : nullptr))
+    return g;
+  g.grad_A = down_grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, k);
+  if (compute_grad_x) {
+    g.grad_x = down_grad_x(dz, A, dropout, seed, segment_rank, k);
+    if (copy) g.grad_x_copy = g.grad_x.clone();
+  }
+  return g;
 }
 
 inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
@@ -183,9 +192,9 @@ inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
   const at::Tensor x2 = x.reshape({-1, d_in});
   const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
   const at::Tensor dz = grad_z.reshape({-1, R});
-  auto [grad_A, grad_x] =
-      down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x, k);
-  return {compute_grad_x ? grad_x.view(x.sizes()) : at::empty({0}, x.options()), grad_A};
+  DownGrads g = down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x,
+                           /*copy=*/false, k);
+  return {compute_grad_x ? g.grad_x.view(x.sizes()) : at::empty({0}, x.options()), g.grad_A};
 }
 
 inline at::Tensor lora_up_impl(const at::Tensor& x, const at::Tensor& weight,
@@ -291,17 +300,17 @@ inline LinearGrads lora_linear_backward_impl(
     const at::Tensor gz = grad_z->reshape({-1, R});
     dz = z_extra.has_value() ? dzt + gz : dzt.add_(gz);
   }
-  auto [grad_A, dx_low] =
-      down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x, k);
-  at::Tensor dx, dxp;
-  if (compute_grad_x && xp2.defined()) {
-    // is: x_prev gets the low-rank part alone; dx = that + dy W is the base GEMM's output with
-    // the low-rank part as its C, so the low-rank part is written once and read once.
-    dxp = dx_low;
-    dx = at::addmm(dxp, g, weight);
-  } else if (compute_grad_x) {
-    dx = dx_low;
+  // is: x_prev gets the low-rank part alone and x that plus dy W; the low-rank pass writes the
+  // part twice (to x_prev's gradient and to dx), which costs less than the copy of C that an
+  // out-of-place GEMM onto it makes.
+  DownGrads low = down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x,
+                             /*copy=*/compute_grad_x && xp2.defined(), k);
+  at::Tensor grad_A = low.grad_A, dx, dxp;
+  if (compute_grad_x) {
+    // The base GEMM accumulates onto the low-rank part (beta = 1): no full-size sum afterwards.
+    dx = xp2.defined() ? low.grad_x_copy : low.grad_x;
     dx.addmm_(g, weight);
+    if (xp2.defined()) dxp = low.grad_x;
   }
   const auto empty = [&] { return at::empty({0}, x.options()); };  // outputs must not alias
   return {compute_grad_x ? dx.view(x.sizes()) : empty(),

@@ -72,6 +72,8 @@ def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
     if fused_backward:  # one segment: grad_A and the low-rank dx share one pass over x
         assert count(calls, "grad_a_up_kernel") == 1 and count(calls, "grad_a_kernel") == 0, calls
         assert count(calls, "up_kernel") - count(calls, "grad_a_up_kernel") == 1, calls
+        # is: the pass writes the low-rank dx twice (x_prev's gradient and dx's C); no copy.
+        assert count(calls, "Memcpy DtoD") == 0, calls
     else:  # two dropout segments: grad_A per segment, the up kernel sums the masked products
         assert count(calls, "grad_a_kernel") == 1 and count(calls, "grad_a_up_kernel") == 0, calls
         assert count(calls, "up_kernel") == 2, calls  # the forward's s z B^T and the dx

@@ -50,6 +50,18 @@ __device__ __forceinline__ uint4 load8(const T* base, int64_t row, int64_t rows,
   return r;
 }
 
+// Stores eight elements at dst, of which the first `left` exist. VEC: one 16-byte store (left
+// >= 8 then).
+template <typename T, bool VEC>
+__device__ __forceinline__ void store8(T* dst, uint4 v, int64_t left) {
+  if (VEC) {
+    *reinterpret_cast<uint4*>(dst) = v;
+  } else {
+    const T* e = reinterpret_cast<const T*>(&v);
+    for (int k = 0; k < 8 && k < left; ++k) dst[k] = e[k];
+  }
+}
+
 // 0xffff over each 16-bit half of a pair of elements whose element is kept (dropout_keep_lane),
 // 0 over a dropped one. Each 15-bit lane plus 0x8000 minus the threshold cannot borrow from its
 // neighbour; its bit 15 is set exactly when lane >= threshold; prmt replicates that sign bit over
@@ -65,6 +77,7 @@ struct Common {
   int64_t n, d, sr, R, segments, per_split;
   bool dropout;
   bool wide_rank;  // R, sr multiples of 8 and dz (z, B) 16-byte aligned: 16-byte rank copies
+  void* out2_copy;  // grad_a_up: where a second copy of out2 goes, or nullptr
   uint32_t threshold;
   float scale;
   uint64_t seed;
@@ -569,13 +582,9 @@ __device__ __forceinline__ void grad_a_body(const T* __restrict__ x, const T* __
               *px = v;
             }
             if (grow < c.n && gcol < c.d) {
-              T* dst = out2 + grow * c.d + gcol;
-              if (VEC) {
-                *reinterpret_cast<uint4*>(dst) = o;
-              } else {
-                const T* eo = reinterpret_cast<const T*>(&o);
-                for (int k = 0; k < 8 && gcol + k < c.d; ++k) dst[k] = eo[k];
-              }
+              store8<T, VEC>(out2 + grow * c.d + gcol, o, c.d - gcol);
+              if (c.out2_copy != nullptr)
+                store8<T, VEC>(static_cast<T*>(c.out2_copy) + grow * c.d + gcol, o, c.d - gcol);
             }
           }
           __syncthreads();
@@ -810,6 +819,7 @@ Common make_common(const LowRankParams& p, const Plan& pl) {
   c.scale = p.alpha * (c.dropout ? 1.f / (1.f - p.p) : 1.f);
   c.seed = p.seed;
   c.wide_rank = c.R % 8 == 0 && c.sr % 8 == 0 && aligned(p.dz, 16);
+  c.out2_copy = p.out2_copy;
   return c;
 }
 
@@ -933,6 +943,7 @@ cudaError_t launch_typed(LowRankOp op, const LowRankParams& p, int num_sms, cuda
   // and B rows for up_out).
   const bool vec = p.d % 8 == 0 && aligned(p.x, 16) && aligned(p.x_prev, 16) &&
                    aligned(p.A, 16) && aligned(p.out, 16) && aligned(p.out2, 16) &&
+                   aligned(p.out2_copy, 16) &&
                    (op == LowRankOp::kDown ||
                     (R % 2 == 0 && p.segment_rank % 2 == 0 && aligned(p.dz, 4)));
   return vec ? launch_rank<T, true>(op, p, num_sms, stream)
@@ -978,6 +989,7 @@ cudaError_t lowrank_launch(LowRankOp op, const LowRankParams& params, DType dtyp
     return cudaErrorInvalidValue;
   if (op == LowRankOp::kGradAUpDx && (params.segments != 1 || params.out2 == nullptr))
     return cudaErrorInvalidValue;
+  if (op != LowRankOp::kGradAUpDx && params.out2_copy != nullptr) return cudaErrorInvalidValue;
   switch (dtype) {
     case DType::kFloat16: return launch_typed<__half>(op, params, num_sms, stream);
     case DType::kBFloat16: return launch_typed<__nv_bfloat16>(op, params, num_sms, stream);

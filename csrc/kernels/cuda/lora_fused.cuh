@@ -10,7 +10,7 @@
 //   up_dx:  out           = sum_k drop_k(dz[:, seg k] A_k)                  (writes out once)
 //   up_out: out           = alpha z B^T                                    (the forward's s z B^T)
 //   grad_A_up_dx: grad_A and up_dx of one segment in one pass: each element pair's mask is made
-//           once for both                                 (reads x once, writes out2 once)
+//           once for both              (reads x once, writes out2 once, and out2_copy if given)
 // A segment is a block of `segment_rank` rows of A with its own mask (bs chains). Reductions run
 // over a split of the long dimension into fp32 partial sums in a workspace, summed in a fixed
 // order by a second small kernel, so results are deterministic. Everything runs on `stream`
@@ -40,6 +40,8 @@ struct LowRankParams {
   void* out = nullptr;           // z [n, R] (down), dA [R, d] (grad_A, grad_A_up_dx), [n, d]
                                  // (up_dx, up_out)
   void* out2 = nullptr;          // [n, d]: the low-rank input gradient (grad_A_up_dx)
+  void* out2_copy = nullptr;     // [n, d] or nullptr: a second copy of out2 (grad_A_up_dx; the is
+                                 // variant's dx, onto which the base GEMM then accumulates)
   float* workspace = nullptr;    // fp32, at least lowrank_workspace_floats(...) elements
   int64_t n = 0;
   int64_t d = 0;

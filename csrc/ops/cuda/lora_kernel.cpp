@@ -169,10 +169,11 @@ bool fused_up_out_cuda(const at::Tensor& z2, const at::Tensor& B, double scaling
 }
 
 // grad_A and the low-rank dx of a one-segment problem in one pass over x (the mask of each
-// element pair made once for both).
+// element pair made once for both), and a second copy of the dx when grad_x_copy is given.
 bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
                              const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
-                             at::Tensor* grad_A, at::Tensor* grad_x) {
+                             at::Tensor* grad_A, at::Tensor* grad_x,
+                             at::Tensor* grad_x_copy) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok || fp.segment_rank != R) return false;
@@ -183,6 +184,7 @@ bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const a
   const at::Tensor Ac = A.contiguous();
   *grad_A = at::empty({R, d}, x2.options());
   *grad_x = at::empty({n, d}, x2.options());
+  if (grad_x_copy != nullptr) *grad_x_copy = at::empty({n, d}, x2.options());
   kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
   prm.x = xc.const_data_ptr();
   prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
@@ -190,6 +192,7 @@ bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const a
   prm.A = Ac.const_data_ptr();
   prm.out = grad_A->mutable_data_ptr();
   prm.out2 = grad_x->mutable_data_ptr();
+  prm.out2_copy = grad_x_copy != nullptr ? grad_x_copy->mutable_data_ptr() : nullptr;
   launch_lowrank(kernels::LowRankOp::kGradAUpDx, prm, x2, fp);
   return true;
 }
