@@ -271,10 +271,13 @@ template <bool VEC>
 __device__ __forceinline__ void chunk_masks(uint64_t key, uint64_t flat, uint32_t threshold,
                                             uint32_t (&m)[4]) {
   if (VEC) {
+    // The four pairs start at a multiple of 4, so they share one block of 2^32 pairs: one block
+    // key and 32-bit pair indices (bit-identical to dropout_pair_bits).
     const uint64_t pair = flat >> 1;
+    const uint32_t block_key = dropout_block_key(key, pair), low = static_cast<uint32_t>(pair);
 #pragma unroll
     for (int q = 0; q < 4; ++q)
-      m[q] = dropout_pair_mask(dropout_pair_bits(key, pair + q), threshold);
+      m[q] = dropout_pair_mask(mix32((low + q) ^ block_key), threshold);
   } else {
 #pragma unroll
     for (int q = 0; q < 4; ++q)
