@@ -29,6 +29,12 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph (eagerly, not through
+    torch.compile, whose graphs replay compiled code)."""
+    return not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+
+
 def _draw_seed() -> int:
     # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
     return int(torch.randint(0, 2**62, (1,)).item())
@@ -122,6 +128,12 @@ class ResLoRALinear(nn.Module):
             chain._begin()  # the head starts a new pass
         p = self.lora_dropout if self.training else 0.0
         seed = 0
+        if p > 0.0 and x.is_cuda and _capturing():
+            raise RuntimeError(
+                f"reslora: lora_dropout = {p} while a CUDA graph is being captured: the dropout "
+                "seed is drawn on the host for every pass, so each replay of the graph would "
+                "reuse one mask. Capture with lora_dropout=0 (or in eval mode)"
+            )
         if p > 0.0:
             # One draw per chain pass; a recomputed (checkpointed) block gets its pass's seed back.
             seed = _draw_seed() if chain is None else chain._block_seed(n)
