@@ -2,9 +2,10 @@
 
     python bench/bench.py [--quick] [--out bench/results]
 
-Layer chains (8 stacked d x d linear layers, bf16, forward + backward to the input) and a
-Llama training step (AdamW on the adapters). Times are medians of CUDA-event timed repeats;
-memory is the peak allocated during the timed repeats. Writes results.md and results.json with
+Layer chains (8 stacked d x d linear layers, bf16, forward + backward to the input; at 16
+tokens also captured in a CUDA graph and replayed, with dropout 0) and a Llama training step
+(AdamW on the adapters). Times are medians of CUDA-event timed repeats; memory is the peak
+allocated during the timed repeats. Writes results.md and results.json with
 the GPU, torch / CUDA versions and the date.
 """
 
@@ -109,6 +110,60 @@ def chain_step(base, wrap, x, g, targets):
         for p in model.parameters():
             p.grad = None
 
+    step.model = model
+    return step
+
+
+def graph_configs():
+    """Configurations of the CUDA-graph workload: dropout 0 throughout (reslora draws its dropout
+    seed on the host and refuses dropout while a graph is captured)."""
+    return [
+        ("frozen base", None),
+        ("PEFT LoRA bf16, dropout 0", lambda m, t: peft_wrap(m, t, 0.0, False)),
+        ("reslora lora, dropout 0", lambda m, t: ours_wrap(m, t, "lora", 0.0)),
+        ("reslora is, dropout 0", lambda m, t: ours_wrap(m, t, "is", 0.0)),
+        ("reslora bs pre_num 1, dropout 0", lambda m, t: ours_wrap(m, t, "bs", 0.0)),
+        ("reslora ms, dropout 0", lambda m, t: ours_wrap(m, t, "ms", 0.0)),
+    ]
+
+
+def bench_chain_graph(d, tokens, args):
+    """The chain step captured once in a CUDA graph and replayed: what is left when the host's
+    issue time is taken out, as at small token counts."""
+    layers = 8
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(layers)]).cuda().bfloat16()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    targets = [str(i) for i in range(layers)]
+    rows = []
+    for name, wrap in graph_configs():
+        rows.append((name, *measure(lambda wrap=wrap: graph_step(base, wrap, x, g, targets), args)))
+    return rows
+
+
+def graph_step(base, wrap, x, g, targets):
+    """chain_step's forward + backward captured in a CUDA graph; the step replays it."""
+    eager = chain_step(base, wrap, x, g, targets)
+    model = eager.model
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            eager()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    for p in model.parameters():
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x).backward(g)
+    def step():
+        graph.replay()
+
+    step.model = model  # the graph reads its parameters: keep them alive with the step
     return step
 
 
@@ -217,10 +272,14 @@ def main():
     workloads = []
     if args.quick:
         workloads.append(("8 layers 1024x1024, 2048 tokens, fwd+bwd", bench_chain(1024, 2048, args)))
+        workloads.append(("8 layers 1024x1024, 16 tokens, fwd+bwd captured in a CUDA graph, "
+                          "dropout 0", bench_chain_graph(1024, 16, args)))
     else:
         workloads.append(("8 layers 4096x4096, 8192 tokens, fwd+bwd", bench_chain(4096, 8192, args)))
         workloads.append(("8 layers 2048x2048, 8192 tokens, fwd+bwd", bench_chain(2048, 8192, args)))
         workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd", bench_chain(4096, 16, args)))
+        workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd captured in a CUDA graph, "
+                          "dropout 0", bench_chain_graph(4096, 16, args)))
     step_name = ("Llama training step, " + ("1024 hidden, 4 layers, batch 2 x 512" if args.quick else
                  "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024")
                  + ", all 7 projections, AdamW")
