@@ -896,11 +896,16 @@ cudaError_t launch(LowRankOp op, const LowRankParams& p, int num_sms, size_t sme
   Kernel<<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(p.x), static_cast<const T*>(p.x_prev), static_cast<const T*>(p.dz),
       static_cast<const T*>(p.A), p.workspace, static_cast<T*>(up ? p.out : p.out2), c, pad);
-  if (!up)
-    reduce_splits_kernel<T><<<1024, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
-                                                      /*rank_cols=*/row_tiles, other,
-                                                      pl.splits, pad,
-                                                      static_cast<int>(pl.rp));
+  if (!up) {
+    // One thread per output element up to 1024 blocks (grid-stride past that): at small sizes a
+    // grid of idle blocks would cost more than the sums.
+    const int64_t outputs = c.R * other;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(1024, cdiv(outputs, 256)));
+    reduce_splits_kernel<T><<<blocks, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
+                                                        /*rank_cols=*/row_tiles, other,
+                                                        pl.splits, pad,
+                                                        static_cast<int>(pl.rp));
+  }
   return cudaSuccess;
 }
 
