@@ -78,7 +78,9 @@ def configs(dropout):
     ]
 
 
-def bench_chain(d, tokens, args):
+def bench_chain(d, tokens, args, graph=False):
+    """The 8-layer chain for every configuration; graph: each step captured once in a CUDA graph
+    and replayed (what is left when the host's issue time is taken out), with dropout 0."""
     layers = 8
     torch.manual_seed(0)
     base = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(layers)]).cuda().bfloat16()
@@ -88,8 +90,9 @@ def bench_chain(d, tokens, args):
     g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
     targets = [str(i) for i in range(layers)]
     rows = []
-    for name, wrap in configs(0.05):
-        rows.append((name, *measure(lambda wrap=wrap: chain_step(base, wrap, x, g, targets), args)))
+    make = graph_step if graph else chain_step
+    for name, wrap in graph_configs() if graph else configs(0.05):
+        rows.append((name, *measure(lambda wrap=wrap: make(base, wrap, x, g, targets), args)))
     return rows
 
 
@@ -125,23 +128,6 @@ def graph_configs():
         ("reslora bs pre_num 1, dropout 0", lambda m, t: ours_wrap(m, t, "bs", 0.0)),
         ("reslora ms, dropout 0", lambda m, t: ours_wrap(m, t, "ms", 0.0)),
     ]
-
-
-def bench_chain_graph(d, tokens, args):
-    """The chain step captured once in a CUDA graph and replayed: what is left when the host's
-    issue time is taken out, as at small token counts."""
-    layers = 8
-    torch.manual_seed(0)
-    base = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(layers)]).cuda().bfloat16()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    targets = [str(i) for i in range(layers)]
-    rows = []
-    for name, wrap in graph_configs():
-        rows.append((name, *measure(lambda wrap=wrap: graph_step(base, wrap, x, g, targets), args)))
-    return rows
 
 
 def graph_step(base, wrap, x, g, targets):
@@ -273,13 +259,13 @@ def main():
     if args.quick:
         workloads.append(("8 layers 1024x1024, 2048 tokens, fwd+bwd", bench_chain(1024, 2048, args)))
         workloads.append(("8 layers 1024x1024, 16 tokens, fwd+bwd captured in a CUDA graph, "
-                          "dropout 0", bench_chain_graph(1024, 16, args)))
+                          "dropout 0", bench_chain(1024, 16, args, graph=True)))
     else:
         workloads.append(("8 layers 4096x4096, 8192 tokens, fwd+bwd", bench_chain(4096, 8192, args)))
         workloads.append(("8 layers 2048x2048, 8192 tokens, fwd+bwd", bench_chain(2048, 8192, args)))
         workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd", bench_chain(4096, 16, args)))
         workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd captured in a CUDA graph, "
-                          "dropout 0", bench_chain_graph(4096, 16, args)))
+                          "dropout 0", bench_chain(4096, 16, args, graph=True)))
     step_name = ("Llama training step, " + ("1024 hidden, 4 layers, batch 2 x 512" if args.quick else
                  "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024")
                  + ", all 7 projections, AdamW")
