@@ -47,13 +47,14 @@ RESLORA_HD uint32_t mix32(uint32_t x) {
   return x;
 }
 
-// Random bits of element pair `pair` (elements 2 pair and 2 pair + 1). Pairs past 2^32 (inputs
-// over 8G elements) get a different 32-bit key for each block of 2^32 pairs.
 // The 32-bit key of the block of 2^32 pairs that `pair` lies in. Kernels that mask a run of
 // pairs inside one block compute it once and call mix32(low 32 bits of pair ^ block key).
 RESLORA_HD uint32_t dropout_block_key(uint64_t key, uint64_t pair) {
   return static_cast<uint32_t>(key) + static_cast<uint32_t>(pair >> 32) * 0x9e3779b9U;
 }
+
+// Random bits of element pair `pair` (elements 2 pair and 2 pair + 1). Pairs past 2^32 (inputs
+// over 8G elements) get a different 32-bit key for each block of 2^32 pairs.
 RESLORA_HD uint32_t dropout_pair_bits(uint64_t key, uint64_t pair) {
   return mix32(static_cast<uint32_t>(pair) ^ dropout_block_key(key, pair));
 }

@@ -143,9 +143,10 @@ bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64
 }
 
 // Outputs up to this many elements take the fused up kernel in the forward; larger ones take
-// cuBLAS. Measured on the H200 (bench/cuda/lowrank_bench.cu): for 8192 x 4096 cuBLAS writes
-// s z B^T in 24 us and the up kernel in 37 us, while at small sizes the time is the launch, and
-// a kernel launch costs the host a fraction of a cuBLAS call.
+// cuBLAS. Measured on the H200: at large sizes cuBLAS writes s z B^T at about 2.9 TB/s (the Llama
+// step of bench/results/profiles/) and the up kernel at 1.8 TB/s (bench/cuda/lowrank_bench.cu,
+// 8192 x 4096), while at small sizes the time is the launch, and a kernel launch costs the host a
+// fraction of a cuBLAS call.
 constexpr int64_t kFusedUpOutMaxElements = int64_t(1) << 22;
 
 // The forward's low-rank output y = scaling z2 B^T (one segment of the whole rank, no dropout),
