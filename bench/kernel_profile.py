@@ -49,13 +49,14 @@ def main():
 
 
 def selected(args, skip=()):
-    """The configurations of bench.py to profile (PEFT's fp32 default never)."""
-    for name, wrap in bench.configs(args.dropout):
-        if "default" in name or name in skip:
-            continue
-        if args.only and not any(o in name for o in args.only):
-            continue
-        yield name, wrap
+    """The configurations of bench.py to profile (PEFT's fp32 default never); an --only that
+    matches none of them is an error naming the choices."""
+    choices = [(n, w) for n, w in bench.configs(args.dropout) if "default" not in n and n not in skip]
+    for o in args.only:
+        if not any(o in n for n, _ in choices):
+            raise SystemExit(f"--only {o!r} matches no configuration; the names are: "
+                             + "; ".join(n for n, _ in choices))
+    return [(n, w) for n, w in choices if not args.only or any(o in n for o in args.only)]
 
 
 def report(name, step, args, steps=5):

@@ -43,6 +43,7 @@ def close(ref, out, tol):
     (70, 2048, 96, 32, 1),    # many splits of the long dimension
     (129, 64, 4100, 48, 1),   # rank 48 (three 16-wide fragments), wide output
     (64, 256, 64, 64, 2),     # the largest fused rank
+    (20000, 72, 40, 16, 1),   # z past 1024 x 256 outputs: the split reduction's grid-stride loop
 ])
 @pytest.mark.parametrize("with_prev", [False, True])
 def test_fused_matches_float64(dtype, p, n, d_in, d_out, r, segments, with_prev):
