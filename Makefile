@@ -23,7 +23,7 @@ ctest:
 	ctest --test-dir $(BUILD_DIR) --output-on-failure
 
 pytest:
-	$(PYTHON) -m pytest tests/python -q -rs
+	$(PYTHON) -m pytest tests/python -q -rs $(PYTEST_ARGS)
 
 # A C++ program built with CMake against the installed library (find_package(reslora)).
 cpp-example:

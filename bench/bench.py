@@ -1,12 +1,14 @@
 """Benchmark: frozen base vs PEFT LoRA vs reslora (lora / is / bs / ms), in one process.
 
-    python bench/bench.py [--quick] [--out bench/results]
+    python bench/bench.py [--quick] [--only eager|compiled] [--out bench/results]
 
 Layer chains (8 stacked d x d linear layers, bf16, forward + backward to the input; at 16
-tokens also captured in a CUDA graph and replayed, with dropout 0) and a Llama training step
-(AdamW on the adapters). Times are medians of CUDA-event timed repeats; memory is the peak
-allocated during the timed repeats. Writes results.md and results.json with
-the GPU, torch / CUDA versions and the date.
+tokens also captured in a CUDA graph and replayed) and a Llama training step (AdamW on the
+adapters), eager; with --only compiled, the Llama training step under torch.compile (the whole
+model, fullgraph, default inductor mode) for the base, PEFT LoRA and every variant. Times are
+medians of CUDA-event timed repeats; memory is the peak allocated during the timed repeats.
+Writes results.md and results.json (results_compiled.* for the compiled run) with the GPU,
+torch / CUDA versions and the date.
 """
 
 import argparse
@@ -47,6 +49,7 @@ def measure(make_step, args):
     step = make_step()
     result = timed(step, args.warmup, args.repeat)
     del step
+    torch._dynamo.reset()  # compiled configurations: drop their graphs and guards too
     gc.collect()
     torch.cuda.empty_cache()
     return result
@@ -80,7 +83,7 @@ def configs(dropout):
 
 def bench_chain(d, tokens, args, graph=False):
     """The 8-layer chain for every configuration; graph: each step captured once in a CUDA graph
-    and replayed (what is left when the host's issue time is taken out), with dropout 0."""
+    and replayed (what is left when the host's issue time is taken out)."""
     layers = 8
     torch.manual_seed(0)
     base = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(layers)]).cuda().bfloat16()
@@ -118,14 +121,9 @@ def chain_step(base, wrap, x, g, targets):
 
 
 def graph_configs():
-    """Configurations of the CUDA-graph workload: those of configs() with dropout 0 (reslora
-    draws its dropout seed on the host and refuses dropout while a graph is captured), each once,
-    without PEFT's fp32 default."""
-    chosen = {}
-    for name, wrap in configs(0):
-        if "default" not in name:
-            chosen.setdefault(name, wrap)
-    return list(chosen.items())
+    """Configurations of the CUDA-graph workload: those of configs() without PEFT's fp32
+    default. reslora draws its dropout seed on the device, so a replay draws fresh masks."""
+    return [(name, wrap) for name, wrap in configs(0.05) if "default" not in name]
 
 
 def graph_step(base, wrap, x, g, targets):
@@ -167,7 +165,7 @@ def llama(args):
     return model
 
 
-def bench_training_step(args):
+def bench_training_step(args, compiled=False):
     batch, seq = (2, 512) if args.quick else (8, 1024)
     ids = torch.randint(0, 32000, (batch, seq), device="cuda")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -175,14 +173,17 @@ def bench_training_step(args):
     base = llama(args)
     for p in base.parameters():
         p.requires_grad_(False)
-    for name, wrap in configs(0.05):
-        rows.append((name, *measure(lambda wrap=wrap: training_step(base, wrap, ids, targets), args)))
+    chosen = [(n, w) for n, w in configs(0.05) if not (compiled and "default" in n)]
+    for name, wrap in chosen:
+        step = lambda wrap=wrap: training_step(base, wrap, ids, targets, compiled)  # noqa: E731
+        rows.append((name, *measure(step, args)))
     return rows
 
 
-def training_step(base, wrap, ids, targets):
+def training_step(base, wrap, ids, targets, compiled=False):
     """One training step of a copy of base wrapped by wrap (None: the frozen base, timed through
-    forward + backward to the input embeddings), with AdamW on the adapters."""
+    forward + backward to the input embeddings), with AdamW on the adapters; compiled: the
+    model's forward and backward under torch.compile(fullgraph=True)."""
     model = copy.deepcopy(base)
     if wrap is None:
         model.enable_input_require_grads()
@@ -191,9 +192,10 @@ def training_step(base, wrap, ids, targets):
         model = wrap(model, targets)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
+    run = torch.compile(model, fullgraph=True) if compiled else model
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
         if opt is not None:
             opt.step()
@@ -237,6 +239,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--only", choices=["eager", "compiled"], default="eager",
+                    help="eager: every workload; compiled: the Llama step under torch.compile")
     ap.add_argument("--out", default=os.path.join("bench", "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -254,22 +258,26 @@ def main():
         "dtype": "bfloat16",
     }
     workloads = []
-    if args.quick:
+    step_name = ("Llama training step, " + ("1024 hidden, 4 layers, batch 2 x 512" if args.quick else
+                 "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024")
+                 + ", all 7 projections, AdamW")
+    if args.only == "compiled":
+        torch._dynamo.config.cache_size_limit = 64  # one model per configuration
+        workloads.append((step_name + ", under torch.compile", bench_training_step(args, True)))
+    elif args.quick:
         workloads.append(("8 layers 1024x1024, 2048 tokens, fwd+bwd", bench_chain(1024, 2048, args)))
-        workloads.append(("8 layers 1024x1024, 16 tokens, fwd+bwd captured in a CUDA graph, "
-                          "dropout 0", bench_chain(1024, 16, args, graph=True)))
+        workloads.append(("8 layers 1024x1024, 16 tokens, fwd+bwd captured in a CUDA graph",
+                          bench_chain(1024, 16, args, graph=True)))
     else:
         workloads.append(("8 layers 4096x4096, 8192 tokens, fwd+bwd", bench_chain(4096, 8192, args)))
         workloads.append(("8 layers 2048x2048, 8192 tokens, fwd+bwd", bench_chain(2048, 8192, args)))
         workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd", bench_chain(4096, 16, args)))
-        workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd captured in a CUDA graph, "
-                          "dropout 0", bench_chain(4096, 16, args, graph=True)))
-    step_name = ("Llama training step, " + ("1024 hidden, 4 layers, batch 2 x 512" if args.quick else
-                 "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024")
-                 + ", all 7 projections, AdamW")
-    workloads.append((step_name, bench_training_step(args)))
-    workloads.append(("Inference forward after merge_to_lora() + merge_and_unload(), same Llama",
-                      bench_inference(args)))
+        workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd captured in a CUDA graph",
+                          bench_chain(4096, 16, args, graph=True)))
+    if args.only == "eager":
+        workloads.append((step_name, bench_training_step(args)))
+        workloads.append(("Inference forward after merge_to_lora() + merge_and_unload(), same Llama",
+                          bench_inference(args)))
 
     lines = [f"GPU: {info['gpu']} | torch {info['torch']} (CUDA {info['cuda']}) | peft {info['peft']} "
              f"| reslora {info['reslora']['version']} (CUDA kernels: {info['reslora']['cuda_kernels']}) "
@@ -283,9 +291,10 @@ def main():
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    stem = "results" if args.only == "eager" else "results_compiled"
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump({"info": info, "workloads": [
             {"name": w, "rows": [{"config": n, "ms": ms, "peak_gib": mem} for n, ms, mem in rows]}
             for w, rows in workloads]}, f, indent=2)

@@ -138,6 +138,10 @@ int main(int argc, char** argv) {
            }), bytes);
   }
   CHECK(cudaGetLastError());
+  int64_t* seed = nullptr;  // the pass seed lives on the device, as the ops pass it
+  const int64_t seed_value = 1;
+  CHECK(cudaMalloc(&seed, sizeof(int64_t)));
+  CHECK(cudaMemcpy(seed, &seed_value, sizeof(int64_t), cudaMemcpyHostToDevice));
   for (float p : {0.f, 0.05f}) {
     LowRankParams prm;
     prm.x = x;
@@ -150,7 +154,7 @@ int main(int argc, char** argv) {
     prm.d = d;
     prm.segment_rank = r;
     prm.p = p;
-    prm.seed = 1;
+    prm.seed.ptr = seed;
     const struct {
       LowRankOp op;
       const char* name;

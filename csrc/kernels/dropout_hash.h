@@ -24,9 +24,31 @@ RESLORA_HD uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-// Per-(seed, segment) key, computed once per launch.
+// Where the dropout randomness of one op call comes from: `ptr` points at the pass's seed, an
+// int64 drawn on the tensors' device from torch's generator (reslora::draw_seed), and `offset`
+// names the stream within the pass (the block's position in its chain). The seed is read where
+// the mask is made (by the kernels on the GPU), never copied to the host, so a CUDA graph replay
+// or a compiled graph draws a fresh seed each run and no call synchronises. ptr is null when the
+// call has no dropout.
+struct DropoutSeed {
+  const int64_t* ptr = nullptr;
+  uint64_t offset = 0;
+};
+
+// The seed of stream `offset` of a pass whose seed is `seed`.
+RESLORA_HD uint64_t stream_seed(uint64_t seed, uint64_t offset) {
+  return mix64(seed ^ mix64(offset + 0x632be59bd9b4e019ULL));
+}
+
+// Per-(seed, segment) key, computed once per thread or launch.
 RESLORA_HD uint64_t dropout_key(uint64_t seed, uint64_t segment) {
   return mix64(seed ^ mix64(segment + 0x9e3779b97f4a7c15ULL));
+}
+
+// The key of segment `segment` of a call's stream; reads the seed (null: no dropout, key 0).
+RESLORA_HD uint64_t dropout_key(const DropoutSeed& s, uint64_t segment) {
+  if (s.ptr == nullptr) return 0;
+  return dropout_key(stream_seed(static_cast<uint64_t>(*s.ptr), s.offset), segment);
 }
 
 // One 32-bit hash serves a pair of consecutive elements (15 random bits each, bits 0..14 for the

@@ -10,7 +10,7 @@ Variant parse_variant(const std::string& name) {
   if (name == "is") return Variant::kIS;
   if (name == "bs") return Variant::kBS;
   if (name == "ms") return Variant::kMS;
-  TORCH_CHECK(false, "reslora: variant must be one of 'lora', 'is', 'bs', 'ms', got '", name, "'");
+  TORCH_CHECK_VALUE(false, "reslora: variant must be one of 'lora', 'is', 'bs', 'ms', got '", name, "'");
 }
 
 std::string to_string(Variant v) {
@@ -28,7 +28,7 @@ MergeKind parse_merge(const std::string& name) {
   if (name == "input") return MergeKind::kInput;
   if (name == "weight") return MergeKind::kWeight;
   if (name == "mid") return MergeKind::kMid;
-  TORCH_CHECK(false, "reslora: merge must be one of 'exact', 'input', 'weight', 'mid', got '",
+  TORCH_CHECK_VALUE(false, "reslora: merge must be one of 'exact', 'input', 'weight', 'mid', got '",
               name, "'");
 }
 
@@ -55,7 +55,7 @@ void check_merge(Variant variant, MergeKind merge) {
   if (std::find(ok.begin(), ok.end(), merge) != ok.end()) return;
   std::string names;
   for (auto m : ok) names += (names.empty() ? "'" : ", '") + to_string(m) + "'";
-  TORCH_CHECK(false, "reslora: merge '", to_string(merge), "' does not apply to variant '",
+  TORCH_CHECK_VALUE(false, "reslora: merge '", to_string(merge), "' does not apply to variant '",
               to_string(variant), "'; expected one of ", names);
 }
 

@@ -1,51 +1,36 @@
 #include "reslora/modules.h"
 
 #include <cmath>
-#include <mutex>
 
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include "reslora/ops.h"
 
 namespace reslora {
 
-// Per-forward state of one chain: what each block produced in the current pass.
+// What one pass of a chain produced, for its later blocks: inputs (is), mid activations (ms),
+// which blocks ran, and the pass's dropout seed (drawn by its first block with dropout).
+struct PassState {
+  std::vector<torch::Tensor> inputs;
+  std::vector<torch::Tensor> mids;
+  std::vector<bool> ran;
+  torch::Tensor seed;
+};
+
+// A chain's links: its blocks in order and the pass in progress (none between passes).
 struct ChainState {
   std::string name;
   std::vector<ResLoRALinearImpl*> blocks;  // owned by the chain module
-  std::vector<torch::Tensor> inputs;       // x_n (is)
-  std::vector<torch::Tensor> mids;         // z_n = drop(x_n) A_n^T (ms)
-  std::vector<bool> ran;
+  std::shared_ptr<PassState> pass;
 
   void begin() {
-    inputs.assign(blocks.size(), torch::Tensor());
-    mids.assign(blocks.size(), torch::Tensor());
-    ran.assign(blocks.size(), false);
+    pass = std::make_shared<PassState>();
+    pass->inputs.assign(blocks.size(), torch::Tensor());
+    pass->mids.assign(blocks.size(), torch::Tensor());
+    pass->ran.assign(blocks.size(), false);
   }
+  void end() { pass.reset(); }
 };
-
-void validate(const ResLoRAOptions& o) {
-  TORCH_CHECK(o.r() >= 1, "reslora: r must be >= 1, got ", o.r());
-  TORCH_CHECK(std::isfinite(o.lora_alpha()),
-              "reslora: lora_alpha must be finite (scaling = lora_alpha / r), got ",
-              o.lora_alpha());
-  TORCH_CHECK(o.dropout() >= 0.0 && o.dropout() < 1.0, "reslora: dropout must be in [0, 1), got ",
-              o.dropout());
-  TORCH_CHECK(o.pre_num() >= -1, "reslora: pre_num must be -1 (all) or >= 0, got ", o.pre_num());
-  TORCH_CHECK(o.stats_window() >= 1, "reslora: stats_window must be >= 1, got ",
-              o.stats_window());
-}
-
-namespace {
-
-int64_t draw_seed() {
-  auto gen = at::detail::getDefaultCPUGenerator();
-  std::lock_guard<std::mutex> lock(gen.mutex());
-  return static_cast<int64_t>(gen.get<at::CPUGeneratorImpl>()->random64() >> 1);
-}
-
-}  // namespace
 
 ResLoRALinearImpl::ResLoRALinearImpl(const torch::Tensor& w, const torch::Tensor& b,
                                      ResLoRAOptions options)
@@ -72,34 +57,47 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
   const auto state = state_.lock();
   const int64_t n = state ? position_ : 0;
   if (state && n == 0) state->begin();  // the head starts a new pass
-  const auto need = [&](int64_t j, const char* what) -> const ChainState& {
-    TORCH_CHECK(state->ran[j], "reslora: block ", n, " of chain '", state->name, "' needs the ",
-                what, " of block ", j, " from this forward pass, but block ", j,
+  const std::shared_ptr<PassState> pass = state ? state->pass : nullptr;
+  const int64_t k_max = shortcut_reach(options_.variant(), n, options_.pre_num());
+  const auto need = [&](int64_t j, const char* what) -> const PassState& {
+    TORCH_CHECK(pass && pass->ran[j], "reslora: block ", n, " of chain '", state->name,
+                "' needs the ", what, " of block ", j, " from this forward pass, but block ", j,
                 " has not run since the chain's head (block 0) started the pass");
-    return *state;
+    return *pass;
   };
   const double p = is_training() ? options_.dropout() : 0.0;
-  const int64_t seed = p > 0.0 ? draw_seed() : 0;
+  std::optional<torch::Tensor> seed;
+  if (p > 0.0) {
+    // One seed per chain pass, on x's device; block n reads stream n of it.
+    if (!pass) {
+      seed = draw_seed(x);
+    } else {
+      if (!pass->seed.defined()) pass->seed = draw_seed(x);
+      seed = pass->seed;
+    }
+  }
   const int64_t r = options_.r();
   const double s = scaling();
-  const std::optional<torch::Tensor> b = bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt;
+  const std::optional<torch::Tensor> b =
+      bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt;
   // Every variant is one lora_linear op (one autograd node per block).
   torch::Tensor z_own, y;
   const std::optional<torch::Tensor> none;
   switch (options_.variant()) {
     case Variant::kLoRA:
-      std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, r);
+      std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, n, r);
       break;
     case Variant::kIS: {
       // A head has no previous input and uses its own: drop(2 x).
-      const torch::Tensor x_prev = n == 0 ? x : need(n - 1, "input").inputs[n - 1];
-      std::tie(y, z_own) = lora_linear(x, x_prev, weight, b, lora_A, lora_B, none, s, p, seed, r);
+      const torch::Tensor x_prev = k_max == 0 ? x : need(n - 1, "input").inputs[n - 1];
+      std::tie(y, z_own) =
+          lora_linear(x, x_prev, weight, b, lora_A, lora_B, none, s, p, seed, n, r);
       break;
     }
     case Variant::kBS: {
-      const int64_t k_max = reach(n, options_.pre_num());
       if (k_max == 0) {
-        std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, r);
+        std::tie(y, z_own) =
+            lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, n, r);
       } else {
         // All k + 1 products as one of rank (k + 1) r, one dropout mask per segment.
         std::vector<torch::Tensor> As{lora_A}, Bs{lora_B};
@@ -109,25 +107,28 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
         }
         torch::Tensor z;
         std::tie(y, z) = lora_linear(x, none, weight, b, torch::cat(As, 0), torch::cat(Bs, 1),
-                                     none, s, p, seed, r);
+                                     none, s, p, seed, n, r);
         z_own = z.narrow(-1, 0, r);
       }
       break;
     }
     case Variant::kMS: {
       std::optional<torch::Tensor> z_extra;
-      for (int64_t k = 1; k <= reach(n, options_.pre_num()); ++k) {
+      for (int64_t k = 1; k <= k_max; ++k) {
         const torch::Tensor& zk = need(n - k, "mid activation").mids[n - k];
         z_extra = z_extra.has_value() ? *z_extra + zk : zk;
       }
-      std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, z_extra, s, p, seed, r);
+      std::tie(y, z_own) =
+          lora_linear(x, none, weight, b, lora_A, lora_B, z_extra, s, p, seed, n, r);
       break;
     }
   }
-  if (state) {
-    if (options_.variant() == Variant::kIS) state->inputs[n] = x;
-    if (options_.variant() == Variant::kMS) state->mids[n] = z_own;
-    state->ran[n] = true;
+  if (pass) {
+    // Only what a later block of this pass reads; the last block ends the pass.
+    if (options_.variant() == Variant::kIS) pass->inputs[n] = x;
+    if (options_.variant() == Variant::kMS) pass->mids[n] = z_own;
+    pass->ran[n] = true;
+    if (n + 1 == static_cast<int64_t>(state->blocks.size())) state->end();
   }
   if (is_training() && (options_.variant() == Variant::kIS || options_.variant() == Variant::kMS)) {
     // Only the is / ms merges read the norm statistics.
@@ -165,23 +166,8 @@ void ResLoRAChainImpl::push_back(const ResLoRALinear& block) {
   const int64_t n = static_cast<int64_t>(blocks_.size());
   if (n > 0) {
     const auto& head = blocks_[0];
-    const auto& o = block->options();
-    const auto& h = head->options();
-    TORCH_CHECK(o.variant() == h.variant(), "reslora: chain '", name_, "': block ", n,
-                " must have the head's variant '", to_string(h.variant()), "', got '",
-                to_string(o.variant()), "'");
-    if (h.variant() != Variant::kLoRA) {
-      TORCH_CHECK(block->out_features() == head->out_features() &&
-                      block->in_features() == head->in_features(),
-                  "reslora: chain '", name_, "': block ", n, " must have the head's shape [d_out, d_in] = [",
-                  head->out_features(), ", ", head->in_features(), "] for the '",
-                  to_string(h.variant()), "' shortcut, got [", block->out_features(), ", ",
-                  block->in_features(), "]; start a new chain for it");
-      TORCH_CHECK(o.r() == h.r() && o.lora_alpha() == h.lora_alpha() && o.pre_num() == h.pre_num(),
-                  "reslora: chain '", name_, "': block ", n,
-                  " must have the head's r, lora_alpha and pre_num (", h.r(), ", ", h.lora_alpha(),
-                  ", ", h.pre_num(), "), got (", o.r(), ", ", o.lora_alpha(), ", ", o.pre_num(), ")");
-    }
+    check_link(name_, n, head->options(), head->out_features(), head->in_features(),
+               block->options(), block->out_features(), block->in_features());
   }
   ResLoRALinearImpl* impl = block.ptr().get();
   register_module(std::to_string(n), block);
@@ -189,7 +175,7 @@ void ResLoRAChainImpl::push_back(const ResLoRALinear& block) {
   impl->position_ = n;
   blocks_.push_back(block);
   state_->blocks.push_back(impl);
-  state_->begin();
+  state_->end();
 }
 
 torch::Tensor ResLoRAChainImpl::forward(int64_t index, const torch::Tensor& x) {
@@ -203,10 +189,11 @@ std::vector<torch::Tensor> ResLoRAChainImpl::forward(const std::vector<torch::Te
               blocks_.size(), "), got ", xs.size());
   std::vector<torch::Tensor> ys;
   for (size_t i = 0; i < xs.size(); ++i) ys.push_back(blocks_[i]->forward(xs[i]));
+  state_->end();
   return ys;
 }
 
-void ResLoRAChainImpl::reset() { state_->begin(); }
+void ResLoRAChainImpl::reset() { state_->end(); }
 
 std::vector<LoRAPair> ResLoRAChainImpl::merged_lora(MergeKind merge) const {
   TORCH_CHECK(!blocks_.empty(), "reslora: chain '", name_, "' has no blocks to merge");
@@ -227,7 +214,7 @@ std::vector<LoRAPair> ResLoRAChainImpl::merged_lora() const {
 void ResLoRAChainImpl::merge_to_lora(MergeKind merge) {
   const auto pairs = merged_lora(merge);
   for (size_t i = 0; i < blocks_.size(); ++i) blocks_[i]->load_lora(pairs[i].A, pairs[i].B);
-  state_->begin();
+  state_->end();
 }
 
 void ResLoRAChainImpl::merge_to_lora() {

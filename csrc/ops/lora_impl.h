@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../kernels/dropout_hash.h"
 #include "lora_checks.h"
 
 namespace reslora {
@@ -19,10 +20,10 @@ namespace detail {
 // Returns (x [+ x_prev]) * keep / (1 - p) for segment `segment`, shape [N, d] contiguous.
 // Called only with p > 0. x_prev may be null.
 using DropoutSumFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor* x_prev, double p,
-                                    int64_t seed, int64_t segment);
+                                    const kernels::DropoutSeed& seed, int64_t segment);
 
 // acc += drop(t). acc and t share shape [N, d] and acc is contiguous. Called only with p > 0.
-using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
+using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double p, const kernels::DropoutSeed& seed,
                                     int64_t segment);
 
 // Optional fused kernels of a backend for the low-rank path. Each returns false when it does not
@@ -35,27 +36,27 @@ using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double
 //   grad_A_up_dx: grad_A and up_dx together (one segment), the mask made once for both; with
 //           grad_x_copy non-null it also writes a second copy of up_dx there
 using FusedDownFn = bool (*)(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
-                             double p, int64_t seed, int64_t segment_rank, at::Tensor* z);
+                             double p, const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* z);
 using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                              const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
+                              const at::Tensor& A, double p, const kernels::DropoutSeed& seed, int64_t segment_rank,
                               at::Tensor* grad_A);
-using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
+using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
                              int64_t segment_rank, at::Tensor* out);
 using FusedUpOutFn = bool (*)(const at::Tensor& z2, const at::Tensor& B, double scaling,
                               at::Tensor* y);
 using FusedGradAUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2,
                                   const at::Tensor& xp2, const at::Tensor& A, double p,
-                                  int64_t seed, int64_t segment_rank, at::Tensor* grad_A,
+                                  const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* grad_A,
                                   at::Tensor* grad_x, at::Tensor* grad_x_copy);
 
 // A backend's dropout kernel: out (=|+=) drop(xc [+ xpc]) over contiguous tensors of one shape.
 using DropoutApplyFn = void (*)(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                                bool accumulate, double p, int64_t seed, int64_t segment);
+                                bool accumulate, double p, const kernels::DropoutSeed& seed, int64_t segment);
 
 // The two dropout entries of a KernelSet made from a backend's dropout kernel.
 template <DropoutApplyFn Apply>
 at::Tensor dropout_sum_with(const at::Tensor& x, const at::Tensor* x_prev, double p,
-                            int64_t seed, int64_t segment) {
+                            const kernels::DropoutSeed& seed, int64_t segment) {
   const at::Tensor xc = x.contiguous();
   const at::Tensor xpc = x_prev != nullptr ? x_prev->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(xc, at::MemoryFormat::Contiguous);
@@ -63,7 +64,7 @@ at::Tensor dropout_sum_with(const at::Tensor& x, const at::Tensor* x_prev, doubl
   return out;
 }
 template <DropoutApplyFn Apply>
-void masked_accumulate_with(at::Tensor& acc, const at::Tensor& t, double p, int64_t seed,
+void masked_accumulate_with(at::Tensor& acc, const at::Tensor& t, double p, const kernels::DropoutSeed& seed,
                             int64_t segment) {
   const at::Tensor tc = t.contiguous();
   Apply(tc, nullptr, acc, true, p, seed, segment);
@@ -93,7 +94,7 @@ inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double sca
 
 // z = drop_k(x2 [+ xp2]) A_k^T for every segment k: [N, R].
 inline at::Tensor down_z(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
-                         double dropout, int64_t seed, int64_t segment_rank, const KernelSet& k) {
+                         double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank, const KernelSet& k) {
   at::Tensor z;
   if (k.down != nullptr && k.down(x2, xp2, A, dropout, seed, segment_rank, &z)) return z;
   if (dropout == 0.0) {
@@ -112,7 +113,7 @@ inline at::Tensor down_z(const at::Tensor& x2, const at::Tensor& xp2, const at::
 // grad_A of z = drop(x2 [+ xp2]) A^T for upstream dz ([N, R]). The dropout masks are regenerated
 // from the seed, never stored.
 inline at::Tensor down_grad_A(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                              const at::Tensor& A, double dropout, int64_t seed,
+                              const at::Tensor& A, double dropout, const kernels::DropoutSeed& seed,
                               int64_t segment_rank, const KernelSet& k) {
   at::Tensor grad_A;
   if (k.grad_A != nullptr && k.grad_A(dz, x2, xp2, A, dropout, seed, segment_rank, &grad_A))
@@ -129,7 +130,7 @@ inline at::Tensor down_grad_A(const at::Tensor& dz, const at::Tensor& x2, const 
 
 // The input gradient of the low-rank path, sum_k drop_k(dz_k A_k), as a fresh [N, d] tensor.
 inline at::Tensor down_grad_x(const at::Tensor& dz, const at::Tensor& A, double dropout,
-                              int64_t seed, int64_t segment_rank, const KernelSet& k) {
+                              const kernels::DropoutSeed& seed, int64_t segment_rank, const KernelSet& k) {
   at::Tensor out;
   if (k.up_dx != nullptr && k.up_dx(dz, A, dropout, seed, segment_rank, &out)) return out;
   if (dropout == 0.0) return at::mm(dz, A);
@@ -151,7 +152,7 @@ struct DownGrads {
   at::Tensor grad_A, grad_x, grad_x_copy;
 };
 inline DownGrads down_grads(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                            const at::Tensor& A, double dropout, int64_t seed,
+                            const at::Tensor& A, double dropout, const kernels::DropoutSeed& seed,
                             int64_t segment_rank, bool compute_grad_x, bool copy,
                             const KernelSet& k) {
   DownGrads g;
@@ -168,7 +169,7 @@ inline DownGrads down_grads(const at::Tensor& dz, const at::Tensor& x2, const at
 }
 
 inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                                 const at::Tensor& A, double dropout, int64_t seed,
+                                 const at::Tensor& A, double dropout, const kernels::DropoutSeed& seed,
                                  int64_t segment_rank, const KernelSet& k) {
   check_down("lora_down", x, x_prev, A, dropout, segment_rank);
   const int64_t d_in = x.size(-1);
@@ -180,7 +181,7 @@ inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Te
 
 inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
     const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-    const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x,
+    const at::Tensor& A, double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank, bool compute_grad_x,
     const KernelSet& k) {
   check_down("_lora_down_backward", x, x_prev, A, dropout, segment_rank);
   const int64_t d_in = x.size(-1);
@@ -250,7 +251,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward_impl(
 inline std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const kernels::DropoutSeed& seed,
     int64_t segment_rank, const KernelSet& k) {
   at::Tensor z = lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, k);
   if (z_extra.has_value()) {
@@ -273,7 +274,7 @@ inline LinearGrads lora_linear_backward_impl(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x,
+    double scaling, double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank, bool compute_grad_x,
     const KernelSet& k) {
   const char* op = "_lora_linear_backward";
   check_down(op, x, x_prev, A, dropout, segment_rank);
@@ -318,19 +319,45 @@ inline LinearGrads lora_linear_backward_impl(
           grad_z_extra};
 }
 
+// The dropout seed of an op call from its schema arguments: with dropout > 0 an int64 tensor of
+// one element on x's device (from reslora::draw_seed) and a stream offset >= 0. Fake and Meta
+// tensors have no data; their kernels never read it.
+inline kernels::DropoutSeed seed_arg(const char* op, const std::optional<at::Tensor>& seed,
+                                     int64_t seed_offset, const at::Tensor& x, double dropout) {
+  TORCH_CHECK(seed_offset >= 0, "reslora::", op, ": seed_offset must be >= 0, got ", seed_offset);
+  kernels::DropoutSeed out;
+  out.offset = static_cast<uint64_t>(seed_offset);
+  if (!seed.has_value() || !seed->defined()) {
+    TORCH_CHECK(dropout == 0.0, "reslora::", op,
+                ": seed must be given when dropout > 0 (an int64 tensor of one element on x's "
+                "device, from reslora::draw_seed), got none with dropout = ", dropout);
+    return out;
+  }
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, "reslora::", op,
+              ": seed must be an int64 tensor of one element, got ", seed->scalar_type(),
+              " of shape ", seed->sizes());
+  TORCH_CHECK(seed->device() == x.device(), "reslora::", op, ": seed must be on the device of x (",
+              x.device(), "), got ", seed->device());
+  if (dropout > 0.0 && !seed->is_meta()) out.ptr = seed->const_data_ptr<int64_t>();
+  return out;
+}
+
 // The kernels of one backend: the bodies above bound to its kernel set, registered for the
 // backend's dispatch key in one place so the backends cannot drift apart.
 template <const KernelSet* K>
 struct Backend {
   static at::Tensor down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                         const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank) {
-    return lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, *K);
+                         const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank) {
+    return lora_down_impl(x, x_prev, A, dropout,
+                          seed_arg("lora_down", seed, seed_offset, x, dropout), segment_rank, *K);
   }
   static std::tuple<at::Tensor, at::Tensor> down_backward(
       const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-      const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank,
+      const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank,
       bool compute_grad_x) {
-    return lora_down_backward_impl(grad_z, x, x_prev, A, dropout, seed, segment_rank,
+    return lora_down_backward_impl(grad_z, x, x_prev, A, dropout,
+                                   seed_arg("_lora_down_backward", seed, seed_offset, x, dropout),
+                                   segment_rank,
                                    compute_grad_x, *K);
   }
   static at::Tensor up(const at::Tensor& x, const at::Tensor& weight,
@@ -341,18 +368,21 @@ struct Backend {
   static std::tuple<at::Tensor, at::Tensor> linear(
       const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-      const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+      const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset,
       int64_t segment_rank) {
-    return lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
-                            segment_rank, *K);
+    return lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout,
+                            seed_arg("lora_linear", seed, seed_offset, x, dropout), segment_rank,
+                            *K);
   }
   static LinearGrads linear_backward(
       const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
       const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
       const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-      double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
-    return lora_linear_backward_impl(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling,
-                                     dropout, seed, segment_rank, compute_grad_x, *K);
+      double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank, bool compute_grad_x) {
+    return lora_linear_backward_impl(
+        grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout,
+        seed_arg("_lora_linear_backward", seed, seed_offset, x, dropout), segment_rank,
+        compute_grad_x, *K);
   }
   static void register_kernels(torch::Library& m) {
     m.impl("lora_down", &down);

@@ -8,11 +8,12 @@ namespace reslora {
 namespace {
 
 at::Tensor dropout_sum_meta(const at::Tensor& x, const at::Tensor* /*x_prev*/, double /*p*/,
-                            int64_t /*seed*/, int64_t /*segment*/) {
+                            const kernels::DropoutSeed& /*seed*/, int64_t /*segment*/) {
   return at::empty(x.sizes(), x.options());
 }
 
-void masked_accumulate_meta(at::Tensor&, const at::Tensor&, double, int64_t, int64_t) {}
+void masked_accumulate_meta(at::Tensor&, const at::Tensor&, double, const kernels::DropoutSeed&,
+                            int64_t) {}
 
 constexpr detail::KernelSet kMetaKernels{&dropout_sum_meta, &masked_accumulate_meta,
                                           nullptr, nullptr, nullptr, nullptr, nullptr};

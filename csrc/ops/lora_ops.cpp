@@ -2,7 +2,10 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <ATen/ATen.h>
+
 #include "reslora/ops.h"
+#include "reslora/rules.h"
 
 namespace reslora {
 
@@ -11,7 +14,7 @@ TORCH_LIBRARY(reslora, m) {
   // (float32 accumulation for float16 / bfloat16). One dropout mask per segment_rank rows of A,
   // regenerated in backward from (seed, segment, element index).
   m.def(
-      "lora_down(Tensor x, Tensor? x_prev, Tensor A, float dropout, int seed, int segment_rank) "
+      "lora_down(Tensor x, Tensor? x_prev, Tensor A, float dropout, Tensor? seed, int seed_offset, int segment_rank) "
       "-> Tensor");
   // y = x W^T + bias + scaling * z B^T. W: [d_out, d_in] and bias: [d_out] are frozen (no
   // gradient); z: [..., R]; B: [d_out, R]; returns [..., d_out].
@@ -21,7 +24,7 @@ TORCH_LIBRARY(reslora, m) {
   // (grad_x, grad_A) of lora_down; grad_x is also x_prev's gradient, empty unless compute_grad_x.
   m.def(
       "_lora_down_backward(Tensor grad_z, Tensor x, Tensor? x_prev, Tensor A, float dropout, "
-      "int seed, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor)");
+      "Tensor? seed, int seed_offset, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor)");
   // (grad_x, grad_z, grad_B) of lora_up from one read of grad_y; grad_x empty unless asked.
   m.def(
       "_lora_up_backward(Tensor grad_y, Tensor weight, Tensor z, Tensor B, float scaling, "
@@ -31,14 +34,14 @@ TORCH_LIBRARY(reslora, m) {
   // (the ms shortcut: earlier blocks' z).
   m.def(
       "lora_linear(Tensor x, Tensor? x_prev, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
-      "Tensor? z_extra, float scaling, float dropout, int seed, int segment_rank) -> (Tensor, "
+      "Tensor? z_extra, float scaling, float dropout, Tensor? seed, int seed_offset, int segment_rank) -> (Tensor, "
       "Tensor)");
   // (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra) of lora_linear; grad_z: gradient that
   // reached the returned z (from later ms blocks) or none. Unrequested results are empty.
   m.def(
       "_lora_linear_backward(Tensor grad_y, Tensor? grad_z, Tensor x, Tensor? x_prev, "
       "Tensor weight, Tensor A, Tensor B, Tensor z, Tensor? z_extra, float scaling, "
-      "float dropout, int seed, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor, "
+      "float dropout, Tensor? seed, int seed_offset, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor, "
       "Tensor, Tensor, Tensor)");
   // Writes ||x||_F, ||z||_F into slot count % len of the float32 rings; count += 1. On device.
   m.def(
@@ -46,6 +49,24 @@ TORCH_LIBRARY(reslora, m) {
       "Tensor z) -> ()");
   // Mean of the filled slots of a ring written by record_stats_ (0 when none), float32 0-d.
   m.def("stats_mean(Tensor ring, Tensor count) -> Tensor");
+  // The dropout seed of a pass: int64 [1] on like's device, drawn from that device's default
+  // generator (no host synchronisation; a fresh value on every CUDA-graph replay).
+  m.def("draw_seed(Tensor like) -> Tensor");
+}
+
+namespace {
+// Seeds below 2^62, as the kernels' 64-bit mixers expect any value.
+constexpr int64_t kSeedBound = int64_t(1) << 62;
+
+// Composite: traced, it is aten::randint, which compilers treat as the random op it is (never
+// merged with another draw, kept out of recomputation, on the device's generator).
+at::Tensor draw_seed_impl(const at::Tensor& like) {
+  return at::randint(0, kSeedBound, {1}, like.options().dtype(at::kLong));
+}
+}  // namespace
+
+TORCH_LIBRARY_IMPL(reslora, CompositeImplicitAutograd, m) {
+  m.impl("draw_seed", &draw_seed_impl);
 }
 
 namespace {
@@ -56,9 +77,10 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 }  // namespace
 
 at::Tensor lora_down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                     const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank) {
+                     const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset, int64_t segment_rank) {
   static auto op = handle<decltype(lora_down)>("reslora::lora_down");
-  return op.call(x, x_prev, A, dropout, seed, segment_rank);
+  return op.call(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
 }
 
 at::Tensor lora_up(const at::Tensor& x, const at::Tensor& weight,
@@ -70,9 +92,10 @@ at::Tensor lora_up(const at::Tensor& x, const at::Tensor& weight,
 
 std::tuple<at::Tensor, at::Tensor> lora_down_backward(
     const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-    const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
+    const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset, int64_t segment_rank, bool compute_grad_x) {
   static auto op = handle<decltype(lora_down_backward)>("reslora::_lora_down_backward");
-  return op.call(grad_z, x, x_prev, A, dropout, seed, segment_rank, compute_grad_x);
+  return op.call(grad_z, x, x_prev, A, dropout, seed, seed_offset, segment_rank, compute_grad_x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
@@ -85,19 +108,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
 std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset,
     int64_t segment_rank) {
   static auto op = handle<decltype(lora_linear)>("reslora::lora_linear");
-  return op.call(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, segment_rank);
+  return op.call(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, seed_offset, segment_rank);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x) {
+    double scaling, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset, int64_t segment_rank, bool compute_grad_x) {
   static auto op = handle<decltype(lora_linear_backward)>("reslora::_lora_linear_backward");
-  return op.call(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout, seed,
+  return op.call(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout, seed, seed_offset,
                  segment_rank, compute_grad_x);
 }
 

@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 
 #include "reslora/merge.h"
+#include "reslora/modules.h"
+#include "reslora/rules.h"
 #include "reslora/version.h"
 
 namespace py = pybind11;
@@ -36,10 +38,93 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_chain_py(
   return out;
 }
 
+// An option from Python: the type is checked here (bool is not an int, a string not a number),
+// the value by reslora::validate; both with the one wording of reslora::option_error.
+int64_t int_option(const char* name, const py::handle& v) {
+  if (!PyLong_Check(v.ptr()) || PyBool_Check(v.ptr()))
+    throw py::value_error(reslora::option_error(name, py::repr(v).cast<std::string>()));
+  return v.cast<int64_t>();
+}
+double float_option(const char* name, const py::handle& v) {
+  if (!(PyLong_Check(v.ptr()) || PyFloat_Check(v.ptr())) || PyBool_Check(v.ptr()))
+    throw py::value_error(reslora::option_error(name, py::repr(v).cast<std::string>()));
+  return v.cast<double>();
+}
+
+reslora::ResLoRAOptions options_from_py(const py::handle& variant, const py::handle& r,
+                                        const py::handle& lora_alpha, const py::handle& dropout,
+                                        const py::handle& pre_num, const py::handle& stats_window) {
+  if (!PyUnicode_Check(variant.ptr()))
+    throw py::value_error(reslora::option_error("variant", py::repr(variant).cast<std::string>()));
+  const std::string v = variant.cast<std::string>();
+  if (v != "lora" && v != "is" && v != "bs" && v != "ms")
+    throw py::value_error(reslora::option_error("variant", py::repr(variant).cast<std::string>()));
+  auto o = reslora::ResLoRAOptions(int_option("r", r))
+               .variant(reslora::parse_variant(v))
+               .lora_alpha(float_option("lora_alpha", lora_alpha))
+               .dropout(float_option("lora_dropout", dropout))
+               .pre_num(int_option("pre_num", pre_num))
+               .stats_window(int_option("stats_window", stats_window));
+  reslora::validate(o);
+  return o;
+}
+
+// One training or eval pass of a C++ chain (reslora::ResLoRAChain) built from the given tensors,
+// run after torch.manual_seed(manual_seed): the outputs, and with grad_outputs the gradients of
+// sum(<y_n, g_n>) w.r.t. A_n and B_n. The Python layers are checked against it (same seeds, same
+// masks, same numbers).
+py::tuple chain_forward_cpp(const std::string& variant, int64_t pre_num, int64_t r,
+                            double lora_alpha, double dropout, bool training,
+                            const std::vector<at::Tensor>& weights,
+                            const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
+                            const std::vector<at::Tensor>& xs,
+                            const std::vector<at::Tensor>& grad_outputs, int64_t manual_seed) {
+  reslora::ResLoRAChain chain("cpp");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    reslora::ResLoRALinear blk(weights[i], at::Tensor(),
+                               reslora::ResLoRAOptions(r)
+                                   .variant(reslora::parse_variant(variant))
+                                   .lora_alpha(lora_alpha)
+                                   .dropout(dropout)
+                                   .pre_num(pre_num));
+    {
+      torch::NoGradGuard no_grad;
+      blk->lora_A.copy_(As.at(i));
+      blk->lora_B.copy_(Bs.at(i));
+    }
+    chain->push_back(blk);
+  }
+  chain->train(training);
+  torch::manual_seed(static_cast<uint64_t>(manual_seed));
+  const auto ys = chain->forward(xs);
+  std::vector<at::Tensor> gA, gB;
+  if (!grad_outputs.empty()) {
+    at::Tensor loss = at::zeros({}, ys[0].options());
+    for (size_t i = 0; i < ys.size(); ++i) loss = loss + (ys[i] * grad_outputs.at(i)).sum();
+    {
+      py::gil_scoped_release no_gil;  // the autograd engine must run without the GIL
+      loss.backward();
+    }
+    for (size_t i = 0; i < chain->size(); ++i) {
+      gA.push_back(chain[i]->lora_A.grad());
+      gB.push_back(chain[i]->lora_B.grad());
+    }
+  }
+  return py::make_tuple(ys, gA, gB);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "reslora C++ core: merges and build information (ops: torch.ops.reslora)";
+  m.doc() = "reslora C++ core: rules, merges and build information (ops: torch.ops.reslora)";
+  // The core's argument errors (c10::ValueError) reach Python as ValueError.
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const c10::ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    }
+  });
   m.def("merge_chain", &merge_chain_py, py::arg("weights"), py::arg("As"), py::arg("Bs"),
         py::arg("x_means"), py::arg("z_means"), py::arg("variant"), py::arg("merge"),
         py::arg("pre_num"), py::arg("scaling"),
@@ -59,6 +144,52 @@ PYBIND11_MODULE(_C, m) {
         reslora::check_merge(reslora::parse_variant(variant), reslora::parse_merge(merge));
       },
       py::arg("variant"), py::arg("merge"));
+  m.def(
+      "validate_options",
+      [](const py::handle& variant, const py::handle& r, const py::handle& lora_alpha,
+         const py::handle& lora_dropout, const py::handle& pre_num,
+         const py::handle& stats_window) {
+        options_from_py(variant, r, lora_alpha, lora_dropout, pre_num, stats_window);
+      },
+      py::arg("variant"), py::arg("r"), py::arg("lora_alpha"), py::arg("lora_dropout"),
+      py::arg("pre_num"), py::arg("stats_window"),
+      "Raises ValueError naming the option, the expected and the received value.");
+  m.def(
+      "check_link",
+      [](const std::string& chain, int64_t position, const std::string& head_variant,
+         int64_t head_r, double head_alpha, int64_t head_pre_num, int64_t head_d_out,
+         int64_t head_d_in, const std::string& variant, int64_t r, double alpha, int64_t pre_num,
+         int64_t d_out, int64_t d_in) {
+        const auto h = reslora::ResLoRAOptions(head_r)
+                           .variant(reslora::parse_variant(head_variant))
+                           .lora_alpha(head_alpha)
+                           .pre_num(head_pre_num);
+        const auto o = reslora::ResLoRAOptions(r)
+                           .variant(reslora::parse_variant(variant))
+                           .lora_alpha(alpha)
+                           .pre_num(pre_num);
+        reslora::check_link(chain, position, h, head_d_out, head_d_in, o, d_out, d_in);
+      },
+      "Raises ValueError unless the block may follow the chain's head at `position`.");
+  m.def(
+      "shortcut_reach",
+      [](const std::string& variant, int64_t position, int64_t pre_num) {
+        return reslora::shortcut_reach(reslora::parse_variant(variant), position, pre_num);
+      },
+      py::arg("variant"), py::arg("position"), py::arg("pre_num"),
+      "How many predecessors block `position` reads in a pass.");
+  m.def("_chain_forward_cpp", &chain_forward_cpp, py::arg("variant"), py::arg("pre_num"),
+        py::arg("r"), py::arg("lora_alpha"), py::arg("dropout"), py::arg("training"),
+        py::arg("weights"), py::arg("As"), py::arg("Bs"), py::arg("xs"),
+        py::arg("grad_outputs"), py::arg("manual_seed"),
+        "A pass of the C++ modules' chain on these tensors: (outputs, grad_A, grad_B).");
+  m.def("variants", [] {
+    std::vector<std::string> out;
+    for (auto v : {reslora::Variant::kLoRA, reslora::Variant::kIS, reslora::Variant::kBS,
+                   reslora::Variant::kMS})
+      out.push_back(reslora::to_string(v));
+    return out;
+  });
   m.def("build_info", [] {
     const auto b = reslora::build_info();
     py::dict d;

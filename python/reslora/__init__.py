@@ -6,7 +6,7 @@ from ._lib import load as _load
 _C = _load()
 
 from .config import ResLoRAConfig  # noqa: E402
-from .layers import ResLoRAChain, ResLoRALinear, merge_chain  # noqa: E402
+from .layers import ResLoRAChain, ResLoRALinear, checkpoint, merge_chain  # noqa: E402
 from .model import ResLoRAModel, get_reslora_model  # noqa: E402
 
 __version__ = _C.build_info()["version"]
@@ -24,5 +24,6 @@ __all__ = [
     "ResLoRAChain",
     "ResLoRALinear",
     "merge_chain",
+    "checkpoint",
     "build_info",
 ]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-VARIANTS = ("lora", "is", "bs", "ms")
-MERGES = {"lora": ("exact",), "is": ("input", "weight"), "bs": ("exact",), "ms": ("input", "mid")}
+from . import _lib
+
+_C = _lib.load()
+
+# The C++ core's tables: the variants, and the merges that fit each (the first is its default).
+VARIANTS = tuple(_C.variants())
+MERGES = {v: tuple(_C.merges_for(v)) for v in VARIANTS}
 
 # Projections adapted when target_modules is not given, by model type (PEFT's usual choice).
 DEFAULT_TARGETS = {
@@ -40,26 +44,15 @@ class ResLoRAConfig:
     stats_window: int = 100
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"reslora: variant must be one of {list(VARIANTS)}, got {self.variant!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"reslora: r must be an int > 0, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha):
-            raise ValueError(f"reslora: lora_alpha must be a finite number, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"reslora: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if isinstance(self.pre_num, bool) or not isinstance(self.pre_num, int) or self.pre_num < -1:
-            raise ValueError(f"reslora: pre_num must be -1 (all) or an int >= 0, got {self.pre_num!r}")
-        if isinstance(self.stats_window, bool) or not isinstance(self.stats_window, int) or self.stats_window < 1:
-            raise ValueError(f"reslora: stats_window must be an int >= 1, got {self.stats_window!r}")
+        _C.validate_options(
+            self.variant, self.r, self.lora_alpha, self.lora_dropout, self.pre_num, self.stats_window
+        )
         allowed = MERGES[self.variant]
         if self.merge is None:
             self.merge = allowed[0]
-        if self.merge not in allowed:
-            raise ValueError(
-                f"reslora: merge {self.merge!r} does not fit variant {self.variant!r}; expected one of "
-                f"{list(allowed)}"
-            )
+        if not isinstance(self.merge, str):
+            raise ValueError(f"reslora: merge must be one of {list(allowed)} or None, got {self.merge!r}")
+        _C.check_merge(self.variant, self.merge)
         tm = self.target_modules
         if tm is not None and not isinstance(tm, str):
             tm = list(tm)

@@ -4,6 +4,7 @@ in the C++ core; this file only links blocks and holds parameters."""
 from __future__ import annotations
 
 import math
+import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -14,30 +15,31 @@ from . import _lib
 _C = _lib.load()
 _ops = torch.ops.reslora
 
-VARIANTS = ("lora", "is", "bs", "ms")
+VARIANTS = tuple(_C.variants())
 
-
-def _reach(index: int, pre_num: int) -> int:
-    return index if pre_num < 0 else min(index, pre_num)
+# A checkpointed segment (reslora.checkpoint) notes the pass each chain ran in during its forward,
+# and its recompute runs the chains in those passes again.
+_SEGMENTS: List[dict] = []  # checkpointed segments whose forward runs now, innermost last
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass: a checkpointed segment being recomputed. The
-    recompute must see the shortcut state of the original forward and must not record again."""
+    """True while autograd runs a backward pass, i.e. a checkpointed segment is being recomputed
+    (eager only: compiled graphs recompute inside the graph)."""
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
 
 
-def _capturing() -> bool:
-    """True while the current CUDA stream is being captured into a graph (eagerly, not through
-    torch.compile, whose graphs replay compiled code)."""
-    return not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
+class _Pass:
+    """What one forward pass of a chain produced for its later blocks: the inputs (is), the mid
+    activations (ms) and the dropout seed (a device tensor drawn by the pass's first block with
+    dropout; block n uses stream n of it). A pass belongs to its chain only while it runs; a
+    checkpointed segment keeps the pass it ran in, for its recompute."""
 
-
-def _draw_seed() -> int:
-    # From torch's default CPU generator, so torch.manual_seed makes dropout reproducible.
-    return int(torch.randint(0, 2**62, (1,)).item())
+    def __init__(self, n: int):
+        self.inputs: List[Optional[torch.Tensor]] = [None] * n
+        self.mids: List[Optional[torch.Tensor]] = [None] * n
+        self.seed: Optional[torch.Tensor] = None
 
 
 class ResLoRALinear(nn.Module):
@@ -58,20 +60,7 @@ class ResLoRALinear(nn.Module):
         stats_window: int = 100,
     ):
         super().__init__()
-        if variant not in VARIANTS:
-            raise ValueError(f"reslora: variant must be one of {VARIANTS}, got {variant!r}")
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"reslora: r must be an int >= 1, got {r!r}")
-        if not math.isfinite(float(lora_alpha)):
-            raise ValueError(
-                f"reslora: lora_alpha must be finite (scaling = lora_alpha / r), got {lora_alpha!r}"
-            )
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"reslora: lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        if not isinstance(pre_num, int) or pre_num < -1:
-            raise ValueError(f"reslora: pre_num must be -1 (all) or an int >= 0, got {pre_num!r}")
-        if not isinstance(stats_window, int) or stats_window < 1:
-            raise ValueError(f"reslora: stats_window must be an int >= 1, got {stats_window!r}")
+        _C.validate_options(variant, r, lora_alpha, lora_dropout, pre_num, stats_window)
         self.base_layer = base_layer
         self._transposed = type(base_layer).__name__ == "Conv1D"
         weight = self.base_weight()
@@ -93,8 +82,9 @@ class ResLoRALinear(nn.Module):
         self.register_buffer("x_norms", torch.zeros(stats_window, **f32))
         self.register_buffer("z_norms", torch.zeros(stats_window, **f32))
         self.register_buffer("stats_count", torch.zeros(1, device=dev, dtype=torch.long))
-        self._chain: Optional[ResLoRAChain] = None
+        self._chain: Optional[_ChainLinks] = None  # set when a chain links the block
         self._position = 0
+        self._reach = 0  # predecessors this block reads in a pass (the C++ rule)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) / .half() must not round the norm statistics: they stay float32.
@@ -123,41 +113,54 @@ class ResLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chain = self._chain
         n = self._position if chain is not None else 0
-        recompute = _in_backward()
-        if chain is not None and n == 0 and not recompute:
-            chain._begin()  # the head starts a new pass
+        k = self._reach if chain is not None else 0
         p = self.lora_dropout if self.training else 0.0
-        seed = 0
-        if p > 0.0 and x.is_cuda and _capturing():
-            raise RuntimeError(
-                f"reslora: lora_dropout = {p} while a CUDA graph is being captured: the dropout "
-                "seed is drawn on the host for every pass, so each replay of the graph would "
-                "reuse one mask. Capture with lora_dropout=0 (or in eval mode)"
-            )
+        replay = chain is not None and chain._replaying > 0
+        if chain is not None and not replay:
+            if _in_backward() and (k > 0 or p > 0.0):
+                raise RuntimeError(
+                    f"reslora: block {n} of chain {chain.name!r} is being recomputed during "
+                    "backward by a checkpoint function that does not restore its forward pass, so "
+                    "it would read another pass's shortcut inputs or dropout seed; enable "
+                    "checkpointing with ResLoRAModel.gradient_checkpointing_enable() or wrap the "
+                    "segment with reslora.checkpoint(...) instead of torch.utils.checkpoint"
+                )
+            if n == 0 or chain._pass is None:
+                chain._begin()  # the head starts a new pass (as does a block run outside one)
+            for seen in _SEGMENTS:
+                seen.setdefault(chain, chain._pass)
+        state = chain._pass if chain is not None else None
+        seed = None
         if p > 0.0:
-            # One draw per chain pass; a recomputed (checkpointed) block gets its pass's seed back.
-            seed = _draw_seed() if chain is None else chain._block_seed(n)
+            if state is None:
+                seed = _ops.draw_seed(x)
+            else:
+                if state.seed is None:
+                    state.seed = _ops.draw_seed(x)
+                seed = state.seed
         w, b, r, s = self.base_weight(), self.base_layer.bias, self.r, self.scaling
         # Every variant is one lora_linear op (one autograd node per block).
         if self.variant == "is":
-            x_prev = x if n == 0 else chain._need(n, n - 1, "input")
-            y, z_own = _ops.lora_linear(x, x_prev, w, b, self.lora_A, self.lora_B, None, s, p, seed, r)
-        elif self.variant == "bs" and _reach(n, self.pre_num) > 0:
-            blocks = [self] + [chain.blocks[n - k] for k in range(1, _reach(n, self.pre_num) + 1)]
+            x_prev = x if k == 0 else chain._need(state, n, n - 1, "input")
+            y, z_own = _ops.lora_linear(x, x_prev, w, b, self.lora_A, self.lora_B, None, s, p, seed, n, r)
+        elif self.variant == "bs" and k > 0:
+            blocks = [self] + [chain.block(n, n - j) for j in range(1, k + 1)]
             a_cat = torch.cat([blk.lora_A for blk in blocks], 0)
             b_cat = torch.cat([blk.lora_B for blk in blocks], 1)
-            y, z = _ops.lora_linear(x, None, w, b, a_cat, b_cat, None, s, p, seed, r)
+            y, z = _ops.lora_linear(x, None, w, b, a_cat, b_cat, None, s, p, seed, n, r)
             z_own = z[..., :r]
-        elif self.variant == "ms" and _reach(n, self.pre_num) > 0:
-            z_extra = chain._need(n, n - 1, "mid activation")
-            for k in range(2, _reach(n, self.pre_num) + 1):
-                z_extra = z_extra + chain._need(n, n - k, "mid activation")
-            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, z_extra, s, p, seed, r)
+        elif self.variant == "ms" and k > 0:
+            z_extra = chain._need(state, n, n - 1, "mid activation")
+            for j in range(2, k + 1):
+                z_extra = z_extra + chain._need(state, n, n - j, "mid activation")
+            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, z_extra, s, p, seed, n, r)
         else:
-            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, None, s, p, seed, r)
-        if chain is not None and not recompute:
-            chain._record(n, x, z_own)
-        if self.training and not recompute and self.variant in ("is", "ms"):
+            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, None, s, p, seed, n, r)
+        if replay:
+            return y  # a recompute: the pass already holds this block's results and statistics
+        if state is not None:
+            chain._record(state, n, self.variant, x, z_own)
+        if self.training and self.variant in ("is", "ms"):
             # Only the is / ms merges read the norm statistics.
             _ops.record_stats_(self.x_norms, self.z_norms, self.stats_count, x, z_own)
         return y
@@ -187,18 +190,77 @@ class ResLoRALinear(nn.Module):
         self.r = int(A.shape[0])
         self.lora_alpha = s * self.r
         self.variant = "lora"
+        self._reach = 0
+
+
+class _ChainLinks:
+    """What the blocks of one chain share: their order (weakly: the blocks are owned by the model
+    or the ResLoRAChain, and nothing here keeps them, so no reference cycle forms) and the pass in
+    progress. The head (block 0) starts a pass, the last block (or the model's forward) ends it;
+    nothing of a pass stays behind, and a copy or a pickle carries the links, never a pass."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.capture = False  # keep every block's input after the pass (merge errors)
+        self.blocks: List[weakref.ref] = []
+        self._pass: Optional[_Pass] = None
+        self._replaying = 0  # > 0 while a checkpointed segment of an earlier pass is recomputed
+
+    def __getstate__(self):
+        # Strong references while copied or pickled; the blocks themselves carry their state.
+        return {"name": self.name, "blocks": [ref() for ref in self.blocks]}
+
+    def __setstate__(self, state):
+        self.__init__(state["name"])
+        self.blocks = [weakref.ref(blk) for blk in state["blocks"]]
+
+    def block(self, n: int, j: int) -> ResLoRALinear:
+        blk = self.blocks[j]()
+        if blk is None:
+            raise RuntimeError(
+                f"reslora: block {n} of chain {self.name!r} needs block {j}, which no longer "
+                "exists (a block copied alone is not linked to copies of the others)"
+            )
+        return blk
+
+    def _begin(self) -> None:
+        self._pass = _Pass(len(self.blocks))
+
+    def _end(self) -> None:
+        self._pass = None
+
+    def _record(self, state: _Pass, n: int, variant: str, x: torch.Tensor, z: torch.Tensor) -> None:
+        # Only what a later block of this pass reads (is: inputs, ms: mid activations), or
+        # everything while capture is on. Every block of a chain has the head's variant.
+        if variant == "is" or self.capture:
+            state.inputs[n] = x
+        if variant == "ms":
+            state.mids[n] = z
+        if n + 1 == len(self.blocks) and not self.capture:
+            self._end()  # no later block reads this pass
+
+    def _need(self, state: Optional[_Pass], n: int, j: int, what: str) -> torch.Tensor:
+        t = None
+        if state is not None:
+            t = (state.inputs if what == "input" else state.mids)[j]
+        if t is None:
+            raise RuntimeError(
+                f"reslora: block {n} of chain {self.name!r} needs the {what} of block {j} from "
+                f"this forward pass, but block {j} has not run since the chain's head (block 0) "
+                "started the pass"
+            )
+        return t
 
 
 class ResLoRAChain:
-    """Links blocks of one projection type in layer order. Not a module: it owns no parameters
-    (the model does), and holds the per-forward state, cleared when the head (block 0) runs."""
+    """Links blocks of one projection type in layer order and holds them. Not a module: it owns
+    no parameters (the model does). The blocks stay linked as long as they live, whether or not
+    this object is kept."""
 
     def __init__(self, blocks: Sequence[ResLoRALinear], name: str = "chain"):
         self.name = name
-        self.capture = False  # record every block's input (for measuring merge errors)
         self.blocks: List[ResLoRALinear] = []
-        self._inputs: List[Optional[torch.Tensor]] = []
-        self._mids: List[Optional[torch.Tensor]] = []
+        self._links = _ChainLinks(name)
         for blk in blocks:
             self.append(blk)
 
@@ -207,74 +269,50 @@ class ResLoRAChain:
         if blk._chain is not None:
             raise ValueError(f"reslora: chain {self.name!r}: the block is already in a chain")
         if n > 0:
-            head = self.blocks[0]
-            if blk.variant != head.variant:
-                raise ValueError(
-                    f"reslora: chain {self.name!r}: block {n} must have the head's variant "
-                    f"{head.variant!r}, got {blk.variant!r}"
-                )
-            if head.variant != "lora":
-                want = (head.out_features, head.in_features)
-                got = (blk.out_features, blk.in_features)
-                if got != want:
-                    raise ValueError(
-                        f"reslora: chain {self.name!r}: block {n} must have the head's shape "
-                        f"[d_out, d_in] = {list(want)} for the {head.variant!r} shortcut, got "
-                        f"{list(got)}; start a new chain for it"
-                    )
-                hk = (head.r, head.lora_alpha, head.pre_num)
-                bk = (blk.r, blk.lora_alpha, blk.pre_num)
-                if hk != bk:
-                    raise ValueError(
-                        f"reslora: chain {self.name!r}: block {n} must have the head's "
-                        f"(r, lora_alpha, pre_num) = {hk}, got {bk}"
-                    )
-        blk._chain, blk._position = self, n
+            h = self.blocks[0]
+            _C.check_link(self.name, n, h.variant, h.r, h.lora_alpha, h.pre_num, h.out_features,
+                          h.in_features, blk.variant, blk.r, blk.lora_alpha, blk.pre_num,
+                          blk.out_features, blk.in_features)
+        blk._chain = self._links
+        blk._position = n
+        blk._reach = _C.shortcut_reach(blk.variant, n, blk.pre_num)
         self.blocks.append(blk)
-        self._begin()
+        self._links.blocks.append(weakref.ref(blk))
+        self._links._end()
 
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def _begin(self) -> None:
-        self._inputs = [None] * len(self.blocks)
-        self._mids = [None] * len(self.blocks)
-        self._seed: Optional[int] = None
+    @property
+    def capture(self) -> bool:
+        """While on, a pass keeps every block's input after it ends (for merge errors)."""
+        return self._links.capture
 
-    def _block_seed(self, n: int) -> int:
-        if self._seed is None:
-            self._seed = _draw_seed()
-        return (self._seed + n * 0x9E3779B97F4A7C15) % (1 << 62)
+    @capture.setter
+    def capture(self, on: bool) -> None:
+        self._links.capture = bool(on)
+
+    @property
+    def _pass(self) -> Optional[_Pass]:
+        return self._links._pass
+
+    def _begin(self) -> None:
+        self._links._begin()
+
+    def _end(self) -> None:
+        self._links._end()
 
     def reset(self) -> None:
-        """Drops the activations the current pass holds."""
-        self._begin()
-
-    def _record(self, n: int, x: torch.Tensor, z: torch.Tensor) -> None:
-        # Only what a later block of this pass reads (is: inputs, ms: mid activations), or
-        # everything while capture is on: holding more would keep activations alive that
-        # autograd (or checkpointing) already let go.
-        variant = self.blocks[0].variant
-        if variant == "is" or self.capture:
-            self._inputs[n] = x
-        if variant == "ms":
-            self._mids[n] = z
+        """Ends the pass in progress, releasing what it holds."""
+        self._end()
 
     def last_inputs(self) -> Optional[List[torch.Tensor]]:
-        """The inputs every block saw in the last pass (detached), or None if a block did not run."""
-        if any(x is None for x in self._inputs):
+        """With capture on: the inputs every block saw in the last pass (detached), or None if a
+        block did not run."""
+        state = self._pass
+        if state is None or any(x is None for x in state.inputs):
             return None
-        return [x.detach() for x in self._inputs]
-
-    def _need(self, n: int, j: int, what: str) -> torch.Tensor:
-        t = (self._inputs if what == "input" else self._mids)[j]
-        if t is None:
-            raise RuntimeError(
-                f"reslora: block {n} of chain {self.name!r} needs the {what} of block {j} from "
-                f"this forward pass, but block {j} has not run since the chain's head (block 0) "
-                "started the pass"
-            )
-        return t
+        return [x.detach() for x in state.inputs]
 
     def forward(self, xs: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Runs every block in order on its own input, as one pass."""
@@ -295,7 +333,54 @@ class ResLoRAChain:
         pairs = self.merged_lora(merge)
         for blk, (a, b) in zip(self.blocks, pairs):
             blk.load_lora(a, b)
-        self._begin()
+        self._end()
+
+
+def checkpoint(function, *args, use_reentrant: bool = False, **kwargs):
+    """torch.utils.checkpoint.checkpoint for code that runs ResLoRA blocks: the recompute of the
+    segment sees the shortcut inputs and dropout seeds of the pass it first ran in, whatever ran
+    in between (other forwards, no-grad passes). Same arguments as torch's."""
+    return _checkpoint_with(torch.utils.checkpoint.checkpoint, function, *args,
+                            use_reentrant=use_reentrant, **kwargs)
+
+
+def _checkpoint_with(inner, function, *args, **kwargs):
+    if torch.compiler.is_compiling():
+        return inner(function, *args, **kwargs)  # compiled graphs recompute inside the graph
+    seen: dict = {}  # chain -> the pass its blocks ran in during this segment's forward
+    ran = []
+
+    def run(*a, **k):
+        if not ran:  # the forward, in the passes in progress
+            ran.append(True)
+            _SEGMENTS.append(seen)
+            try:
+                return function(*a, **k)
+            finally:
+                _SEGMENTS.pop()
+        saved = [(c, c._pass) for c in seen]
+        for c, p in seen.items():
+            c._pass = p
+            c._replaying += 1
+        try:
+            return function(*a, **k)
+        finally:
+            for c, p in saved:
+                c._pass = p
+                c._replaying -= 1
+
+    return inner(run, *args, **kwargs)
+
+
+class _PassCheckpoint:
+    """Wraps a model's checkpoint function (HF layers call it) the way reslora.checkpoint wraps
+    torch's: the recompute of a layer sees its own pass."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, function, *args, **kwargs):
+        return _checkpoint_with(self.inner, function, *args, **kwargs)
 
 
 def merge_chain(
@@ -307,6 +392,7 @@ def merge_chain(
     head = blocks[0]
     if merge is None:
         merge = _C.merges_for(head.variant)[0]
+    _C.check_merge(head.variant, merge)
     with torch.no_grad():
         return _C.merge_chain(
             [blk.base_weight() for blk in blocks],

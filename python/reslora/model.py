@@ -8,6 +8,7 @@ import json
 import os
 import re
 import tempfile
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGETS, ResLoRAConfig
-from .layers import ResLoRAChain, ResLoRALinear
+from .layers import ResLoRAChain, ResLoRALinear, _PassCheckpoint
 
 CHECKPOINT_FILE = "reslora_model.safetensors"
 CHECKPOINT_CONFIG = "reslora_config.json"
@@ -104,17 +105,18 @@ def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Di
 
 class _Forward:
     """The wrapper's forward, carrying the base model's signature so that tools that read it
-    (the HF Trainer drops dataset columns the forward does not name) see the real arguments."""
+    (the HF Trainer drops dataset columns the forward does not name) see the real arguments.
+    It refers to its model weakly: the model is freed as soon as it is dropped."""
 
     def __init__(self, owner: "ResLoRAModel"):
-        self.owner = owner
+        self.owner = weakref.ref(owner)
         try:
             self.__signature__ = inspect.signature(owner.base_model.forward)
         except (TypeError, ValueError):
             pass
 
     def __call__(self, *args, **kwargs):
-        return ResLoRAModel.forward(self.owner, *args, **kwargs)
+        return ResLoRAModel.forward(self.owner(), *args, **kwargs)
 
 
 def _tied_aliases(module: nn.Module) -> Dict[str, str]:
@@ -199,6 +201,7 @@ class ResLoRAModel(nn.Module):
             self._add_chain(key, part, current)
         self.forward = _Forward(self)
         self.training = model.training
+        self._wrap_checkpoint_functions()
         self._register_state_dict_hook(_drop_tied)
         self._register_load_state_dict_pre_hook(self._restore_tied, with_module=True)
 
@@ -207,6 +210,16 @@ class ResLoRAModel(nn.Module):
         for alias, name in _tied_aliases(module).items():
             if prefix + alias not in state_dict and prefix + name in state_dict:
                 state_dict[prefix + alias] = state_dict[prefix + name]
+
+    def __getstate__(self):
+        # The per-instance forward refers to this model weakly; a copy gets its own.
+        state = self.__dict__.copy()
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.forward = _Forward(self)
 
     def _add_chain(self, key: str, part: int, names: List[str]) -> None:
         cname = key if part == 0 else f"{key}#{part}"
@@ -224,15 +237,17 @@ class ResLoRAModel(nn.Module):
     # --- running -------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):  # replaced per instance by _Forward (same behaviour)
+        # One pass of every chain per call: begun here, ended when the wrapped model returns (or
+        # raises), so no pass outlives its call. Checkpointed layers keep the pass they ran in for
+        # their recompute (see _wrap_checkpoint_functions).
         for chain in self._chains.values():
             chain._begin()
-        out = self.base_model(*args, **kwargs)
-        if not torch.is_grad_enabled():
-            # No backward (and no checkpoint recompute) can need this pass's state: free it now.
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
             for chain in self._chains.values():
                 if not chain.capture:
-                    chain._begin()
-        return out
+                    chain._end()
 
     @property
     def chains(self) -> Dict[str, List[str]]:
@@ -277,6 +292,17 @@ class ResLoRAModel(nn.Module):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
         if ckpt["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads()
+        self._wrap_checkpoint_functions()
+
+    def _wrap_checkpoint_functions(self) -> None:
+        """Makes every checkpoint function of the wrapped model (the `_gradient_checkpointing_func`
+        that HF layers call) recompute a layer in the pass it first ran in, so that more than one
+        forward before a backward, or a no-grad forward in between, leaves the gradients right.
+        Also done at wrapping, for checkpointing turned on before."""
+        for m in self.base_model.modules():
+            f = m.__dict__.get("_gradient_checkpointing_func")
+            if f is not None and not isinstance(f, _PassCheckpoint):
+                m._gradient_checkpointing_func = _PassCheckpoint(f)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs):
         """The newer transformers name of gradient_checkpointing_enable (same behaviour)."""
@@ -290,8 +316,8 @@ class ResLoRAModel(nn.Module):
         plain LoRA block. merge_errors then holds, per block, the relative error
         ||y_merged - y|| / ||y|| of its output on `inputs` (model inputs: a dict of keyword
         arguments, a tuple of positional ones or one tensor), run once in eval mode before the
-        merge. Without inputs, the is variant measures on the inputs of the last training pass;
-        otherwise the errors are None. Exact merges (lora, bs) give 0."""
+        merge. Without inputs the errors are None: no pass is kept after its forward. Exact merges
+        (lora, bs) give 0."""
         if self._merged:
             raise RuntimeError(
                 "reslora: the model is already merged; merge_to_lora() would apply the merge twice"

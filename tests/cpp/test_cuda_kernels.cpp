@@ -42,17 +42,23 @@ TEST(DropoutAddCuda, MatchesHostMask) {
   ASSERT_EQ(cudaMalloc(&dout, n * 4), cudaSuccess);
   cudaMemcpy(dx, x.data(), n * 4, cudaMemcpyHostToDevice);
   cudaMemcpy(dxp, xp.data(), n * 4, cudaMemcpyHostToDevice);
+  int64_t* dseed = nullptr;  // the pass seed, on the device as the ops pass it
+  const int64_t seed = 99;
+  ASSERT_EQ(cudaMalloc(&dseed, sizeof(int64_t)), cudaSuccess);
+  cudaMemcpy(dseed, &seed, sizeof(int64_t), cudaMemcpyHostToDevice);
   reslora::kernels::DropoutAddParams p;
   p.x = dx;
   p.x_prev = dxp;
   p.out = dout;
   p.numel = n;
   p.p = 0.25f;
-  p.seed = 99;
+  p.seed.ptr = dseed;
+  p.seed.offset = 3;
   p.segment = 2;
   ASSERT_EQ(reslora::kernels::dropout_add(p, reslora::kernels::DType::kFloat32, nullptr), cudaSuccess);
   ASSERT_EQ(cudaMemcpy(out.data(), dout, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  const uint64_t key = reslora::kernels::dropout_key(99, 2);
+  const uint64_t key =
+      reslora::kernels::dropout_key(reslora::kernels::stream_seed(seed, 3), 2);
   for (int64_t i = 0; i < n; ++i) {
     const float want =
         reslora::kernels::dropout_keep(key, i, reslora::kernels::dropout_threshold(0.25f))
@@ -63,6 +69,7 @@ TEST(DropoutAddCuda, MatchesHostMask) {
   cudaFree(dx);
   cudaFree(dxp);
   cudaFree(dout);
+  cudaFree(dseed);
 }
 
 }  // namespace

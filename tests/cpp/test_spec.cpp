@@ -1,5 +1,10 @@
 // The spec's exact test cases (section 5) through the C++ modules: forwards, gradients, merges.
+// The cases live in tests/data/spec_cases.txt, which the Python tests read too.
 #include <cmath>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -7,215 +12,181 @@
 
 #include "reslora/modules.h"
 
-using reslora::MergeKind;
 using reslora::ResLoRAChain;
 using reslora::ResLoRALinear;
 using reslora::ResLoRAOptions;
-using reslora::Variant;
 
 namespace {
 
-using Rows = std::vector<std::vector<double>>;
+// case -> field -> values (as written)
+using Cases = std::map<std::string, std::map<std::string, std::vector<std::string>>>;
 
-torch::Tensor T(const Rows& rows) {
-  std::vector<double> flat;
-  for (const auto& r : rows) flat.insert(flat.end(), r.begin(), r.end());
-  return torch::tensor(flat, torch::kFloat64).view({static_cast<int64_t>(rows.size()), -1});
+const Cases& cases() {
+  static const Cases all = [] {
+    Cases out;
+    std::ifstream in(RESLORA_SPEC_CASES);
+    EXPECT_TRUE(in.good()) << "cannot read " << RESLORA_SPEC_CASES;
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty() || line[0] == '#') continue;
+      std::istringstream ls(line);
+      std::string name, field, v;
+      ls >> name >> field;
+      auto& values = out[name][field];
+      while (ls >> v) values.push_back(v);
+    }
+    return out;
+  }();
+  return all;
 }
-torch::Tensor V(const std::vector<double>& v) { return torch::tensor(v, torch::kFloat64); }
 
-void expect_close(const torch::Tensor& got, const torch::Tensor& want, double tol = 1e-9) {
+std::vector<std::string> case_names(const std::string& prefix, const std::string& with_field) {
+  std::vector<std::string> out;
+  for (const auto& [name, fields] : cases())
+    if (name.rfind(prefix, 0) == 0 && fields.count(with_field)) out.push_back(name);
+  return out;
+}
+
+bool has(const std::string& c, const std::string& f) { return cases().at(c).count(f) > 0; }
+const std::vector<std::string>& words(const std::string& c, const std::string& f) {
+  return cases().at(c).at(f);
+}
+std::vector<double> numbers(const std::string& c, const std::string& f) {
+  std::vector<double> out;
+  for (const auto& w : words(c, f)) out.push_back(std::stod(w));
+  return out;
+}
+// Values of a field as `blocks` tensors of shape `shape` each.
+std::vector<torch::Tensor> per_block(const std::string& c, const std::string& f,
+                                     std::vector<int64_t> shape, int blocks = 3) {
+  const auto v = numbers(c, f);
+  const auto all = torch::tensor(v, torch::kFloat64);
+  std::vector<torch::Tensor> out;
+  const int64_t each = static_cast<int64_t>(v.size()) / blocks;
+  for (int n = 0; n < blocks; ++n) out.push_back(all.narrow(0, n * each, each).view(shape));
+  return out;
+}
+
+void expect_close(const torch::Tensor& got, const torch::Tensor& want, double tol) {
   ASSERT_EQ(got.sizes(), want.sizes());
   EXPECT_TRUE(torch::allclose(got.to(torch::kFloat64), want, 0, tol))
       << "got\n" << got << "\nwant\n" << want;
 }
 
-const Rows kA[3] = {{{1, 0}}, {{0, 1}}, {{1, 1}}};
-const Rows kB[3] = {{{1}, {1}}, {{2}, {0}}, {{0}, {1}}};
-const std::vector<std::vector<double>> kX = {{1, 2}, {3, -1}, {1, 2}};
-
-ResLoRAChain make_chain(Variant v, int64_t pre_num) {
+ResLoRAChain make_chain(const std::string& c) {
+  const auto variant = reslora::parse_variant(words(c, "variant")[0]);
+  const int64_t pre_num = std::stoll(words(c, "pre_num")[0]);
+  const auto A = per_block("setup", "A", {1, 2});
+  const auto B = per_block("setup", "B", {2, 1});
   ResLoRAChain chain("spec");
   for (int i = 0; i < 3; ++i) {
     ResLoRALinear blk(torch::eye(2, torch::kFloat64), torch::Tensor(),
-                      ResLoRAOptions(1).variant(v).lora_alpha(2).pre_num(pre_num));
+                      ResLoRAOptions(1).variant(variant).lora_alpha(2).pre_num(pre_num));
     torch::NoGradGuard g;
-    blk->lora_A.copy_(T(kA[i]));
-    blk->lora_B.copy_(T(kB[i]));
+    blk->lora_A.copy_(A[i]);
+    blk->lora_B.copy_(B[i]);
     chain->push_back(blk);
   }
   return chain;
 }
 
+std::vector<torch::Tensor> inputs(const std::string& field) { return per_block("setup", field, {2}); }
+
+class SpecForward : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(SpecForward, OutputsAndGradients) {
+  const std::string& c = GetParam();
+  auto chain = make_chain(c);
+  std::vector<torch::Tensor> xs;
+  for (const auto& x : inputs("x")) xs.push_back(x.clone().requires_grad_());
+  const auto hs = chain->forward(xs);
+  (hs[0].sum() + hs[1].sum() + hs[2].sum()).backward();
+  const auto h = per_block(c, "h", {2}), dA = per_block(c, "dA", {1, 2});
+  const auto dB = per_block(c, "dB", {2, 1}), dx = per_block(c, "dx", {2});
+  for (int n = 0; n < 3; ++n) {
+    expect_close(hs[n], h[n], 1e-9);
+    expect_close(chain[n]->lora_A.grad(), dA[n], 1e-9);
+    expect_close(chain[n]->lora_B.grad(), dB[n], 1e-9);
+    expect_close(xs[n].grad(), dx[n], 1e-9);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Spec, SpecForward, ::testing::ValuesIn(case_names("", "dx")),
+                         [](const auto& info) { return info.param; });
+
 void set_window(const ResLoRALinear& blk, const std::vector<double>& v, bool z) {
   torch::NoGradGuard g;
   auto& ring = z ? blk->z_norms : blk->x_norms;
   ring.zero_();
-  ring.narrow(0, 0, v.size()).copy_(torch::tensor(v, torch::kFloat32));
+  ring.narrow(0, 0, static_cast<int64_t>(v.size())).copy_(torch::tensor(v, torch::kFloat32));
   blk->stats_count.fill_(static_cast<int64_t>(v.size()));
 }
 
-std::vector<torch::Tensor> eval_outputs(ResLoRAChain& chain, const std::vector<std::vector<double>>& xs) {
+std::vector<torch::Tensor> eval_outputs(ResLoRAChain& chain, const std::vector<torch::Tensor>& xs) {
   chain->eval();
   torch::NoGradGuard g;
-  std::vector<torch::Tensor> in;
-  for (const auto& x : xs) in.push_back(V(x));
-  return chain->forward(in);
+  return chain->forward(xs);
 }
 
-struct Case {
-  const char* name;
-  Variant variant;
-  int64_t pre_num;
-  Rows h, dA, dB, dx;
-};
+class SpecMerge : public ::testing::TestWithParam<std::string> {};
 
-class SpecForward : public ::testing::TestWithParam<Case> {};
-
-TEST_P(SpecForward, OutputsAndGradients) {
-  const Case& c = GetParam();
-  auto chain = make_chain(c.variant, c.pre_num);
-  std::vector<torch::Tensor> xs;
-  for (const auto& x : kX) xs.push_back(V(x).requires_grad_());
-  const auto hs = chain->forward(xs);
-  (hs[0].sum() + hs[1].sum() + hs[2].sum()).backward();
+TEST_P(SpecMerge, MergedChain) {
+  const std::string& c = GetParam();
+  const double tol = has(c, "tol") ? numbers(c, "tol")[0] : 1e-9;
+  auto chain = make_chain(c);
   for (int n = 0; n < 3; ++n) {
-    expect_close(hs[n], V(c.h[n]));
-    expect_close(chain[n]->lora_A.grad(), V(c.dA[n]).view({1, 2}));
-    expect_close(chain[n]->lora_B.grad(), V(c.dB[n]).view({2, 1}));
-    expect_close(xs[n].grad(), V(c.dx[n]));
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(
-    Spec, SpecForward,
-    ::testing::Values(
-        Case{"lora", Variant::kLoRA, 1, {{3, 4}, {-1, -1}, {1, 8}}, {{4, 8}, {12, -4}, {2, 4}},
-             {{2, 2}, {-2, -2}, {6, 6}}, {{5, 1}, {1, 5}, {3, 3}}},
-        Case{"is", Variant::kIS, 1, {{5, 6}, {7, -1}, {1, 12}}, {{8, 16}, {16, 4}, {8, 2}},
-             {{4, 4}, {2, 2}, {10, 10}}, {{9, 5}, {3, 7}, {3, 3}}},
-        Case{"bs_pre1", Variant::kBS, 1, {{3, 4}, {5, 5}, {9, 8}}, {{16, 4}, {16, 4}, {2, 4}},
-             {{8, 8}, {2, 2}, {6, 6}}, {{5, 1}, {5, 5}, {3, 7}}},
-        Case{"bs_all", Variant::kBS, -1, {{3, 4}, {5, 5}, {11, 10}}, {{20, 12}, {16, 4}, {2, 4}},
-             {{10, 10}, {2, 2}, {6, 6}}, {{5, 1}, {5, 5}, {7, 7}}},
-        Case{"ms_pre1", Variant::kMS, 1, {{3, 4}, {3, -1}, {1, 6}}, {{8, 16}, {18, -6}, {2, 4}},
-             {{2, 2}, {0, 0}, {4, 4}}, {{9, 1}, {1, 7}, {3, 3}}},
-        Case{"ms_all", Variant::kMS, -1, {{3, 4}, {3, -1}, {1, 8}}, {{10, 20}, {18, -6}, {2, 4}},
-             {{2, 2}, {0, 0}, {6, 6}}, {{11, 1}, {1, 7}, {3, 3}}}),
-    [](const ::testing::TestParamInfo<Case>& info) { return std::string(info.param.name); });
-
-TEST(SpecMerge, IsInput) {
-  auto chain = make_chain(Variant::kIS, 1);
-  set_window(chain[0], {2, 4}, false);
-  set_window(chain[1], {6}, false);
-  set_window(chain[2], {1.5, 1.5}, false);
-  const auto w = chain->merged_lora(MergeKind::kInput);
-  chain->merge_to_lora(MergeKind::kInput);
-  const auto W = chain->merged_weights();
-  expect_close(W[0], T({{5, 0}, {4, 1}}));
-  expect_close(W[1], T({{1, 6}, {0, 1}}));
-  expect_close(W[2], T({{1, 0}, {10, 11}}));
-  const auto h = eval_outputs(chain, kX);
-  expect_close(h[0], V({5, 6}));
-  expect_close(h[1], V({-3, -1}));
-  expect_close(h[2], V({1, 32}));
-  EXPECT_EQ(chain[1]->options().variant(), Variant::kLoRA);
-}
-
-TEST(SpecMerge, IsWeight) {
-  auto chain = make_chain(Variant::kIS, 1);
-  chain->merge_to_lora(MergeKind::kWeight);
-  const auto W = chain->merged_weights();
-  expect_close(W[2], T({{1, 0}, {3.763834, 4.763834}}), 1e-6);
-  expect_close(eval_outputs(chain, kX)[2], V({1, 13.291503}), 1e-6);
-  EXPECT_NEAR(std::sqrt(14.0 / 18.0), 0.881917, 1e-6);
-}
-
-TEST(SpecMerge, MsInput) {
-  for (int64_t pre : {1, -1}) {
-    auto chain = make_chain(Variant::kMS, pre);
-    set_window(chain[0], {2, 4}, false);
-    set_window(chain[1], {6}, false);
-    set_window(chain[2], {1.5, 1.5}, false);
-    chain->merge_to_lora(MergeKind::kInput);
-    expect_close(chain[1]->lora_A, T({{0.5, 1}}));
-    const auto h = eval_outputs(chain, kX);
-    expect_close(h[0], V({3, 4}));
-    expect_close(h[1], V({5, -1}));
-    if (pre == 1) {
-      expect_close(chain[2]->lora_A, T({{1, 5}}));
-      expect_close(h[2], V({1, 24}));
-    } else {
-      expect_close(chain[2]->lora_A, T({{3, 5}}));
-      expect_close(h[2], V({1, 28}));
+    for (const char* kind : {"x", "z"}) {
+      const std::string f = std::string(kind) + "_window_" + std::to_string(n);
+      if (has(c, f)) set_window(chain[n], numbers(c, f), kind[0] == 'z');
     }
   }
-}
-
-TEST(SpecMerge, MsMid) {
-  auto chain = make_chain(Variant::kMS, 1);
-  set_window(chain[0], {1, 3}, true);
-  set_window(chain[1], {4}, true);
-  set_window(chain[2], {0.5}, true);
-  chain->merge_to_lora(MergeKind::kMid);
-  const double alpha[3] = {0, 0.5, 8};
-  for (int n = 0; n < 3; ++n) expect_close(chain[n]->lora_B, (1 + alpha[n]) * T(kB[n]));
-  const auto h = eval_outputs(chain, kX);
-  expect_close(h[0], V({3, 4}));
-  expect_close(h[1], V({-3, -1}));
-  expect_close(h[2], V({1, 56}));
-}
-
-TEST(SpecMerge, BsExact) {
-  for (int64_t pre : {1, -1}) {
-    auto chain = make_chain(Variant::kBS, pre);
-    std::vector<torch::Tensor> in;
-    for (const auto& x : kX) in.push_back(V(x));
-    const auto train = chain->forward(in);
-    chain->merge_to_lora();
-    const auto W = chain->merged_weights();
-    expect_close(W[0], T({{3, 0}, {2, 1}}));
-    expect_close(W[1], T({{3, 4}, {2, 1}}));
-    expect_close(W[2], pre == 1 ? T({{1, 4}, {2, 3}}) : T({{3, 4}, {4, 3}}));
-    EXPECT_EQ(chain[2]->lora_A.size(0), pre == 1 ? 2 : 3);
-    const auto h = eval_outputs(chain, kX);
-    for (int n = 0; n < 3; ++n) expect_close(h[n], train[n].detach(), 1e-12);
-  }
-}
-
-TEST(SpecMerge, ProportionalInputsAreExact) {
-  const std::vector<std::vector<double>> prop = {{1, 2}, {0.5, 1}, {0.25, 0.5}};
-  struct P { Variant v; MergeKind m; Rows h; };
-  for (const P& p : {P{Variant::kIS, MergeKind::kInput, {{5, 6}, {12.5, 1}, {0.25, 5}}},
-                     P{Variant::kMS, MergeKind::kInput, {{3, 4}, {8.5, 1}, {0.25, 4}}},
-                     P{Variant::kMS, MergeKind::kMid, {}}}) {
-    auto chain = make_chain(p.v, 1);
-    std::vector<torch::Tensor> in;
-    for (const auto& x : prop) in.push_back(V(x));
-    const auto train = chain->forward(in);  // fills the windows
-    for (size_t n = 0; n < p.h.size(); ++n) expect_close(train[n], V(p.h[n]));
-    chain->merge_to_lora(p.m);
-    if (p.m == MergeKind::kMid) {
-      const double alpha[3] = {0, 1, 4.0 / 3.0};
-      for (int n = 0; n < 3; ++n) expect_close(chain[n]->lora_B, (1 + alpha[n]) * T(kB[n]));
+  const auto xs = inputs(has(c, "train") ? words(c, "train")[0] : "x");
+  std::vector<torch::Tensor> train;
+  if (has(c, "train")) {
+    for (const auto& h : chain->forward(xs)) train.push_back(h.detach());  // fills the windows
+    if (has(c, "h_train")) {
+      const auto want = per_block(c, "h_train", {2});
+      for (int n = 0; n < 3; ++n) expect_close(train[n], want[n], tol);
     }
-    const auto h = eval_outputs(chain, prop);
-    for (int n = 0; n < 3; ++n) expect_close(h[n], train[n].detach());
   }
-}
-
-TEST(SpecMerge, NonProportionalInputsShowMergeError) {
-  for (auto m : {MergeKind::kInput, MergeKind::kWeight}) {
-    auto chain = make_chain(Variant::kIS, 1);
-    std::vector<torch::Tensor> in;
-    for (const auto& x : kX) in.push_back(V(x));
-    const auto train = chain->forward(in);
-    chain->merge_to_lora(m);
-    const auto h = eval_outputs(chain, kX);
+  std::vector<torch::Tensor> B0;
+  for (int n = 0; n < 3; ++n) B0.push_back(chain[n]->lora_B.detach().clone());
+  chain->merge_to_lora(reslora::parse_merge(words(c, "merge")[0]));
+  for (int n = 0; n < 3; ++n) EXPECT_EQ(chain[n]->options().variant(), reslora::Variant::kLoRA);
+  const auto W = chain->merged_weights();
+  if (has(c, "W")) {
+    const auto want = per_block(c, "W", {2, 2});
+    for (int n = 0; n < 3; ++n) expect_close(W[n], want[n], tol);
+  }
+  if (has(c, "W2")) expect_close(W[2], per_block(c, "W2", {2, 2}, 1)[0], tol);
+  if (has(c, "A1")) expect_close(chain[1]->lora_A, per_block(c, "A1", {1, 2}, 1)[0], tol);
+  if (has(c, "A2")) expect_close(chain[2]->lora_A, per_block(c, "A2", {1, 2}, 1)[0], tol);
+  if (has(c, "alpha")) {
+    const auto alpha = numbers(c, "alpha");
+    for (int n = 0; n < 3; ++n) expect_close(chain[n]->lora_B, (1 + alpha[n]) * B0[n], tol);
+  }
+  if (has(c, "rank2")) EXPECT_EQ(chain[2]->lora_A.size(0), std::stoll(words(c, "rank2")[0]));
+  const auto h = eval_outputs(chain, xs);
+  if (has(c, "h")) {
+    const auto want = per_block(c, "h", {2});
+    for (int n = 0; n < 3; ++n) expect_close(h[n], want[n], tol);
+  }
+  if (has(c, "h2")) expect_close(h[2], per_block(c, "h2", {2}, 1)[0], tol);
+  if (has(c, "exact"))
+    for (int n = 0; n < 3; ++n) expect_close(h[n], train[n], tol);
+  if (has(c, "error")) {
     double err = 0;
-    for (int n = 0; n < 3; ++n) err = std::max(err, (h[n] - train[n].detach()).abs().max().item<double>());
+    for (int n = 0; n < 3; ++n) err = std::max(err, (h[n] - train[n]).abs().max().item<double>());
     EXPECT_GT(err, 1e-3);
   }
+}
+
+INSTANTIATE_TEST_SUITE_P(Spec, SpecMerge, ::testing::ValuesIn(case_names("merge_", "merge")),
+                         [](const auto& info) { return info.param; });
+
+TEST(SpecData, HasEveryCase) {
+  EXPECT_EQ(case_names("", "dx").size(), 6u);
+  EXPECT_EQ(case_names("merge_", "merge").size(), 14u);
 }
 
 }  // namespace

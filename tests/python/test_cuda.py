@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import reslora
+from seeds import S
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ops = torch.ops.reslora
@@ -25,7 +26,7 @@ def run(c, device, p, seg, requires_grad=True):
     moved = {k: (None if v is None else v.to(device).requires_grad_(requires_grad and k not in ("W", "b")))
              for k, v in c.items()}
     y, z = ops.lora_linear(moved["x"], moved["xp"], moved["W"], moved["b"], moved["A"], moved["B"],
-                           moved["ze"], 1.7, p, 1234, seg)
+                           moved["ze"], 1.7, p, S(1234, moved["x"]), 0, seg)
     gy = torch.ones_like(y)
     leaves = [moved[k] for k in ("x", "xp", "A", "B", "ze") if moved[k] is not None]
     grads = torch.autograd.grad((y * gy).sum() + z.sum(), leaves)
@@ -50,8 +51,8 @@ def test_block_op_cuda_matches_cpu(dtype, p, d_in, d_out, r, segments, with_prev
 def test_same_mask_on_both_devices(p):
     x = torch.randn(64, 29, dtype=torch.float64)
     eye = torch.eye(29, dtype=torch.float64)
-    zc = ops.lora_down(x, x, eye, p, 99, 29)
-    zg = ops.lora_down(x.cuda(), x.cuda(), eye.cuda(), p, 99, 29).cpu()
+    zc = ops.lora_down(x, x, eye, p, S(99, x), 0, 29)
+    zg = ops.lora_down(x.cuda(), x.cuda(), eye.cuda(), p, S(99, x.cuda()), 0, 29).cpu()
     assert torch.equal(zc != 0, zg != 0)
     torch.testing.assert_close(zc, zg)
 
@@ -137,12 +138,35 @@ def test_training_step_in_cuda_graph(variant, dtype):
             torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def test_dropout_refused_while_capturing():
-    """A host-drawn seed would be baked into the graph: refused, naming the setting."""
-    blocks = graph_chain("lora", torch.float32, dropout=0.1)
-    x = torch.randn(8, 64, device="cuda")
-    chain_loss(blocks, x)  # eager with dropout: fine
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["lora", "is", "bs", "ms"])
+def test_training_step_with_dropout_in_cuda_graph_draws_fresh_masks(variant, dtype):
+    """The pass seed is drawn on the device inside the graph: every replay draws new masks (two
+    replays on one input differ), and each replay equals an eager step from the generator state
+    it started from."""
+    blocks = graph_chain(variant, dtype, dropout=0.3)
+    params = [p for p in blocks.parameters() if p.requires_grad]
+    static_x = torch.randn(40, 64, device="cuda", dtype=dtype, requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            chain_loss(blocks, static_x).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    for p in params + [static_x]:
+        p.grad = None
     graph = torch.cuda.CUDAGraph()
-    with pytest.raises(RuntimeError, match="lora_dropout = 0.1 while a CUDA graph is being captured"):
-        with torch.cuda.graph(graph):
-            chain_loss(blocks, x)
+    with torch.cuda.graph(graph):
+        chain_loss(blocks, static_x).backward()
+    static_grads = [p.grad for p in params + [static_x]]
+    replays = []
+    for _ in range(2):
+        state = torch.cuda.get_rng_state()
+        graph.replay()
+        replays.append([g.clone() for g in static_grads])
+        torch.cuda.set_rng_state(state)
+        eager_x = static_x.detach().clone().requires_grad_(True)
+        want = torch.autograd.grad(chain_loss(blocks, eager_x), params + [eager_x])
+        for got, ref in zip(replays[-1], want):
+            torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
+    assert not torch.equal(replays[0][-1], replays[1][-1])  # a fresh mask on every replay

@@ -6,6 +6,7 @@ actually run; that they are deterministic. Skipped without a GPU."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+from seeds import S
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 ops = torch.ops.reslora
@@ -22,7 +23,7 @@ def inputs(n, d_in, d_out, R, dtype, with_prev, seed=0):
 def block(c, device, dtype, p, seg):
     """y, z and every gradient of one lora_linear block, in `dtype` on `device`."""
     m = {k: None if v is None else v.to(device, dtype).requires_grad_(k != "W") for k, v in c.items()}
-    y, z = ops.lora_linear(m["x"], m["xp"], m["W"], None, m["A"], m["B"], None, 2.0, p, SEED, seg)
+    y, z = ops.lora_linear(m["x"], m["xp"], m["W"], None, m["A"], m["B"], None, 2.0, p, S(SEED, m["x"]), 0, seg)
     gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y).to(device, dtype)
     leaves = [m[k] for k in ("x", "xp", "A", "B") if m[k] is not None]
     return [y, z, *torch.autograd.grad((y * gy).sum(), leaves)]
@@ -105,12 +106,12 @@ def test_fused_down_op_with_segments_matches_reference():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(200, 96, generator=g, dtype=torch.float64).bfloat16()
     A = torch.randn(3 * 5, 96, generator=g, dtype=torch.float64).bfloat16()
-    ref = ops.lora_down(x.double(), None, A.double(), 0.3, SEED, 5)
-    out = ops.lora_down(x.cuda(), None, A.cuda(), 0.3, SEED, 5)
+    ref = ops.lora_down(x.double(), None, A.double(), 0.3, S(SEED, x.double()), 0, 5)
+    out = ops.lora_down(x.cuda(), None, A.cuda(), 0.3, S(SEED, x.cuda()), 0, 5)
     close([ref], [out], 2e-2)
     gz = torch.randn(200, 15, generator=g, dtype=torch.float64).bfloat16()
-    ref_g = ops._lora_down_backward(gz.double(), x.double(), None, A.double(), 0.3, SEED, 5, True)
-    out_g = ops._lora_down_backward(gz.cuda(), x.cuda(), None, A.cuda(), 0.3, SEED, 5, True)
+    ref_g = ops._lora_down_backward(gz.double(), x.double(), None, A.double(), 0.3, S(SEED, x.double()), 0, 5, True)
+    out_g = ops._lora_down_backward(gz.cuda(), x.cuda(), None, A.cuda(), 0.3, S(SEED, x.cuda()), 0, 5, True)
     close(ref_g, out_g, 2e-2)
 
 

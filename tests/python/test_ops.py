@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import reslora
+from seeds import S
 
 ops = torch.ops.reslora
 
@@ -32,7 +33,7 @@ def test_down_up_match_reference_float64(lead, with_prev, device):
     xp = rand(*lead, d_in, device=device) if with_prev else None
     A, B = rand(r, d_in, device=device), rand(d_out, r, device=device)
     W, b = rand(d_out, d_in, device=device), rand(d_out, device=device)
-    z = ops.lora_down(x, xp, A, 0.0, 0, r)
+    z = ops.lora_down(x, xp, A, 0.0, S(0, x), 0, r)
     assert z.shape == (*lead, r)
     torch.testing.assert_close(z, ref_down(x, xp, A))
     y = ops.lora_up(x, W, b, z, B, 1.5)
@@ -50,7 +51,7 @@ def test_low_precision_error_is_pytorchs_own(dtype, device):
     W64, b64 = rand(d_out, d_in), rand(d_out)
     x, xp, A, B, W, b = (t.to(device=device, dtype=dtype) for t in (x64, xp64, A64, B64, W64, b64))
     ref_z = ref_down(x, xp, A).cpu()
-    z = ops.lora_down(x, xp, A, 0.0, 0, r)
+    z = ops.lora_down(x, xp, A, 0.0, S(0, x), 0, r)
     torch_z = ((x + xp) @ A.t()).cpu()  # PyTorch's own result in this dtype
     err_torch = (torch_z.double() - ref_z).abs().max()
     assert z.dtype == dtype
@@ -72,8 +73,8 @@ def test_gradcheck_down(dropout, with_prev, device):
 
     def f(*a):
         if with_prev:
-            return ops.lora_down(a[0], a[1], a[2], dropout, 1234, 2)
-        return ops.lora_down(a[0], None, a[1], dropout, 1234, 2)
+            return ops.lora_down(a[0], a[1], a[2], dropout, S(1234, a[0]), 0, 2)
+        return ops.lora_down(a[0], None, a[1], dropout, S(1234, a[0]), 0, 2)
 
     assert torch.autograd.gradcheck(f, args)
 
@@ -94,12 +95,12 @@ def test_opcheck_every_op(device):
     z = rand(3, 4, device=device, requires_grad=True)
     B = rand(5, 4, device=device, requires_grad=True)
     checks = [
-        (ops.lora_down.default, (x, xp, A, 0.0, 0, 2)),
-        (ops.lora_down.default, (x, None, A, 0.25, 7, 2)),
+        (ops.lora_down.default, (x, xp, A, 0.0, S(0, x), 0, 2)),
+        (ops.lora_down.default, (x, None, A, 0.25, S(7, x), 0, 2)),
         (ops.lora_up.default, (x, W, b, z, B, 2.0)),
         (ops.lora_up.default, (x, W, None, z, B, 2.0)),
-        (ops._lora_down_backward.default, (z.detach(), x.detach(), xp, A.detach(), 0.25, 7, 2, True)),
-        (ops._lora_down_backward.default, (z.detach(), x.detach(), None, A.detach(), 0.0, 0, 2, False)),
+        (ops._lora_down_backward.default, (z.detach(), x.detach(), xp, A.detach(), 0.25, S(7, x.detach()), 0, 2, True)),
+        (ops._lora_down_backward.default, (z.detach(), x.detach(), None, A.detach(), 0.0, S(0, x.detach()), 0, 2, False)),
         (ops._lora_up_backward.default, (rand(3, 5, device=device), W, z.detach(), B.detach(), 2.0, True)),
     ]
     for op, args in checks:
@@ -113,19 +114,19 @@ def test_opcheck_every_op(device):
 def test_empty_and_non_contiguous(device):
     A, B, W = rand(3, 6, device=device), rand(4, 3, device=device), rand(4, 6, device=device)
     x = rand(0, 6, device=device, requires_grad=True)
-    z = ops.lora_down(x, None, A, 0.5, 1, 3)
+    z = ops.lora_down(x, None, A, 0.5, S(1, x), 0, 3)
     y = ops.lora_up(x, W, None, z, B, 1.0)
     assert z.shape == (0, 3) and y.shape == (0, 4)
     y.sum().backward()
     assert x.grad.shape == (0, 6)
     xt = rand(6, 5, device=device).t()  # [5, 6], not contiguous
     assert not xt.is_contiguous()
-    zt = ops.lora_down(xt, xt, A, 0.0, 0, 3)
+    zt = ops.lora_down(xt, xt, A, 0.0, S(0, xt), 0, 3)
     torch.testing.assert_close(zt, ref_down(xt, xt, A))
     torch.testing.assert_close(ops.lora_up(xt, W, None, zt, B, 1.0), ref_up(xt, W, None, zt, B, 1.0))
     # dropout path on non-contiguous input: the mask indexes the logical element order
-    zd = ops.lora_down(xt, None, A, 0.5, 9, 3)
-    torch.testing.assert_close(zd, ops.lora_down(xt.contiguous(), None, A, 0.5, 9, 3))
+    zd = ops.lora_down(xt, None, A, 0.5, S(9, xt), 0, 3)
+    torch.testing.assert_close(zd, ops.lora_down(xt.contiguous(), None, A, 0.5, S(9, xt.contiguous()), 0, 3))
 
 
 def test_dropout_mask_from_seed(device):
@@ -133,13 +134,13 @@ def test_dropout_mask_from_seed(device):
     x = rand(32, d, device=device, requires_grad=True)
     eye = torch.eye(d, dtype=torch.float64, device=device, requires_grad=True)
     p = 0.25
-    z = ops.lora_down(x, None, eye, p, 42, d)  # drop(x) itself
+    z = ops.lora_down(x, None, eye, p, S(42, x), 0, d)  # drop(x) itself
     keep = z.detach() != 0
     frac = keep.double().mean().item()
     assert abs(frac - (1 - p)) < 0.03
     torch.testing.assert_close(z[keep], x[keep] / (1 - p))
-    torch.testing.assert_close(ops.lora_down(x, None, eye, p, 42, d), z)  # same seed, same mask
-    assert not torch.equal(ops.lora_down(x, None, eye, p, 43, d) != 0, keep)  # other seed
+    torch.testing.assert_close(ops.lora_down(x, None, eye, p, S(42, x), 0, d), z)  # same seed, same mask
+    assert not torch.equal(ops.lora_down(x, None, eye, p, S(43, x), 0, d) != 0, keep)  # other seed
     g = rand(32, d, device=device)
     z.backward(g)
     # backward regenerates the forward mask: dx = mask * g / (1 - p)
@@ -150,7 +151,7 @@ def test_dropout_masks_differ_per_segment(device):
     d = 32
     x = rand(16, d, device=device)
     eye2 = torch.cat([torch.eye(d), torch.eye(d)]).double().to(device)
-    z = ops.lora_down(x, None, eye2, 0.5, 5, d)
+    z = ops.lora_down(x, None, eye2, 0.5, S(5, x), 0, d)
     assert not torch.equal(z[:, :d] != 0, z[:, d:] != 0)
 
 
@@ -158,7 +159,7 @@ def test_dropout_is_sum_then_mask(device):
     d = 16
     x, xp = rand(8, d, device=device), rand(8, d, device=device)
     eye = torch.eye(d, dtype=torch.float64, device=device)
-    z = ops.lora_down(x, xp, eye, 0.5, 3, d)
+    z = ops.lora_down(x, xp, eye, 0.5, S(3, x), 0, d)
     keep = z != 0
     torch.testing.assert_close(z[keep], ((x + xp) / 0.5)[keep])
 
@@ -169,8 +170,8 @@ def test_cpu_and_cuda_masks_agree():
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         x = rand(33, 17).to(dtype)
         eye = torch.eye(17, dtype=dtype)
-        zc = ops.lora_down(x, x, eye, 0.4, 77, 17)
-        zg = ops.lora_down(x.cuda(), x.cuda(), eye.cuda(), 0.4, 77, 17).cpu()
+        zc = ops.lora_down(x, x, eye, 0.4, S(77, x), 0, 17)
+        zg = ops.lora_down(x.cuda(), x.cuda(), eye.cuda(), 0.4, S(77, x.cuda()), 0, 17).cpu()
         assert torch.equal(zc != 0, zg != 0)
 
 
@@ -220,19 +221,19 @@ def bad(fn, msg):
 def test_bad_input_messages():
     x, W, B = rand(3, 4), rand(5, 4), rand(5, 2)
     A, z = rand(2, 4), rand(3, 2)
-    bad(lambda: ops.lora_down(x, None, rand(2, 4, 1), 0.0, 0, 2),
+    bad(lambda: ops.lora_down(x, None, rand(2, 4, 1), 0.0, S(0, x), 0, 2),
         r"A must be a 2-D tensor \[r, d_in\] = \[r, 4\], got a 3-D tensor of shape \[2, 4, 1\]")
-    bad(lambda: ops.lora_down(x, None, rand(2, 5), 0.0, 0, 2),
+    bad(lambda: ops.lora_down(x, None, rand(2, 5), 0.0, S(0, x), 0, 2),
         r"A must have shape \[r, d_in\] = \[2, 4\], got \[2, 5\]")
-    bad(lambda: ops.lora_down(x, None, rand(0, 4), 0.0, 0, 1), r"A must have r >= 1 rows, got shape \[0, 4\]")
-    bad(lambda: ops.lora_down(x, None, A.float(), 0.0, 0, 2), r"A must have the dtype of x \(Double\), got Float")
-    bad(lambda: ops.lora_down(x, None, torch.empty(2, 4, dtype=torch.float64, device="meta"), 0.0, 0, 2),
+    bad(lambda: ops.lora_down(x, None, rand(0, 4), 0.0, S(0, x), 0, 1), r"A must have r >= 1 rows, got shape \[0, 4\]")
+    bad(lambda: ops.lora_down(x, None, A.float(), 0.0, S(0, x), 0, 2), r"A must have the dtype of x \(Double\), got Float")
+    bad(lambda: ops.lora_down(x, None, torch.empty(2, 4, dtype=torch.float64, device="meta"), 0.0, S(0, x), 0, 2),
         r"A must be on the device of x \(cpu\), got meta")
-    bad(lambda: ops.lora_down(x, rand(3, 5), A, 0.0, 0, 2), r"x_prev must have the shape of x \[3, 4\], got \[3, 5\]")
-    bad(lambda: ops.lora_down(x, None, A, 1.0, 0, 2), r"dropout must be in \[0, 1\), got 1")
-    bad(lambda: ops.lora_down(x, None, A, -0.1, 0, 2), r"dropout must be in \[0, 1\), got -0.1")
-    bad(lambda: ops.lora_down(x, None, A, 0.0, 0, 3), r"segment_rank must be >= 1 and divide the rows of A \(2\), got 3")
-    bad(lambda: ops.lora_down(x.long(), None, A.long(), 0.0, 0, 2), r"x must be float32, float64, float16 or bfloat16, got Long")
+    bad(lambda: ops.lora_down(x, rand(3, 5), A, 0.0, S(0, x), 0, 2), r"x_prev must have the shape of x \[3, 4\], got \[3, 5\]")
+    bad(lambda: ops.lora_down(x, None, A, 1.0, S(0, x), 0, 2), r"dropout must be in \[0, 1\), got 1")
+    bad(lambda: ops.lora_down(x, None, A, -0.1, S(0, x), 0, 2), r"dropout must be in \[0, 1\), got -0.1")
+    bad(lambda: ops.lora_down(x, None, A, 0.0, S(0, x), 0, 3), r"segment_rank must be >= 1 and divide the rows of A \(2\), got 3")
+    bad(lambda: ops.lora_down(x.long(), None, A.long(), 0.0, S(0, x.long()), 0, 2), r"x must be float32, float64, float16 or bfloat16, got Long")
     bad(lambda: ops.lora_up(x, rand(5, 3), None, z, B, 1.0), r"weight must have shape \[d_out, d_in\] = \[5, 4\], got \[5, 3\]")
     bad(lambda: ops.lora_up(x, W, None, z, rand(6, 2), 1.0), r"B must have shape \[d_out, r\] = \[5, 2\], got \[6, 2\]")
     bad(lambda: ops.lora_up(x, W, None, rand(3, 3), B, 1.0), r"z must have shape \[..., r\] = \[3, 2\], got \[3, 3\]")
@@ -246,9 +247,9 @@ def test_bad_input_messages():
 def test_bad_layer_and_chain_input():
     with pytest.raises(ValueError, match=r"r must be an int >= 1, got 0"):
         reslora.ResLoRALinear(nn.Linear(4, 4), r=0)
-    with pytest.raises(ValueError, match=r"lora_dropout must be in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"lora_dropout must be a number in \[0, 1\), got 1.5"):
         reslora.ResLoRALinear(nn.Linear(4, 4), r=2, lora_dropout=1.5)
-    with pytest.raises(ValueError, match=r"lora_alpha must be finite"):
+    with pytest.raises(ValueError, match=r"lora_alpha must be a finite number"):
         reslora.ResLoRALinear(nn.Linear(4, 4), r=2, lora_alpha=float("inf"))
     with pytest.raises(ValueError, match=r"variant must be one of"):
         reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="xs")
@@ -260,9 +261,9 @@ def test_bad_layer_and_chain_input():
     reslora.ResLoRAChain(blocks, name="v_proj")
     with pytest.raises(RuntimeError, match=r"block 1 of chain 'v_proj' needs the mid activation of block 0"):
         blocks[1](torch.randn(2, 4))
-    with pytest.raises(RuntimeError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"):
+    with pytest.raises(ValueError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"):
         reslora.merge_chain([reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="is")], "mid")
-    with pytest.raises(RuntimeError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', got 'dense'"):
+    with pytest.raises(ValueError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', got 'dense'"):
         reslora.merge_chain([reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="bs")], "dense")
 
 
@@ -320,8 +321,8 @@ def block_args(device, with_prev, with_extra, segments=2, r=2, requires_grad=Tru
 @pytest.mark.parametrize("with_prev,with_extra", [(False, False), (True, False), (False, True)])
 def test_lora_linear_matches_down_then_up(dropout, with_prev, with_extra, device):
     x, xp, W, b, A, B, ze, r = block_args(device, with_prev, with_extra)
-    y, z = ops.lora_linear(x, xp, W, b, A, B, ze, 1.5, dropout, 11, r)
-    z_ref = ops.lora_down(x, xp, A, dropout, 11, r)
+    y, z = ops.lora_linear(x, xp, W, b, A, B, ze, 1.5, dropout, S(11, x), 0, r)
+    z_ref = ops.lora_down(x, xp, A, dropout, S(11, x), 0, r)
     y_ref = ops.lora_up(x, W, b, z_ref if ze is None else z_ref + ze, B, 1.5)
     torch.testing.assert_close(z, z_ref)
     torch.testing.assert_close(y, y_ref)
@@ -339,7 +340,7 @@ def test_gradcheck_lora_linear(dropout, with_prev, with_extra, device):
     x, xp, W, b, A, B, ze, r = block_args(device, with_prev, with_extra)
 
     def f(x, xp, A, B, ze):
-        y, z = ops.lora_linear(x, xp, W, b, A, B, ze, 0.7, dropout, 5, r)
+        y, z = ops.lora_linear(x, xp, W, b, A, B, ze, 0.7, dropout, S(5, x), 0, r)
         return y, z
 
     assert torch.autograd.gradcheck(f, (x, xp, A, B, ze))
@@ -348,25 +349,25 @@ def test_gradcheck_lora_linear(dropout, with_prev, with_extra, device):
 def test_opcheck_lora_linear(device):
     for with_prev, with_extra, p in [(True, False, 0.25), (False, True, 0.0), (False, False, 0.5)]:
         x, xp, W, b, A, B, ze, r = block_args(device, with_prev, with_extra)
-        torch.library.opcheck(ops.lora_linear.default, (x, xp, W, b, A, B, ze, 2.0, p, 3, r))
+        torch.library.opcheck(ops.lora_linear.default, (x, xp, W, b, A, B, ze, 2.0, p, S(3, x), 0, r))
         d = lambda t: None if t is None else t.detach()  # noqa: E731
-        y, z = ops.lora_linear(d(x), d(xp), W, b, d(A), d(B), d(ze), 2.0, p, 3, r)
+        y, z = ops.lora_linear(d(x), d(xp), W, b, d(A), d(B), d(ze), 2.0, p, S(3, d(x)), 0, r)
         torch.library.opcheck(ops._lora_linear_backward.default,
                               (torch.randn_like(y), torch.randn_like(z), d(x), d(xp), W, d(A), d(B),
-                               z, d(ze), 2.0, p, 3, r, True))
+                               z, d(ze), 2.0, p, S(3, d(x)), 0, r, True))
         torch.library.opcheck(ops._lora_linear_backward.default,
                               (torch.randn_like(y), None, d(x), d(xp), W, d(A), d(B), z, d(ze),
-                               2.0, p, 3, r, False))
+                               2.0, p, S(3, d(x)), 0, r, False))
 
 
 def test_lora_linear_bad_input():
     x, xp, W, b, A, B, ze, r = block_args("cpu", False, True, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"z_extra must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
-        ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, 0, r)
+        ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, S(0, x), 0, r)
     with pytest.raises(RuntimeError, match=r"lora_linear: bias must be frozen \(requires_grad=False\)"):
-        ops.lora_linear(x, None, W, b.clone().requires_grad_(), A, B, None, 1.0, 0.0, 0, r)
+        ops.lora_linear(x, None, W, b.clone().requires_grad_(), A, B, None, 1.0, 0.0, S(0, x), 0, r)
     with pytest.raises(RuntimeError, match=r"lora_linear: weight must be frozen \(requires_grad=False\)"):
-        ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, 0, r)
+        ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, S(0, x), 0, r)
 
 
 def test_load_failure_names_built_and_found_versions(monkeypatch):
@@ -397,10 +398,10 @@ def test_lora_linear_under_autocast_casts_like_linear():
     x, xp, A, B = (t.detach().float().requires_grad_() for t in (x, xp, A, B))
     W, b = W.float(), b.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y, z = ops.lora_linear(x, xp, W, b, A, B, None, 2.0, 0.0, 0, r)
+        y, z = ops.lora_linear(x, xp, W, b, A, B, None, 2.0, 0.0, S(0, x), 0, r)
     assert y.dtype == z.dtype == torch.bfloat16
     bf = [t.bfloat16() for t in (x, xp, W, b, A, B)]
-    y_ref, z_ref = ops.lora_linear(bf[0], bf[1], bf[2], bf[3], bf[4], bf[5], None, 2.0, 0.0, 0, r)
+    y_ref, z_ref = ops.lora_linear(bf[0], bf[1], bf[2], bf[3], bf[4], bf[5], None, 2.0, 0.0, S(0, bf[0]), 0, r)
     assert torch.equal(y, y_ref) and torch.equal(z, z_ref)
     y.float().sum().backward()
     assert A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32

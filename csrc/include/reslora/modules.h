@@ -8,24 +8,11 @@
 
 #include <torch/nn/module.h>
 #include <torch/nn/pimpl.h>
-#include <torch/arg.h>
 
 #include "reslora/merge.h"
+#include "reslora/rules.h"
 
 namespace reslora {
-
-struct ResLoRAOptions {
-  explicit ResLoRAOptions(int64_t r) : r_(r) {}
-  TORCH_ARG(Variant, variant) = Variant::kLoRA;
-  TORCH_ARG(int64_t, r);
-  TORCH_ARG(double, lora_alpha) = 16.0;  // scaling s = lora_alpha / r
-  TORCH_ARG(double, dropout) = 0.0;      // on the LoRA input only; off in eval mode
-  TORCH_ARG(int64_t, pre_num) = 1;       // bs / ms: previous blocks reached, -1 = all
-  TORCH_ARG(int64_t, stats_window) = 100;  // training forwards kept for the is / ms merges
-};
-
-// Throws naming the option, the expected and the received value.
-void validate(const ResLoRAOptions& options);
 
 struct ChainState;
 
@@ -55,13 +42,15 @@ class ResLoRALinearImpl : public torch::nn::Module {
  private:
   friend class ResLoRAChainImpl;
   ResLoRAOptions options_;
-  std::weak_ptr<ChainState> state_;  // non-owning link to the chain's per-forward state
+  std::weak_ptr<ChainState> state_;  // non-owning link to the chain (its blocks and current pass)
   int64_t position_ = 0;
 };
 TORCH_MODULE(ResLoRALinear);
 
 // Links blocks in order. The chain owns its blocks; blocks hold only a weak reference to the
-// chain's per-forward state, which the head (block 0) clears at the start of every pass.
+// chain's links. What a pass produces (inputs, mid activations, the dropout seed) belongs to that
+// pass: the head (block 0) starts a new one, the last block releases it, and a block never reads
+// another pass's tensors.
 class ResLoRAChainImpl : public torch::nn::Module {
  public:
   explicit ResLoRAChainImpl(std::string name = "chain");
@@ -75,7 +64,7 @@ class ResLoRAChainImpl : public torch::nn::Module {
   torch::Tensor forward(int64_t index, const torch::Tensor& x);
   // Runs every block in order on its own input, as one pass.
   std::vector<torch::Tensor> forward(const std::vector<torch::Tensor>& xs);
-  // Drops the activations the current pass holds.
+  // Ends the current pass, releasing what it holds.
   void reset();
 
   // The plain LoRA pairs of the spec's merge; `merge` defaults to the variant's first.

@@ -14,7 +14,8 @@ namespace reslora {
 // Each segment of segment_rank rows of A gets its own dropout mask (block-shortcut terms), drawn
 // from (seed, segment, element index), so backward regenerates it. Returns [..., R].
 at::Tensor lora_down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                     const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank);
+                     const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset, int64_t segment_rank);
 
 // y = x W^T + bias + scaling * z B^T. W: [d_out, d_in] frozen; bias: [d_out] frozen or none;
 // z: [..., R]; B: [d_out, R]. Returns [..., d_out].
@@ -26,7 +27,8 @@ at::Tensor lora_up(const at::Tensor& x, const at::Tensor& weight,
 // tensor when compute_grad_x is false.
 std::tuple<at::Tensor, at::Tensor> lora_down_backward(
     const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-    const at::Tensor& A, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x);
+    const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset, int64_t segment_rank, bool compute_grad_x);
 
 // Backward of lora_up: (grad_x, grad_z, grad_B), reading grad_y once for all three.
 // grad_x is an empty tensor when compute_grad_x is false.
@@ -40,7 +42,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
 std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset,
     int64_t segment_rank);
 
 // Backward of lora_linear: (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra).
@@ -48,7 +51,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_line
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-    double scaling, double dropout, int64_t seed, int64_t segment_rank, bool compute_grad_x);
+    double scaling, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset, int64_t segment_rank, bool compute_grad_x);
 
 // Records ||x||_F and ||z||_F (float32) into slot count % window of the ring buffers and
 // increments count, all on the tensors' device: no host synchronisation.

@@ -38,10 +38,11 @@ template <typename T>
 __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict__ x_prev,
                                    T* __restrict__ out, bool accumulate, int64_t numel,
                                    uint32_t threshold, float p,
-                                   uint64_t key) {
+                                   DropoutSeed seed, uint64_t segment) {
   using M = OpMath<T>;
   using acc_t = typename M::type;
   const acc_t scale = static_cast<acc_t>(1.0) / (static_cast<acc_t>(1.0) - static_cast<acc_t>(p));
+  const uint64_t key = dropout_key(seed, segment);
   const int64_t pairs = (numel + 1) / 2;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   // One thread per pair of elements: one hash for both.
@@ -69,7 +70,7 @@ cudaError_t launch(const DropoutAddParams& prm, cudaStream_t stream) {
   dropout_add_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(prm.x), static_cast<const T*>(prm.x_prev), static_cast<T*>(prm.out),
       prm.accumulate, prm.numel,
-      dropout_threshold(prm.p), prm.p, dropout_key(prm.seed, prm.segment));
+      dropout_threshold(prm.p), prm.p, prm.seed, prm.segment);
   return cudaGetLastError();
 }
 

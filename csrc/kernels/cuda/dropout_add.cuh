@@ -1,4 +1,4 @@
-// Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, segment, i) / (1 - p). The
+// Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, offset, segment, i) / (1 - p). The
 // generic path (fp32 / fp64, ranks the fused kernels of lora_fused.cuh do not take) uses it for
 // the masked input and the masked input gradient.
 // Takes raw pointers and a stream so it builds with nvcc alone (no ATen), and is tested that way.
@@ -7,6 +7,8 @@
 #include <cstdint>
 
 #include <cuda_runtime.h>
+
+#include "../dropout_hash.h"
 
 namespace reslora {
 namespace kernels {
@@ -18,7 +20,7 @@ struct DropoutAddParams {
   bool accumulate = false;       // out += result instead of out = result
   int64_t numel = 0;
   float p = 0.f;                 // drop probability in [0, 1)
-  uint64_t seed = 0;
+  DropoutSeed seed;              // the pass seed on the device (see dropout_hash.h)
   uint64_t segment = 0;
 };
 

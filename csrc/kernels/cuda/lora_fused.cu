@@ -80,7 +80,7 @@ struct Common {
   void* out2_copy;  // grad_a_up: where a second copy of out2 goes, or nullptr
   uint32_t threshold;
   float scale;
-  uint64_t seed;
+  DropoutSeed seed;  // read on the device where a mask is made
 };
 
 // --- Asynchronous copies (sm_80+): tiles stream into shared memory while the tensor cores work
@@ -661,6 +661,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   int64_t t_begin, t_end;
   split_range((c.d + kTile - 1) / kTile, c.per_split, blockIdx.y, &t_begin, &t_end);
+  // The stream's seed, read once; each segment's key is made from it below.
+  const uint64_t seed =
+      c.dropout ? stream_seed(static_cast<uint64_t>(*c.seed.ptr), c.seed.offset) : 0;
 
   // Rank columns past the segment's stay zero: zero everything once.
   const int zero_elems = c.segments * (kTile * kLdz + (BT ? kStages * kStage : 0));
@@ -695,7 +698,7 @@ __global__ void __launch_bounds__(kThreads)
         float acc[4][4];
         mma_up_half<T, NF, BT>(acc, dseg, mseg, half, lane, warp);
         if (c.dropout) {
-          const uint64_t key = dropout_key(c.seed, seg);
+          const uint64_t key = dropout_key(seed, seg);
           const uint64_t flat0 = uint64_t(rg * c.d + col0 + 2 * t4);  // row rg, first pair
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt)

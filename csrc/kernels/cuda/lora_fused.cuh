@@ -49,7 +49,7 @@ struct LowRankParams {
   int64_t segment_rank = 0;
   float p = 0.f;                 // dropout probability in [0, 1); 0 for up_out
   float alpha = 1.f;             // factor on the result (the LoRA scaling of up_out)
-  uint64_t seed = 0;
+  DropoutSeed seed;              // the pass seed on the device (see dropout_hash.h)
 };
 
 enum class LowRankOp { kDown, kGradA, kUpDx, kUpOut, kGradAUpDx };

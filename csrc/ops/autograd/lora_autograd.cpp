@@ -11,6 +11,10 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+std::optional<at::Tensor> optional(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // The base weight and bias get no gradient: refuse them requiring one rather than drop it.
 void check_frozen(const char* op, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(!weight.requires_grad(), "reslora::", op,
@@ -25,16 +29,18 @@ class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& x_prev, const at::Tensor& A,
-                            double dropout, int64_t seed, int64_t segment_rank) {
+                            double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset, int64_t segment_rank) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // Only the inputs are kept: the dropout mask and the is-sum x + x_prev are recomputed.
-    ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), A});
+    // The seed tensor too: backward regenerates the masks from the value this pass drew.
+    ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), A, seed.value_or(at::Tensor())});
     ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["seed_offset"] = seed_offset;
     ctx->saved_data["segment_rank"] = segment_rank;
     ctx->saved_data["need_x"] =
         x.requires_grad() || (x_prev.has_value() && x_prev->requires_grad());
-    return lora_down(x, x_prev, A, dropout, seed, segment_rank);
+    return lora_down(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -44,11 +50,12 @@ class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
     const bool need_x = ctx->saved_data["need_x"].toBool();
     auto [grad_x, grad_A] = lora_down_backward(
         grads[0], saved[0], x_prev, saved[2], ctx->saved_data["dropout"].toDouble(),
-        ctx->saved_data["seed"].toInt(), ctx->saved_data["segment_rank"].toInt(), need_x);
+        optional(saved[3]), ctx->saved_data["seed_offset"].toInt(),
+        ctx->saved_data["segment_rank"].toInt(), need_x);
     if (!need_x) grad_x = at::Tensor();
     // The input shortcut is a sum, so x and x_prev receive the same gradient.
     return {grad_x, x_prev.has_value() ? grad_x : at::Tensor(), grad_A,
-            at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -81,21 +88,23 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                const at::Tensor& B, const std::optional<at::Tensor>& z_extra,
-                               double scaling, double dropout, int64_t seed,
+                               double scaling, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset,
                                int64_t segment_rank) {
     check_frozen("lora_linear", weight, bias);
     // z is often unused downstream (every variant but ms): its gradient then stays undefined
     // instead of a zero tensor that backward would add.
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
+    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, seed_offset,
                               segment_rank);
     // Inputs and the rank-R z only: masks and the is-sum are recomputed in backward.
+    // The seed tensor too: backward regenerates the masks from the value this pass drew.
     ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), weight, A, B, z,
-                            z_extra.value_or(at::Tensor())});
+                            z_extra.value_or(at::Tensor()), seed.value_or(at::Tensor())});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout"] = dropout;
-    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["seed_offset"] = seed_offset;
     ctx->saved_data["segment_rank"] = segment_rank;
     ctx->saved_data["need_x"] =
         x.requires_grad() || (x_prev.has_value() && x_prev->requires_grad());
@@ -116,28 +125,30 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     }
     auto [gx, gxp, gA, gB, gze] = lora_linear_backward(
         grad_y, opt(grads[1]), s[0], opt(s[1]), s[2], s[3], s[4], s[5], opt(s[6]),
-        ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout"].toDouble(),
-        ctx->saved_data["seed"].toInt(), ctx->saved_data["segment_rank"].toInt(), need_x);
+        ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout"].toDouble(), opt(s[7]),
+        ctx->saved_data["seed_offset"].toInt(), ctx->saved_data["segment_rank"].toInt(), need_x);
     return {need_x ? gx : at::Tensor(), (need_x && s[1].defined()) ? gxp : at::Tensor(),
             at::Tensor(), at::Tensor(), gA, gB, s[6].defined() ? gze : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, int64_t seed,
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset,
     int64_t segment_rank) {
   auto out = LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout,
-                                       seed, segment_rank);
+                                       seed, seed_offset, segment_rank);
   return {out[0], out[1]};
 }
 
 at::Tensor lora_down_autograd(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                              const at::Tensor& A, double dropout, int64_t seed,
+                              const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
+    int64_t seed_offset,
                               int64_t segment_rank) {
-  return LoraDownFunction::apply(x, x_prev, A, dropout, seed, segment_rank);
+  return LoraDownFunction::apply(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
 }
 
 at::Tensor lora_up_autograd(const at::Tensor& x, const at::Tensor& weight,

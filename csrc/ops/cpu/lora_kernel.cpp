@@ -12,12 +12,12 @@ namespace {
 
 // out (=|+=) drop(x [+ x_prev]). All contiguous, same shape.
 void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                       bool accumulate, double p, int64_t seed, int64_t segment) {
+                       bool accumulate, double p, const kernels::DropoutSeed& seed,
+                       int64_t segment) {
   const int64_t n = xc.numel();
   const float pf = static_cast<float>(p);
   const uint32_t threshold = kernels::dropout_threshold(pf);
-  const uint64_t key =
-      kernels::dropout_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(segment));
+  const uint64_t key = kernels::dropout_key(seed, static_cast<uint64_t>(segment));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_apply_cpu",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;

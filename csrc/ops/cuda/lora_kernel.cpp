@@ -25,7 +25,7 @@ kernels::DType to_kernel_dtype(at::ScalarType t) {
 }
 
 void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                        bool accumulate, double p, int64_t seed, int64_t segment) {
+                        bool accumulate, double p, const kernels::DropoutSeed& seed, int64_t segment) {
   if (xc.numel() == 0) return;
   // The launch goes to the current stream of x's device, whatever device is current.
   const c10::cuda::CUDAGuard guard(xc.device());
@@ -36,7 +36,7 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
   prm.accumulate = accumulate;
   prm.numel = xc.numel();
   prm.p = static_cast<float>(p);
-  prm.seed = static_cast<uint64_t>(seed);
+  prm.seed = seed;
   prm.segment = static_cast<uint64_t>(segment);
   const cudaError_t err = kernels::dropout_add(prm, to_kernel_dtype(xc.scalar_type()),
                                                at::cuda::getCurrentCUDAStream());
@@ -66,14 +66,14 @@ FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R,
 }
 
 kernels::LowRankParams lowrank_params(int64_t n, int64_t d, int64_t R, const FusedProblem& fp,
-                                      double p, int64_t seed) {
+                                      double p, const kernels::DropoutSeed& seed) {
   kernels::LowRankParams prm;
   prm.n = n;
   prm.d = d;
   prm.segment_rank = fp.segment_rank;
   prm.segments = R / fp.segment_rank;
   prm.p = static_cast<float>(p);
-  prm.seed = static_cast<uint64_t>(seed);
+  prm.seed = seed;
   return prm;
 }
 
@@ -94,7 +94,7 @@ void launch_lowrank(kernels::LowRankOp op, kernels::LowRankParams& prm, const at
 // The two reductions over x: down (z = drop(x [+ x_prev]) A^T, [N, R]) and grad_A
 // (dz^T drop(x [+ x_prev]), [R, d]); `operand` is A for the first and dz for the second.
 bool fused_over_x(kernels::LowRankOp op, const at::Tensor& x2, const at::Tensor& xp2,
-                  const at::Tensor& A, const at::Tensor& operand, double p, int64_t seed,
+                  const at::Tensor& A, const at::Tensor& operand, double p, const kernels::DropoutSeed& seed,
                   int64_t segment_rank, at::Tensor* out) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
@@ -115,17 +115,17 @@ bool fused_over_x(kernels::LowRankOp op, const at::Tensor& x2, const at::Tensor&
 }
 
 bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
-                     int64_t seed, int64_t segment_rank, at::Tensor* z) {
+                     const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* z) {
   return fused_over_x(kernels::LowRankOp::kDown, x2, xp2, A, A, p, seed, segment_rank, z);
 }
 
 bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                       const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
+                       const at::Tensor& A, double p, const kernels::DropoutSeed& seed, int64_t segment_rank,
                        at::Tensor* grad_A) {
   return fused_over_x(kernels::LowRankOp::kGradA, x2, xp2, A, dz, p, seed, segment_rank, grad_A);
 }
 
-bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, int64_t seed,
+bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
                       int64_t segment_rank, at::Tensor* out) {
   const int64_t n = dz.size(0), d = A.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank, false);
@@ -160,7 +160,7 @@ bool fused_up_out_cuda(const at::Tensor& z2, const at::Tensor& B, double scaling
   const at::Tensor zc = z2.contiguous();
   const at::Tensor Bc = B.contiguous();
   *y = at::empty({n, d}, z2.options());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, 0.0, 0);
+  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, 0.0, kernels::DropoutSeed{});
   prm.dz = zc.const_data_ptr();
   prm.A = Bc.const_data_ptr();
   prm.out = y->mutable_data_ptr();
@@ -172,7 +172,7 @@ bool fused_up_out_cuda(const at::Tensor& z2, const at::Tensor& B, double scaling
 // grad_A and the low-rank dx of a one-segment problem in one pass over x (the mask of each
 // element pair made once for both), and a second copy of the dx when grad_x_copy is given.
 bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                             const at::Tensor& A, double p, int64_t seed, int64_t segment_rank,
+                             const at::Tensor& A, double p, const kernels::DropoutSeed& seed, int64_t segment_rank,
                              at::Tensor* grad_A, at::Tensor* grad_x,
                              at::Tensor* grad_x_copy) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
