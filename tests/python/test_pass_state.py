@@ -292,13 +292,13 @@ def test_option_rules_come_from_the_core():
 # --- torch.compile with dropout on --------------------------------------------------------------
 
 
-def compiled_training(name, variant, pre_num, backend, steps=5):
+def compiled_training(name, variant, pre_num, backend, steps=5, device="cpu"):
     """Losses and final gradients of `steps` AdamW steps, eager and compiled (fullgraph), from
     the same generator state; dynamo's graph breaks and recompiles after the first step."""
     from torch._dynamo.utils import counters
 
     def train(compiled):
-        model = wrapped(variant, pre_num, name=name, dropout=0.05)
+        model = wrapped(variant, pre_num, name=name, dropout=0.05).to(device)
         # Settings the base models would otherwise fill in on their first call (a recompile) or
         # warn about from inside the graph (a graph break), with or without adapters.
         if name == "gpt2":
@@ -310,7 +310,7 @@ def compiled_training(name, variant, pre_num, backend, steps=5):
         torch.manual_seed(5)
         losses = []
         for i in range(steps):
-            loss = run(**batch(name, seed=i)).loss
+            loss = run(**{k: v.to(device) for k, v in batch(name, seed=i).items()}).loss
             loss.backward()
             if i == steps - 1:
                 last = grads(model)
@@ -345,6 +345,16 @@ def test_torch_compile_fullgraph_trains_with_dropout_as_eager(name, variant, pre
 @pytest.mark.parametrize("variant,pre_num", [("is", 1), ("ms", -1)])
 def test_torch_compile_inductor_trains_with_dropout_as_eager(variant, pre_num):
     (l_e, g_e), (l_c, g_c), breaks = compiled_training("llama", variant, pre_num, "inductor")
+    assert breaks == 0
+    torch.testing.assert_close(l_c, l_e, rtol=1e-4, atol=1e-5)
+    assert_same(g_c, g_e, tol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant,pre_num", VARIANTS)
+def test_torch_compile_inductor_trains_with_dropout_as_eager_cuda(variant, pre_num):
+    (l_e, g_e), (l_c, g_c), breaks = compiled_training("llama", variant, pre_num, "inductor",
+                                                       device="cuda")
     assert breaks == 0
     torch.testing.assert_close(l_c, l_e, rtol=1e-4, atol=1e-5)
     assert_same(g_c, g_e, tol=1e-4)
