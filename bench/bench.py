@@ -185,17 +185,25 @@ def training_step(base, wrap, ids, targets, compiled=False):
     forward + backward to the input embeddings), with AdamW on the adapters; compiled: the
     model's forward and backward under torch.compile(fullgraph=True)."""
     model = copy.deepcopy(base)
-    if wrap is None:
-        model.enable_input_require_grads()
-        opt = None
-    else:
+    opt = None
+    if wrap is not None:
         model = wrap(model, targets)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    elif not compiled:
+        model.enable_input_require_grads()
     model.train()
     run = torch.compile(model, fullgraph=True) if compiled else model
+    embed = model.get_input_embeddings()
+
+    def inputs():
+        if wrap is None and compiled:
+            # The hook of enable_input_require_grads breaks a fullgraph trace: the compiled base
+            # gets its input embeddings as a leaf that requires grad instead.
+            return {"inputs_embeds": embed(ids).detach().requires_grad_(), "labels": ids}
+        return {"input_ids": ids, "labels": ids}
 
     def step():
-        loss = run(input_ids=ids, labels=ids).loss
+        loss = run(**inputs()).loss
         loss.backward()
         if opt is not None:
             opt.step()
