@@ -7,7 +7,6 @@ import inspect
 import json
 import os
 import re
-import tempfile
 import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGETS, ResLoRAConfig
+from . import saving
 from .layers import ResLoRAChain, ResLoRALinear, _PassCheckpoint
 
 CHECKPOINT_FILE = "reslora_model.safetensors"
@@ -70,37 +70,6 @@ def _skeleton(path: str):
     key = ".".join("*" if p.isdigit() else p for p in parts)
     index = tuple(int(p) for p in parts if p.isdigit())
     return key, index
-
-
-def _atomic_write(path: str, write) -> None:
-    """Writes through a temporary file in the same folder, then renames it into place."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: str, obj) -> None:
-    def w(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-
-    _atomic_write(path, w)
-
-
-def _write_safetensors(path: str, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 class _Forward:
@@ -389,7 +358,9 @@ class ResLoRAModel(nn.Module):
     def save_pretrained(self, save_directory: str, format: Optional[str] = None) -> None:
         """After merge_to_lora(): a PEFT LoRA adapter (adapter_config.json and
         adapter_model.safetensors). Before: a ResLoRA checkpoint that resumes training and can
-        be merged later. format: "peft" or "reslora" to insist on one."""
+        be merged later. format: "peft" or "reslora" to insist on one. The directory is replaced
+        as a whole (reslora.saving): after a crash at any moment it holds the previous save or
+        this one, complete; other files in it are kept."""
         fmt = format or ("peft" if self._merged else "reslora")
         if fmt not in ("peft", "reslora"):
             raise ValueError(f"reslora: format must be 'peft' or 'reslora', got {format!r}")
@@ -403,7 +374,6 @@ class ResLoRAModel(nn.Module):
                 "reslora: the model is merged and has no shortcuts left; save it as a PEFT "
                 "adapter (format='peft')"
             )
-        os.makedirs(save_directory, exist_ok=True)
         if fmt == "peft":
             self._save_peft(save_directory)
         else:
@@ -441,8 +411,8 @@ class ResLoRAModel(nn.Module):
             "alpha_pattern": {},
             "modules_to_save": None,
         }
-        _write_safetensors(os.path.join(d, ADAPTER_FILE), tensors, {"format": "pt"})
-        _write_json(os.path.join(d, ADAPTER_CONFIG), config)
+        saving.write_checkpoint(d, {ADAPTER_FILE: saving.safetensors_writer(tensors, {"format": "pt"}),
+                                    ADAPTER_CONFIG: saving.json_writer(config)})
 
     def _checkpoint_tensors(self) -> Dict[str, torch.Tensor]:
         out = {}
@@ -458,13 +428,16 @@ class ResLoRAModel(nn.Module):
             "reslora_config": self.reslora_config.to_json(),
             "chains": json.dumps(self.chains),
         }
-        _write_safetensors(os.path.join(d, CHECKPOINT_FILE), self._checkpoint_tensors(), meta)
-        _write_json(os.path.join(d, CHECKPOINT_CONFIG), self.reslora_config.to_dict())
+        saving.write_checkpoint(d, {
+            CHECKPOINT_FILE: saving.safetensors_writer(self._checkpoint_tensors(), meta),
+            CHECKPOINT_CONFIG: saving.json_writer(self.reslora_config.to_dict()),
+        })
 
     @staticmethod
     def _read_checkpoint(d: str):
         from safetensors import safe_open
 
+        saving.recover(d)  # a save interrupted between its two renames is put back first
         path = os.path.join(d, CHECKPOINT_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reslora: no ResLoRA checkpoint at {path!r}")

@@ -1,0 +1,171 @@
+"""Saves are atomic as a whole: a process killed at any moment of save_pretrained leaves the
+previous complete save or the new complete one, never a mix, and the next save removes what the
+killed one left behind."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from torch import nn
+
+import reslora
+from reslora import saving
+
+safetensors = pytest.importorskip("safetensors")
+
+# A small model saved with lora_alpha and lora_B values that say which save it is: version v has
+# lora_alpha = 8 v and lora_B filled with v, so a directory mixing two saves shows it.
+MODEL = textwrap.dedent('''
+    import torch, reslora
+    from torch import nn
+
+    def save(path, version, fmt="reslora"):
+        torch.manual_seed(0)
+        base = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+        cfg = reslora.ResLoRAConfig(variant="is" if fmt == "reslora" else "bs", r=4,
+                                    lora_alpha=8.0 * version,
+                                    target_modules=[str(i) for i in range(4)])
+        model = reslora.get_reslora_model(base, cfg)
+        with torch.no_grad():
+            for blk in model.blocks.values():
+                blk.lora_B.fill_(float(version))
+        if fmt == "peft":
+            model.merge_to_lora()
+        model.save_pretrained(path)
+''')
+
+
+def versions_in(path):
+    """The versions each file of a reslora checkpoint says it is, or None if a file is missing."""
+    from safetensors import safe_open
+
+    cfg_path = os.path.join(path, "reslora_config.json")
+    st_path = os.path.join(path, "reslora_model.safetensors")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(st_path)):
+        return None
+    with open(cfg_path) as f:
+        v_json = json.load(f)["lora_alpha"] / 8
+    with safe_open(st_path, framework="pt") as f:
+        v_meta = json.loads(f.metadata()["reslora_config"])["lora_alpha"] / 8
+        values = {f.get_tensor(k).unique().item() for k in f.keys() if k.endswith("lora_B")}
+    return {v_json, v_meta} | values
+
+
+def leftovers(parent):
+    return [n for n in os.listdir(parent) if ".reslora-" in n]
+
+
+def crash_at(k):
+    """Makes the k-th point of this process's file-system calls (before or after each call a
+    save makes) kill the process, as a power cut or an OOM kill would."""
+    import shutil
+
+    import safetensors.torch as st
+
+    calls = [0]
+
+    def crashing(f):
+        def g(*a, **kw):
+            for when in ("before", "after"):
+                calls[0] += 1
+                if calls[0] == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if when == "before":
+                    out = f(*a, **kw)
+            return out
+        return g
+
+    for mod, name in [(os, "fsync"), (os, "rename"), (os, "link"), (os, "mkdir"), (os, "chmod"),
+                      (shutil, "rmtree"), (st, "save_file"), (json, "dump")]:
+        setattr(mod, name, crashing(getattr(mod, name)))
+    saving._exchange = crashing(saving._exchange)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_save_killed_at_any_call_leaves_the_old_or_the_new_checkpoint_whole(tmp_path, exchange):
+    path = str(tmp_path / "ckpt")
+    ns = {}
+    exec(MODEL, ns)
+    ns["save"](path, 1)
+    (tmp_path / "ckpt" / "tokenizer.json").write_text("{}")  # not ours: must survive
+    seen, k = set(), 1
+    while True:
+        pid = os.fork()  # the save runs in a child that is killed at point k
+        if pid == 0:
+            try:
+                if not exchange:
+                    saving._exchange = lambda a, b: False
+                crash_at(k)
+                ns["save"](path, 2)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        saving.recover(path)  # what the next save or load does first
+        v = versions_in(path)
+        assert v in ({1}, {2}), f"killed at point {k}: the directory holds {v}"
+        assert (tmp_path / "ckpt" / "tokenizer.json").read_text() == "{}"
+        seen.add(v.pop())
+        if os.WIFEXITED(status):  # the save got past its last point
+            break
+        assert os.WTERMSIG(status) == signal.SIGKILL
+        ns["save"](path, 1)  # back to the old save (this also cleans up), for the next k
+        assert not leftovers(str(tmp_path))
+        k += 1
+    assert seen == {1, 2} and k > 8  # kills before and after the swap were both tried
+
+
+def test_saves_killed_at_random_moments(tmp_path):
+    path = str(tmp_path / "ckpt")
+    code = f"""
+import sys
+for i in range(10**6):
+    save({path!r}, 1 + i % 2)
+    sys.stdout.write("saved\\n"); sys.stdout.flush()
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", MODEL + code], env=env, stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"saved\n"  # past the start-up: saving in a loop now
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        proc.wait()
+        saving.recover(path)
+        assert versions_in(path) in ({1}, {2})
+    ns = {}
+    exec(MODEL, ns)
+    ns["save"](path, 1)
+    assert not leftovers(str(tmp_path)) and versions_in(path) == {1}
+
+
+def test_peft_adapter_saves_are_whole_too_and_keep_other_files(tmp_path):
+    ns = {}
+    exec(MODEL, ns)
+    ns["save"](str(tmp_path), 1, fmt="peft")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("keep")
+    ns["save"](str(tmp_path), 2, fmt="peft")
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert cfg["lora_alpha"] / cfg["r"] == 4.0  # the second save's scaling (16 / 4)
+    assert (tmp_path / "notes" / "a.txt").read_text() == "keep"
+    assert any(k.endswith("lora_B.weight") for k in weights)
+
+
+def test_a_file_as_save_directory_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    model = reslora.get_reslora_model(nn.Sequential(nn.Linear(4, 4)),
+                                      reslora.ResLoRAConfig(r=2, target_modules=["0"]))
+    with pytest.raises(NotADirectoryError, match="save_directory must be a directory, got the file"):
+        model.save_pretrained(str(f))
+    assert f.read_text() == "x"
