@@ -26,8 +26,32 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t,
               " must be on the device of x (", x.device(), "), got ", t.device());
 }
 
+// The mask keeps an element when 15 random bits reach floor(p * 32768): a p whose keep rate
+// 1 - p is below that resolution (2^-15) would keep (almost) nothing and scale by 1 / (1 - p).
+constexpr double kMaxDropout = 1.0 - 1.0 / 32768.0;
+
 inline void check_dropout(const char* op, double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "reslora::", op, ": dropout must be in [0, 1), got ", p);
+  TORCH_CHECK(p <= kMaxDropout, "reslora::", op,
+              ": dropout must keep at least 2^-15 of the inputs (p <= 1 - 2^-15, the mask's "
+              "resolution), got ", p);
+}
+
+// x and the block's frozen weight must agree on d_in, checked before A so that an input of the
+// wrong width is reported as such.
+inline void check_x_width(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() >= 1, "reslora::", op,
+              ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
+  TORCH_CHECK(weight.dim() != 2 || x.size(-1) == weight.size(1), "reslora::", op,
+              ": x must have d_in = ", weight.size(1), " features in its last dimension (weight is ",
+              "[d_out, d_in] = ", weight.sizes(), "), got x of shape ", x.sizes());
+}
+
+// B's rank must be A's, checked before z so that a mismatch names A and B.
+inline void check_rank(const char* op, const at::Tensor& A, const at::Tensor& B) {
+  TORCH_CHECK(A.dim() != 2 || B.dim() != 2 || B.size(1) == A.size(0), "reslora::", op,
+              ": B must have A's rank: B is [d_out, r] with r = A.size(0) = ", A.size(0), ", got B ",
+              B.sizes(), " and A ", A.sizes());
 }
 
 inline void check_x(const char* op, const at::Tensor& x) {

@@ -253,6 +253,8 @@ inline std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
     const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const kernels::DropoutSeed& seed,
     int64_t segment_rank, const KernelSet& k) {
+  check_x_width("lora_linear", x, weight);
+  check_rank("lora_linear", A, B);
   at::Tensor z = lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, k);
   if (z_extra.has_value()) {
     TORCH_CHECK(z_extra->sizes() == z.sizes(), "reslora::lora_linear: z_extra must have shape ",
@@ -277,8 +279,15 @@ inline LinearGrads lora_linear_backward_impl(
     double scaling, double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank, bool compute_grad_x,
     const KernelSet& k) {
   const char* op = "_lora_linear_backward";
+  check_x_width(op, x, weight);
+  check_rank(op, A, B);
   check_down(op, x, x_prev, A, dropout, segment_rank);
   check_up(op, x, weight, std::nullopt, z, B, scaling);
+  if (grad_z.has_value() && grad_z->defined()) {
+    TORCH_CHECK(grad_z->sizes() == z.sizes(), "reslora::", op, ": grad_z must have the shape of z ",
+                z.sizes(), ", got ", grad_z->sizes());
+    check_same(op, "grad_z", *grad_z, x);
+  }
   const int64_t d_in = x.size(-1);
   const int64_t d_out = weight.size(0);
   const int64_t R = A.size(0);

@@ -14,7 +14,8 @@ namespace reslora {
 std::string option_rule(const std::string& option) {
   if (option == "r") return "an int >= 1";
   if (option == "lora_alpha") return "a finite number (scaling = lora_alpha / r)";
-  if (option == "lora_dropout") return "a number in [0, 1)";
+  if (option == "lora_dropout")
+    return "a number in [0, 1) that keeps at least 2^-15 of the inputs (the mask's resolution)";
   if (option == "pre_num") return "-1 (all) or an int >= 0";
   if (option == "stats_window") return "an int >= 1";
   if (option == "variant") return "one of 'lora', 'is', 'bs', 'ms'";
@@ -44,7 +45,7 @@ std::string str(double v) {
 void validate(const ResLoRAOptions& o) {
   TORCH_CHECK_VALUE(o.r() >= 1, option_error("r", str(o.r())));
   TORCH_CHECK_VALUE(std::isfinite(o.lora_alpha()), option_error("lora_alpha", str(o.lora_alpha())));
-  TORCH_CHECK_VALUE(o.dropout() >= 0.0 && o.dropout() < 1.0,
+  TORCH_CHECK_VALUE(o.dropout() >= 0.0 && o.dropout() <= 1.0 - 1.0 / 32768.0,
               option_error("lora_dropout", str(o.dropout())));
   TORCH_CHECK_VALUE(o.pre_num() >= -1, option_error("pre_num", str(o.pre_num())));
   TORCH_CHECK_VALUE(o.stats_window() >= 1, option_error("stats_window", str(o.stats_window())));

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -54,13 +55,21 @@ class ResLoRAConfig:
             raise ValueError(f"reslora: merge must be one of {list(allowed)} or None, got {self.merge!r}")
         _C.check_merge(self.variant, self.merge)
         tm = self.target_modules
-        if tm is not None and not isinstance(tm, str):
+        expected = "a non-empty list of names, a regex string or 'all-linear'"
+        if isinstance(tm, str) and tm != "all-linear":
+            try:
+                re.compile(tm)
+            except re.error as e:
+                raise ValueError(
+                    f"reslora: target_modules must be {expected}; got the string {tm!r}, which "
+                    f"is not a valid regular expression ({e})"
+                ) from None
+        elif tm is not None and not isinstance(tm, str):
+            if not isinstance(tm, (list, tuple, set, frozenset)):
+                raise ValueError(f"reslora: target_modules must be {expected}, got {tm!r}")
             tm = list(tm)
             if not tm or not all(isinstance(t, str) and t for t in tm):
-                raise ValueError(
-                    f"reslora: target_modules must be a non-empty list of names, a regex string or "
-                    f"'all-linear', got {self.target_modules!r}"
-                )
+                raise ValueError(f"reslora: target_modules must be {expected}, got {self.target_modules!r}")
             self.target_modules = tm
 
     @property

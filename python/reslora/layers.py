@@ -4,6 +4,7 @@ in the C++ core; this file only links blocks and holds parameters."""
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import List, Optional, Sequence, Tuple
 
@@ -61,6 +62,11 @@ class ResLoRALinear(nn.Module):
     ):
         super().__init__()
         _C.validate_options(variant, r, lora_alpha, lora_dropout, pre_num, stats_window)
+        if not (isinstance(base_layer, nn.Linear) or type(base_layer).__name__ == "Conv1D"):
+            raise ValueError(
+                "reslora: base_layer must be an nn.Linear or a GPT-2 Conv1D, got "
+                f"{type(base_layer).__name__}"
+            )
         self.base_layer = base_layer
         self._transposed = type(base_layer).__name__ == "Conv1D"
         weight = self.base_weight()
@@ -393,6 +399,15 @@ def merge_chain(
     if merge is None:
         merge = _C.merges_for(head.variant)[0]
     _C.check_merge(head.variant, merge)
+    if (head.variant, merge) in (("is", "input"), ("ms", "input"), ("ms", "mid")):
+        empty = [i for i, blk in enumerate(blocks) if int(blk.stats_count.item()) == 0]
+        if empty:
+            warnings.warn(
+                f"reslora: the {head.variant!r} / {merge!r} merge averages norms recorded in "
+                f"training forwards, and blocks {empty} have none (no training forward ran): "
+                "their ratios are taken as 1",
+                stacklevel=3,
+            )
     with torch.no_grad():
         return _C.merge_chain(
             [blk.base_weight() for blk in blocks],

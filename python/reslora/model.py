@@ -47,14 +47,19 @@ def _targets(model: nn.Module, config: ResLoRAConfig) -> List[str]:
     heads = _output_head_names(model)
     names = []
     for name, m in model.named_modules():
-        if not name or not _is_linear(m):
+        if not name:
             continue
         if tm == "all-linear":
-            hit = name not in heads
+            hit = _is_linear(m) and name not in heads
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, name) is not None
         else:
             hit = any(name == t or name.endswith("." + t) for t in tm)
+        if hit and not _is_linear(m):
+            raise ValueError(
+                f"reslora: target_modules {tm!r} names {name!r}, a {type(m).__name__}; reslora "
+                "adapts nn.Linear and GPT-2 Conv1D layers: name those (or use 'all-linear')"
+            )
         if hit:
             names.append(name)
     if not names:
@@ -441,9 +446,12 @@ class ResLoRAModel(nn.Module):
         path = os.path.join(d, CHECKPOINT_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reslora: no ResLoRA checkpoint at {path!r}")
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise ValueError(f"reslora: cannot read the checkpoint file {path!r}: {e}") from e
         if meta.get("reslora_format") != "1":
             raise ValueError(f"reslora: {path!r} is not a ResLoRA checkpoint (format {meta.get('reslora_format')!r})")
         return meta, tensors

@@ -240,7 +240,7 @@ TEST(Modules, BadInputMessages) {
   expect_error([] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(0)); },
                "reslora: r must be an int >= 1, got 0");
   expect_error([] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).dropout(1.0)); },
-               "reslora: lora_dropout must be a number in [0, 1), got 1.0");
+               "reslora: lora_dropout must be a number in [0, 1) that keeps at least 2^-15 of the inputs (the mask's resolution), got 1.0");
   expect_error(
       [] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).lora_alpha(INFINITY)); },
       "reslora: lora_alpha must be a finite number (scaling = lora_alpha / r), got inf");
@@ -272,7 +272,7 @@ TEST(Modules, BadInputMessages) {
   ResLoRALinear blk(torch::eye(4, torch::kFloat64), torch::Tensor(), ResLoRAOptions(2));
   expect_error([&] { blk->forward(torch::randn({2, 4})); }, "A must have the dtype of x (Float), got Double");
   expect_error([&] { blk->forward(torch::randn({2, 5}, torch::kFloat64)); },
-               "A must have shape [r, d_in] = [2, 5], got [2, 4]");
+               "x must have d_in = 4 features in its last dimension (weight is [d_out, d_in] = [4, 4]), got x of shape [2, 5]");
 }
 
 // Without dropout: each device draws its pass seeds from its own generator, so the masks of one
