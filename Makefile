@@ -34,7 +34,9 @@ cpp-example:
 	cmake --build build/example
 	./build/example/train_chain
 
-demo: deps build
+# The demo builds the package alone (no test suites; CUDA sources only for a CUDA torch).
+demo: deps
+	RESLORA_BUILD_TESTS=0 RESLORA_BUILD_DIR=build/demo-cmake $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	$(PYTHON) examples/demo.py
 
 clean:

@@ -4,7 +4,7 @@
 
 Environment: RESLORA_BUILD_TESTS=1 also builds the C++ tests (ctest --test-dir build/cmake);
 RESLORA_BUILD_DIR overrides the CMake build folder (default build/cmake); RESLORA_CUDA=ON|OFF|AUTO;
-TORCH_CUDA_ARCH_LIST picks the GPU architectures (default 9.0); MAX_JOBS caps parallel jobs.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default 8.0 and 9.0); MAX_JOBS caps parallel jobs.
 """
 
 import os
@@ -63,16 +63,36 @@ class CMakeBuild(build_ext):
 
 
 
+def torch_requirement():
+    """The torch the package is built against, as the loader checks it (same release): a build
+    only loads next to that torch. Without an importable torch (an sdist, say): >= 2.4."""
+    try:
+        import torch
+    except ImportError:
+        return "torch>=2.4"
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
 setup(
     name="reslora",
     version="0.1.0",
     description="ResLoRA (LoRA with residual shortcuts) as PyTorch custom ops and C++/CUDA kernels",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    classifiers=[
+        "License :: OSI Approved :: MIT License",
+        "Programming Language :: C++",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     package_dir={"": "python"},
     packages=["reslora"],
     ext_modules=[CMakeExtension("reslora._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    # safetensors: the checkpoint and adapter files; transformers / peft only where used.
+    install_requires=[torch_requirement(), "safetensors"],
     package_data={"reslora": list(_SIBLINGS)},
     zip_safe=False,
 )

@@ -1,5 +1,6 @@
 # Sets RESLORA_WITH_NVCC (and enables the CUDA language) when nvcc is usable, and
-# RESLORA_NVCC_VERSION. Architectures come from TORCH_CUDA_ARCH_LIST ("9.0" -> 90), default 90.
+# RESLORA_NVCC_VERSION. Architectures come from TORCH_CUDA_ARCH_LIST ("9.0" -> 90); by default
+# every one the fused kernels are written for: 8.0 (whose code also runs on 8.6 / 8.9) and 9.0.
 set(RESLORA_WITH_NVCC OFF)
 set(RESLORA_NVCC_VERSION "")
 if(NOT RESLORA_CUDA STREQUAL "OFF")
@@ -14,7 +15,7 @@ if(NOT RESLORA_CUDA STREQUAL "OFF")
       endforeach()
       set(CMAKE_CUDA_ARCHITECTURES "${_out}")
     else()
-      set(CMAKE_CUDA_ARCHITECTURES 90)
+      set(CMAKE_CUDA_ARCHITECTURES 80 90)
     endif()
   endif()
   include(CheckLanguage)

@@ -31,7 +31,7 @@ fi
 
 missing=()
 # module:package pairs; torch is already there, so none of these pulls another torch.
-for pair in pytest:pytest numpy:numpy expecttest:expecttest setuptools:setuptools \
+for pair in pytest:pytest numpy:numpy expecttest:expecttest setuptools:setuptools wheel:wheel \
             transformers:transformers peft:peft safetensors:safetensors accelerate:accelerate \
             tqdm:tqdm matplotlib:matplotlib; do
   "$PY" -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair#*:}")

@@ -89,6 +89,7 @@ class ResLoRALinear(nn.Module):
         self.register_buffer("z_norms", torch.zeros(stats_window, **f32))
         self.register_buffer("stats_count", torch.zeros(1, device=dev, dtype=torch.long))
         self._chain: Optional[_ChainLinks] = None  # set when a chain links the block
+        self._stale: List[weakref.ref] = []  # parameters a rank-changing merge replaced
         self._position = 0
         self._reach = 0  # predecessors this block reads in a pass (the C++ rule)
 
@@ -116,7 +117,24 @@ class ResLoRALinear(nn.Module):
             f"lora_dropout={self.lora_dropout}, pre_num={self.pre_num}"
         )
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_stale"] = []  # weak references to the replaced parameters: not part of a copy
+        return state
+
+    def _check_stale(self) -> None:
+        if any(ref() is not None for ref in self._stale):
+            raise RuntimeError(
+                f"reslora: merge_to_lora() gave this block rank {self.r}, so its lora_A and lora_B "
+                "are new parameters, and the old ones are still held (by an optimizer made before "
+                "the merge, most likely), which would train nothing: make a new optimizer from "
+                "the model's parameters after merging"
+            )
+        self._stale = []
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._stale and self.training and torch.is_grad_enabled():
+            self._check_stale()
         chain = self._chain
         n = self._position if chain is not None else 0
         k = self._reach if chain is not None else 0
@@ -179,7 +197,10 @@ class ResLoRALinear(nn.Module):
 
     @torch.no_grad()
     def load_lora(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Replaces A and B by a plain LoRA pair (rank may change; scaling is kept)."""
+        """Replaces A and B by a plain LoRA pair (scaling is kept). Where the shapes stay, the
+        values are copied into the same parameters, so training goes on with the optimizer the
+        user has; where the rank changes, A and B are new parameters, and a training forward
+        while the old ones are still held (by an optimizer made before) is an error."""
         if A.dim() != 2 or A.shape[1] != self.in_features:
             raise ValueError(
                 f"reslora: A must have shape [r, d_in] = [{A.shape[0]}, {self.in_features}], "
@@ -191,8 +212,15 @@ class ResLoRALinear(nn.Module):
                 f"got {list(B.shape)}"
             )
         s = self.scaling
-        self.lora_A = nn.Parameter(A.detach().to(self.lora_A).clone())
-        self.lora_B = nn.Parameter(B.detach().to(self.lora_B).clone())
+        stale = []
+        for name, new in (("lora_A", A.detach()), ("lora_B", B.detach())):
+            p = getattr(self, name)
+            if p.shape == new.shape:
+                p.copy_(new)  # the same Parameter: an optimizer made before the merge trains on
+            else:  # a new rank (bs): new Parameters, and the old ones are watched (see forward)
+                stale.append(weakref.ref(p))
+                setattr(self, name, nn.Parameter(new.to(p).clone(), requires_grad=p.requires_grad))
+        self._stale = stale
         self.r = int(A.shape[0])
         self.lora_alpha = s * self.r
         self.variant = "lora"

@@ -358,3 +358,37 @@ def test_torch_compile_inductor_trains_with_dropout_as_eager_cuda(variant, pre_n
     assert breaks == 0
     torch.testing.assert_close(l_c, l_e, rtol=1e-4, atol=1e-5)
     assert_same(g_c, g_e, tol=1e-4)
+
+
+# --- training after a merge -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,pre_num", VARIANTS)
+def test_training_goes_on_after_a_merge_with_the_optimizer_the_user_has(variant, pre_num):
+    model = wrapped(variant, pre_num, dropout=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    for i in range(2):
+        model(**batch("llama", seed=i)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.merge_to_lora(inputs={"input_ids": batch("llama")["input_ids"]})
+    model.train()
+    same_shape = variant != "bs"
+    if not same_shape:  # the rank grew: the old optimizer would train stale parameters
+        with pytest.raises(RuntimeError, match="make a new optimizer from the model's parameters"):
+            model(**batch("llama"))
+        del opt, params
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    else:
+        assert [p for p in model.parameters() if p.requires_grad] == params  # the same objects
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    losses = []
+    for i in range(3):
+        loss = model(**batch("llama", seed=0)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
