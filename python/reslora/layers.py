@@ -90,6 +90,7 @@ class ResLoRALinear(nn.Module):
         self.register_buffer("stats_count", torch.zeros(1, device=dev, dtype=torch.long))
         self._chain: Optional[_ChainLinks] = None  # set when a chain links the block
         self._stale: List[weakref.ref] = []  # parameters a rank-changing merge replaced
+        self._disabled = False  # ResLoRAModel.disable_adapter(): the base layer alone
         self._position = 0
         self._reach = 0  # predecessors this block reads in a pass (the C++ rule)
 
@@ -133,6 +134,8 @@ class ResLoRALinear(nn.Module):
         self._stale = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._disabled:
+            return self.base_layer(x)
         if self._stale and self.training and torch.is_grad_enabled():
             self._check_stale()
         chain = self._chain

@@ -3,6 +3,7 @@ merges the shortcuts away and exports a PEFT LoRA adapter or a dense model."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -68,6 +69,29 @@ def _targets(model: nn.Module, config: ResLoRAConfig) -> List[str]:
             f"{type(model).__name__}"
         )
     return names
+
+
+# transformers' PEFT integration methods, which a ResLoRAModel must not forward to its model.
+_HF_ADAPTER_METHODS = {
+    "add_adapter", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
+    "active_adapter", "load_adapter", "delete_adapter", "get_adapter_state_dict",
+}
+
+# PEFT task types by the suffix of the model class, so that PEFT builds the matching PeftModel.
+# Only the generative ones: for the classification types PEFT expects the trained head in the
+# adapter (modules_to_save), which the export does not hold, so those adapters keep no task type.
+_TASK_TYPES = [
+    ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+]
+
+
+def _task_type(model: nn.Module) -> Optional[str]:
+    name = type(model).__name__
+    for suffix, task in _TASK_TYPES:
+        if name.endswith(suffix):
+            return task
+    return None
 
 
 def _skeleton(path: str):
@@ -206,7 +230,49 @@ class ResLoRAModel(nn.Module):
         except AttributeError:
             if name in ("base_model", "_modules", "_parameters", "_buffers"):
                 raise
+        if name in _HF_ADAPTER_METHODS:
+            # transformers' own PEFT glue on the wrapped model would answer for another library.
+            raise AttributeError(
+                f"reslora: ResLoRAModel has no {name!r}: it holds one ResLoRA adapter; use "
+                "disable_adapter() (a context manager), merge_to_lora(), unload() or "
+                "merge_and_unload()"
+            )
+        try:
             return getattr(self.base_model, name)
+        except AttributeError:
+            raise AttributeError(
+                f"'ResLoRAModel' object has no attribute {name!r} (nor has the wrapped "
+                f"{type(self.base_model).__name__})"
+            ) from None
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (its target layers are the ResLoRA blocks until unload())."""
+        return self.base_model
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block, every adapted layer computes its base layer alone (as PEFT's
+        disable_adapter): the frozen model's outputs, with no shortcut and no statistics."""
+        blocks = list(self._blocks.values())
+        before = [blk._disabled for blk in blocks]
+        for blk in blocks:
+            blk._disabled = True
+        try:
+            yield
+        finally:
+            for blk, was in zip(blocks, before):
+                blk._disabled = was
+
+    def unload(self) -> nn.Module:
+        """Puts the original layers back without merging anything and returns the wrapped model:
+        the frozen base, the adapter dropped."""
+        for name, blk in self._blocks.items():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            setattr(parent, leaf, blk.base_layer)
+        self._blocks.clear()
+        self._chains.clear()
+        return self.base_model
 
     # --- running -------------------------------------------------------------------------------
 
@@ -351,12 +417,7 @@ class ResLoRAModel(nn.Module):
         for name, blk in self._blocks.items():
             w = blk.base_weight()  # a view of Conv1D's transposed weight: updated in place
             w.add_((blk.scaling * (blk.lora_B @ blk.lora_A)).to(w.dtype))
-            parent_name, _, leaf = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            setattr(parent, leaf, blk.base_layer)
-        self._blocks.clear()
-        self._chains.clear()
-        return self.base_model
+        return self.unload()
 
     # --- saving and loading --------------------------------------------------------------------
 
@@ -400,7 +461,7 @@ class ResLoRAModel(nn.Module):
         base_cfg = getattr(self.base_model, "config", None)
         config = {
             "peft_type": "LORA",
-            "task_type": None,
+            "task_type": _task_type(self.base_model),
             "base_model_name_or_path": getattr(base_cfg, "_name_or_path", None) or None,
             "r": rank,
             "lora_alpha": s * rank,
