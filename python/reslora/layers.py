@@ -420,6 +420,33 @@ class _PassCheckpoint:
         return _checkpoint_with(self.inner, function, *args, **kwargs)
 
 
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _norm_means(blk: ResLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The block's mean ||x||_F and ||z||_F over its window. Under data parallelism (a process
+    group of several ranks, each forward seeing its share of the batch) the norms of the whole
+    batch: slot by slot, the root of the sum over ranks of the squared norms, which is what one
+    process that saw every rank's data records. Collective: every rank must merge."""
+    if not _distributed():
+        return blk.x_norm_mean(), blk.z_norm_mean()
+    dist = torch.distributed
+    counts = torch.stack([blk.stats_count.view(()), -blk.stats_count.view(())])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    if int(counts[0]) != -int(counts[1]):
+        raise RuntimeError(
+            f"reslora: the ranks recorded different numbers of training forwards (from "
+            f"{-int(counts[1])} to {int(counts[0])}): data-parallel ranks must run the same "
+            "forwards for their merge statistics to combine"
+        )
+    rings = torch.stack([blk.x_norms, blk.z_norms]).double().square()
+    dist.all_reduce(rings)
+    rings = rings.sqrt().float()
+    return (_ops.stats_mean(rings[0], blk.stats_count), _ops.stats_mean(rings[1], blk.stats_count))
+
+
 def merge_chain(
     blocks: Sequence[ResLoRALinear], merge: Optional[str] = None
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
@@ -440,12 +467,13 @@ def merge_chain(
                 stacklevel=3,
             )
     with torch.no_grad():
+        means = [_norm_means(blk) for blk in blocks]
         return _C.merge_chain(
             [blk.base_weight() for blk in blocks],
             [blk.lora_A for blk in blocks],
             [blk.lora_B for blk in blocks],
-            [blk.x_norm_mean() for blk in blocks],
-            [blk.z_norm_mean() for blk in blocks],
+            [m[0] for m in means],
+            [m[1] for m in means],
             head.variant,
             merge,
             head.pre_num,
