@@ -183,8 +183,8 @@ class ResLoRALinear(nn.Module):
             y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, z_extra, s, p, seed, n, r)
         else:
             y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, None, s, p, seed, n, r)
-        if replay:
-            return y  # a recompute: the pass already holds this block's results and statistics
+        if replay or _in_backward():
+            return y  # a recompute: the forward already recorded this block's results and norms
         if state is not None:
             chain._record(state, n, self.variant, x, z_own)
         if self.training and self.variant in ("is", "ms"):

@@ -392,3 +392,12 @@ def test_training_goes_on_after_a_merge_with_the_optimizer_the_user_has(variant,
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_recompute_records_no_statistics_twice():
+    """Any checkpoint function, reslora's or torch's (where the block needs no pass state)."""
+    for ckpt in (reslora.checkpoint, torch.utils.checkpoint.checkpoint):
+        blk = reslora.ResLoRALinear(nn.Linear(6, 6), r=2, variant="is")
+        x = torch.randn(4, 6, requires_grad=True)
+        ckpt(blk, x, use_reentrant=False).sum().backward()
+        assert blk.stats_count.item() == 1
