@@ -59,6 +59,10 @@ RESLORA_HD uint32_t dropout_threshold(float p) {
   return static_cast<uint32_t>(p * 32768.0f);
 }
 
+// The largest dropout probability the mask resolves: its keep rate 1 - p must be at least one
+// step of the 15-bit threshold (2^-15), or it would keep (almost) nothing and scale by 1 / (1 - p).
+constexpr double kMaxDropout = 1.0 - 1.0 / 32768.0;
+
 // A bijective 32-bit mixer with full avalanche (two multiply-xorshift rounds).
 RESLORA_HD uint32_t mix32(uint32_t x) {
   x ^= x >> 16;

@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "../kernels/dropout_hash.h"
+
 namespace reslora {
 namespace detail {
 
@@ -26,13 +28,9 @@ inline void check_same(const char* op, const char* name, const at::Tensor& t,
               " must be on the device of x (", x.device(), "), got ", t.device());
 }
 
-// The mask keeps an element when 15 random bits reach floor(p * 32768): a p whose keep rate
-// 1 - p is below that resolution (2^-15) would keep (almost) nothing and scale by 1 / (1 - p).
-constexpr double kMaxDropout = 1.0 - 1.0 / 32768.0;
-
 inline void check_dropout(const char* op, double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "reslora::", op, ": dropout must be in [0, 1), got ", p);
-  TORCH_CHECK(p <= kMaxDropout, "reslora::", op,
+  TORCH_CHECK(p <= kernels::kMaxDropout, "reslora::", op,
               ": dropout must keep at least 2^-15 of the inputs (p <= 1 - 2^-15, the mask's "
               "resolution), got ", p);
 }

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include "reslora/ops.h"
+#include "kernels/dropout_hash.h"
 
 namespace reslora {
 
@@ -45,7 +46,7 @@ std::string str(double v) {
 void validate(const ResLoRAOptions& o) {
   TORCH_CHECK_VALUE(o.r() >= 1, option_error("r", str(o.r())));
   TORCH_CHECK_VALUE(std::isfinite(o.lora_alpha()), option_error("lora_alpha", str(o.lora_alpha())));
-  TORCH_CHECK_VALUE(o.dropout() >= 0.0 && o.dropout() <= 1.0 - 1.0 / 32768.0,
+  TORCH_CHECK_VALUE(o.dropout() >= 0.0 && o.dropout() <= kernels::kMaxDropout,
               option_error("lora_dropout", str(o.dropout())));
   TORCH_CHECK_VALUE(o.pre_num() >= -1, option_error("pre_num", str(o.pre_num())));
   TORCH_CHECK_VALUE(o.stats_window() >= 1, option_error("stats_window", str(o.stats_window())));
