@@ -377,14 +377,24 @@ def checkpoint(function, *args, use_reentrant: bool = False, **kwargs):
     """torch.utils.checkpoint.checkpoint for code that runs ResLoRA blocks: the recompute of the
     segment sees the shortcut inputs and dropout seeds of the pass it first ran in, whatever ran
     in between (other forwards, no-grad passes). Same arguments as torch's."""
-    return _checkpoint_with(torch.utils.checkpoint.checkpoint, function, *args,
-                            use_reentrant=use_reentrant, **kwargs)
+    seen: dict = {}
+    out = _checkpoint_with(torch.utils.checkpoint.checkpoint, function, *args,
+                           use_reentrant=use_reentrant, _seen=seen, **kwargs)
+    if use_reentrant:
+        shortcuts = sorted({c.name for c in seen if c.blocks and c.block(0, 0).variant in ("is", "ms")})
+        if shortcuts:
+            raise ValueError(
+                f"reslora: use_reentrant=True recomputes the segment detached from the rest of "
+                f"the graph, which would silently cut the gradient that the is / ms shortcuts of "
+                f"chains {shortcuts} carry between layers; use use_reentrant=False (the default)"
+            )
+    return out
 
 
-def _checkpoint_with(inner, function, *args, **kwargs):
+def _checkpoint_with(inner, function, *args, _seen=None, **kwargs):
     if torch.compiler.is_compiling():
         return inner(function, *args, **kwargs)  # compiled graphs recompute inside the graph
-    seen: dict = {}  # chain -> the pass its blocks ran in during this segment's forward
+    seen: dict = {} if _seen is None else _seen  # chain -> the pass its blocks ran in here
     ran = []
 
     def run(*a, **k):

@@ -401,3 +401,17 @@ def test_a_recompute_records_no_statistics_twice():
         x = torch.randn(4, 6, requires_grad=True)
         ckpt(blk, x, use_reentrant=False).sum().backward()
         assert blk.stats_count.item() == 1
+
+
+def test_reslora_checkpoint_refuses_reentrant_mode_where_it_would_cut_shortcut_gradients():
+    for variant, refused in (("is", True), ("ms", True), ("bs", False), ("lora", False)):
+        blocks = [reslora.ResLoRALinear(nn.Linear(6, 6), r=2, variant=variant) for _ in range(2)]
+        chain = reslora.ResLoRAChain(blocks, name="c")
+        xs = [torch.randn(4, 6, requires_grad=True) for _ in range(2)]
+        run = lambda *a: torch.stack(chain(list(a))).sum()  # noqa: E731
+        if refused:
+            with pytest.raises(ValueError, match=r"use_reentrant=True .* chains \['c'\]"):
+                reslora.checkpoint(run, *xs, use_reentrant=True)
+        else:
+            reslora.checkpoint(run, *xs, use_reentrant=True).backward()
+            assert all(blk.lora_A.grad is not None for blk in blocks)
