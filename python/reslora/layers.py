@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import _lib
+from .config import INITS, lora_scaling
 
 _C = _lib.load()
 _ops = torch.ops.reslora
@@ -59,6 +60,8 @@ class ResLoRALinear(nn.Module):
         variant: str = "lora",
         pre_num: int = 1,
         stats_window: int = 100,
+        use_rslora: bool = False,
+        init_lora_weights=True,
     ):
         super().__init__()
         _C.validate_options(variant, r, lora_alpha, lora_dropout, pre_num, stats_window)
@@ -80,10 +83,23 @@ class ResLoRALinear(nn.Module):
         self.in_features, self.out_features = d_in, d_out
         self.variant, self.r, self.lora_alpha = variant, r, float(lora_alpha)
         self.lora_dropout, self.pre_num = float(lora_dropout), pre_num
-        bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform(a=sqrt(5)) on [r, d_in]
+        if not isinstance(use_rslora, bool):
+            raise ValueError(f"reslora: use_rslora must be a bool, got {use_rslora!r}")
+        if not any(init_lora_weights is v or (isinstance(v, str) and init_lora_weights == v) for v in INITS):
+            raise ValueError(f"reslora: init_lora_weights must be one of {list(INITS)}, got {init_lora_weights!r}")
+        self.use_rslora = use_rslora
         dev, dt = weight.device, weight.dtype
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=dev, dtype=dt).uniform_(-bound, bound))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=dev, dtype=dt))
+        # PEFT's initialisations: kaiming_uniform(a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
+        A = torch.empty(r, d_in, device=dev, dtype=dt)
+        if init_lora_weights == "gaussian":
+            A.normal_(0.0, 1.0 / r)
+        else:
+            A.uniform_(-1.0 / math.sqrt(d_in), 1.0 / math.sqrt(d_in))
+        B = torch.zeros(d_out, r, device=dev, dtype=dt)
+        if init_lora_weights is False:  # nn.Linear's own init: the adapter starts non-zero
+            B.uniform_(-1.0 / math.sqrt(r), 1.0 / math.sqrt(r))
+        self.lora_A = nn.Parameter(A)
+        self.lora_B = nn.Parameter(B)
         f32 = dict(device=dev, dtype=torch.float32)
         self.register_buffer("x_norms", torch.zeros(stats_window, **f32))
         self.register_buffer("z_norms", torch.zeros(stats_window, **f32))
@@ -105,7 +121,7 @@ class ResLoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     def base_weight(self) -> torch.Tensor:
         """The frozen base weight as [d_out, d_in] (a view for Conv1D)."""
@@ -116,6 +132,7 @@ class ResLoRALinear(nn.Module):
         return (
             f"variant={self.variant}, r={self.r}, lora_alpha={self.lora_alpha}, "
             f"lora_dropout={self.lora_dropout}, pre_num={self.pre_num}"
+            + (", use_rslora=True" if self.use_rslora else "")
         )
 
     def __getstate__(self):
@@ -225,7 +242,8 @@ class ResLoRALinear(nn.Module):
                 setattr(self, name, nn.Parameter(new.to(p).clone(), requires_grad=p.requires_grad))
         self._stale = stale
         self.r = int(A.shape[0])
-        self.lora_alpha = s * self.r
+        self.lora_alpha = s * self.r  # the scaling stays, whatever the new rank
+        self.use_rslora = False
         self.variant = "lora"
         self._reach = 0
 

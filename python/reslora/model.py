@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
-import re
 import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
@@ -15,91 +12,16 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .config import DEFAULT_TARGETS, ResLoRAConfig
-from . import saving
+from . import checkpoints, export, saving, targets
+from .config import ResLoRAConfig
 from .layers import ResLoRAChain, ResLoRALinear, _PassCheckpoint
-
-CHECKPOINT_FILE = "reslora_model.safetensors"
-CHECKPOINT_CONFIG = "reslora_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-
-
-def _output_head_names(model: nn.Module) -> set:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    return {name for name, m in model.named_modules() if head is not None and m is head}
-
-
-def _targets(model: nn.Module, config: ResLoRAConfig) -> List[str]:
-    tm = config.target_modules
-    if tm is None:
-        mtype = getattr(getattr(model, "config", None), "model_type", None)
-        if mtype not in DEFAULT_TARGETS:
-            raise ValueError(
-                f"reslora: target_modules must be given for model type {mtype!r} (defaults exist "
-                f"for {sorted(DEFAULT_TARGETS)})"
-            )
-        tm = DEFAULT_TARGETS[mtype]
-    heads = _output_head_names(model)
-    names = []
-    for name, m in model.named_modules():
-        if not name:
-            continue
-        if tm == "all-linear":
-            hit = _is_linear(m) and name not in heads
-        elif isinstance(tm, str):
-            hit = re.fullmatch(tm, name) is not None
-        else:
-            hit = any(name == t or name.endswith("." + t) for t in tm)
-        if hit and not _is_linear(m):
-            raise ValueError(
-                f"reslora: target_modules {tm!r} names {name!r}, a {type(m).__name__}; reslora "
-                "adapts nn.Linear and GPT-2 Conv1D layers: name those (or use 'all-linear')"
-            )
-        if hit:
-            names.append(name)
-    if not names:
-        raise ValueError(
-            f"reslora: target_modules {tm!r} match no nn.Linear or Conv1D layer of "
-            f"{type(model).__name__}"
-        )
-    return names
-
+from .saved_modules import ModulesToSave
 
 # transformers' PEFT integration methods, which a ResLoRAModel must not forward to its model.
 _HF_ADAPTER_METHODS = {
     "add_adapter", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
     "active_adapter", "load_adapter", "delete_adapter", "get_adapter_state_dict",
 }
-
-# PEFT task types by the suffix of the model class, so that PEFT builds the matching PeftModel.
-# Only the generative ones: for the classification types PEFT expects the trained head in the
-# adapter (modules_to_save), which the export does not hold, so those adapters keep no task type.
-_TASK_TYPES = [
-    ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-]
-
-
-def _task_type(model: nn.Module) -> Optional[str]:
-    name = type(model).__name__
-    for suffix, task in _TASK_TYPES:
-        if name.endswith(suffix):
-            return task
-    return None
-
-
-def _skeleton(path: str):
-    parts = path.split(".")
-    key = ".".join("*" if p.isdigit() else p for p in parts)
-    index = tuple(int(p) for p in parts if p.isdigit())
-    return key, index
-
 
 class _Forward:
     """The wrapper's forward, carrying the base model's signature so that tools that read it
@@ -115,32 +37,6 @@ class _Forward:
 
     def __call__(self, *args, **kwargs):
         return ResLoRAModel.forward(self.owner(), *args, **kwargs)
-
-
-def _tied_aliases(module: nn.Module) -> Dict[str, str]:
-    """alias name -> first name, for parameters / buffers registered under several names (tied
-    input and output embeddings)."""
-    first: Dict[int, str] = {}
-    aliases: Dict[str, str] = {}
-    named = list(module.named_parameters(remove_duplicate=False)) + list(
-        module.named_buffers(remove_duplicate=False)
-    )
-    for name, t in named:
-        if t is None:
-            continue
-        if id(t) in first:
-            aliases[name] = first[id(t)]
-        else:
-            first[id(t)] = name
-    return aliases
-
-
-def _drop_tied(module, state_dict, prefix, local_metadata):
-    # A tied tensor is stored once, so the state dict can go through safetensors (which refuses
-    # shared storage), as the HF Trainer does for models it does not know.
-    for alias, name in _tied_aliases(module).items():
-        if prefix + name in state_dict:
-            state_dict.pop(prefix + alias, None)
 
 
 class ResLoRAModel(nn.Module):
@@ -161,29 +57,41 @@ class ResLoRAModel(nn.Module):
         self.reslora_config = config
         self.merge_errors: Dict[str, Optional[float]] = {}
         self._merged = False
+        saved = targets.modules_to_save(model, config)
+        names = targets.targets(model, config, saved)
         for p in model.parameters():
             p.requires_grad_(False)
         self._blocks: "OrderedDict[str, ResLoRALinear]" = OrderedDict()
-        for name in _targets(model, config):
-            parent_name, _, leaf = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
+        for name in names:
+            r, alpha = targets.rank_and_alpha(config, name)
             blk = ResLoRALinear(
-                getattr(parent, leaf),
-                r=config.r,
-                lora_alpha=config.lora_alpha,
+                model.get_submodule(name),
+                r=r,
+                lora_alpha=alpha,
                 lora_dropout=config.lora_dropout,
                 variant=config.variant,
                 pre_num=config.pre_num,
                 stats_window=config.stats_window,
+                use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights,
             )
             blk.train(blk.base_layer.training)  # wrapping does not change the model's mode
-            setattr(parent, leaf, blk)
+            self._replace(name, blk)
             self._blocks[name] = blk
+        self._saved_modules: "OrderedDict[str, ModulesToSave]" = OrderedDict()
+        for name in saved:
+            wrapper = ModulesToSave(model.get_submodule(name))
+            wrapper.train(wrapper.original_module.training)
+            self._replace(name, wrapper)
+            self._saved_modules[name] = wrapper
+        self._trained_biases = targets.trained_biases(model, config, names)
+        for path in self._trained_biases:
+            model.get_parameter(path).requires_grad_(True)
         self._chains: "OrderedDict[str, ResLoRAChain]" = OrderedDict()
         self._chain_paths: "OrderedDict[str, List[str]]" = OrderedDict()
         groups: Dict[str, list] = OrderedDict()
         for name in self._blocks:
-            key, index = _skeleton(name)
+            key, index = targets.skeleton(name)
             groups.setdefault(key, []).append((index, name))
         for key, members in groups.items():
             members.sort()
@@ -200,14 +108,14 @@ class ResLoRAModel(nn.Module):
         self.forward = _Forward(self)
         self.training = model.training
         self._wrap_checkpoint_functions()
-        self._register_state_dict_hook(_drop_tied)
-        self._register_load_state_dict_pre_hook(self._restore_tied, with_module=True)
+        self.register_state_dict_post_hook(_adapter_state_only)
+        self.register_load_state_dict_pre_hook(_check_loaded_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
 
-    @staticmethod
-    def _restore_tied(module, state_dict, prefix, *args):
-        for alias, name in _tied_aliases(module).items():
-            if prefix + alias not in state_dict and prefix + name in state_dict:
-                state_dict[prefix + alias] = state_dict[prefix + name]
+    def _replace(self, path: str, module: nn.Module) -> None:
+        parent_name, _, leaf = path.rpartition(".")
+        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        setattr(parent, leaf, module)
 
     def __getstate__(self):
         # The per-instance forward refers to this model weakly; a copy gets its own.
@@ -252,26 +160,30 @@ class ResLoRAModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within the block, every adapted layer computes its base layer alone (as PEFT's
-        disable_adapter): the frozen model's outputs, with no shortcut and no statistics."""
-        blocks = list(self._blocks.values())
-        before = [blk._disabled for blk in blocks]
-        for blk in blocks:
-            blk._disabled = True
+        disable_adapter): the frozen model's outputs, with no shortcut and no statistics; the
+        modules to save run their original. (Biases trained with bias="all" / "lora_only" stay
+        trained, as in PEFT.)"""
+        layers = list(self._blocks.values()) + list(self._saved_modules.values())
+        before = [m._disabled for m in layers]
+        for m in layers:
+            m._disabled = True
         try:
             yield
         finally:
-            for blk, was in zip(blocks, before):
-                blk._disabled = was
+            for m, was in zip(layers, before):
+                m._disabled = was
 
     def unload(self) -> nn.Module:
         """Puts the original layers back without merging anything and returns the wrapped model:
-        the frozen base, the adapter dropped."""
+        the base with the adapter dropped. As in PEFT, the modules to save keep their trained
+        copy (and trained biases stay)."""
         for name, blk in self._blocks.items():
-            parent_name, _, leaf = name.rpartition(".")
-            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
-            setattr(parent, leaf, blk.base_layer)
+            self._replace(name, blk.base_layer)
+        for name, wrapper in self._saved_modules.items():
+            self._replace(name, wrapper.modules_to_save)
         self._blocks.clear()
         self._chains.clear()
+        self._saved_modules.clear()
         return self.base_model
 
     # --- running -------------------------------------------------------------------------------
@@ -421,12 +333,58 @@ class ResLoRAModel(nn.Module):
 
     # --- saving and loading --------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str, format: Optional[str] = None) -> None:
+    def adapter_state_names(self) -> List[str]:
+        """The entries of the state dict (relative to the wrapped model) that the adapter owns:
+        A, B and the merge statistics of each block, the modules to save, the trained biases.
+        state_dict() holds these (and the adapter's description), nothing of the frozen base."""
+        out = []
+        for name, blk in self._blocks.items():
+            out += [f"{name}.{k}" for k in ("lora_A", "lora_B", "x_norms", "z_norms", "stats_count")]
+        for name, wrapper in self._saved_modules.items():
+            out += [f"{name}.modules_to_save.{k}" for k in wrapper.modules_to_save.state_dict()]
+        return out + list(self._trained_biases)
+
+    def _description(self) -> dict:
+        return {
+            "reslora_format": checkpoints.FORMAT,
+            "config": self.reslora_config.to_dict(),
+            "chains": self.chains,
+            "modules_to_save": sorted(self._saved_modules),
+            "biases": list(self._trained_biases),
+            "merged": self._merged,
+        }
+
+    def get_extra_state(self) -> torch.Tensor:
+        return checkpoints.encode(self._description())
+
+    def set_extra_state(self, state) -> None:
+        """Checks that a state dict being loaded describes this adapter (its values load next)."""
+        saved = checkpoints.decode(state, "the state dict")
+        mine = self._description()
+        for key in checkpoints.STRUCTURE:
+            a, b = saved["config"].get(key), mine["config"][key]
+            if a != b:
+                raise ValueError(f"reslora: the checkpoint has {key} = {a!r}, this model {b!r}")
+        for key, what in (("chains", "links blocks as"), ("modules_to_save", "trains in full"),
+                          ("biases", "trains the biases"), ("merged", "has merged =")):
+            if saved[key] != mine[key]:
+                raise ValueError(
+                    f"reslora: the checkpoint {what} {saved[key]}, this model {mine[key]}"
+                )
+
+    def save_pretrained(self, save_directory: str, format: Optional[str] = None, **kwargs) -> None:
         """After merge_to_lora(): a PEFT LoRA adapter (adapter_config.json and
-        adapter_model.safetensors). Before: a ResLoRA checkpoint that resumes training and can
-        be merged later. format: "peft" or "reslora" to insist on one. The directory is replaced
-        as a whole (reslora.saving): after a crash at any moment it holds the previous save or
-        this one, complete; other files in it are kept."""
+        adapter_model.safetensors). Before: a ResLoRA checkpoint (the state dict) that resumes
+        training and can be merged later. format: "peft" or "reslora" to insist on one. The
+        directory is replaced as a whole (reslora.saving): after a crash at any moment it holds
+        the previous save or this one, complete; other files in it are kept. Keyword arguments
+        of transformers' save_pretrained (state_dict, safe_serialization, is_main_process) are
+        accepted; on a process that is not the main one nothing is written."""
+        unknown = set(kwargs) - {"state_dict", "safe_serialization", "is_main_process"}
+        if unknown:
+            raise TypeError(f"reslora: save_pretrained got unexpected keyword arguments {sorted(unknown)}")
+        if not kwargs.get("is_main_process", True):
+            return
         fmt = format or ("peft" if self._merged else "reslora")
         if fmt not in ("peft", "reslora"):
             raise ValueError(f"reslora: format must be 'peft' or 'reslora', got {format!r}")
@@ -441,124 +399,66 @@ class ResLoRAModel(nn.Module):
                 "adapter (format='peft')"
             )
         if fmt == "peft":
-            self._save_peft(save_directory)
+            tensors, config = export.peft_adapter(self)
+            saving.write_checkpoint(save_directory, {
+                export.ADAPTER_FILE: saving.safetensors_writer(tensors, {"format": "pt"}),
+                export.ADAPTER_CONFIG: saving.json_writer(config),
+            })
         else:
-            self._save_reslora(save_directory)
-
-    def _save_peft(self, d: str) -> None:
-        rank = max(b.r for b in self._blocks.values())
-        s = self.reslora_config.scaling
-        tensors = {}
-        conv1d = False
-        for name, blk in self._blocks.items():
-            a, b = blk.lora_A.detach(), blk.lora_B.detach()
-            if blk.r < rank:  # zero blocks keep one r and lora_alpha for every layer
-                a = torch.cat([a, a.new_zeros(rank - blk.r, a.shape[1])], 0)
-                b = torch.cat([b, b.new_zeros(b.shape[0], rank - blk.r)], 1)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b
-            conv1d |= blk._transposed
-        base_cfg = getattr(self.base_model, "config", None)
-        config = {
-            "peft_type": "LORA",
-            "task_type": _task_type(self.base_model),
-            "base_model_name_or_path": getattr(base_cfg, "_name_or_path", None) or None,
-            "r": rank,
-            "lora_alpha": s * rank,
-            "lora_dropout": 0.0,
-            "target_modules": sorted(self._blocks),
-            "bias": "none",
-            "fan_in_fan_out": conv1d,
-            "inference_mode": True,
-            "init_lora_weights": True,
-            "use_rslora": False,
-            "use_dora": False,
-            "rank_pattern": {},
-            "alpha_pattern": {},
-            "modules_to_save": None,
-        }
-        saving.write_checkpoint(d, {ADAPTER_FILE: saving.safetensors_writer(tensors, {"format": "pt"}),
-                                    ADAPTER_CONFIG: saving.json_writer(config)})
-
-    def _checkpoint_tensors(self) -> Dict[str, torch.Tensor]:
-        out = {}
-        for name, blk in self._blocks.items():
-            for key in ("lora_A", "lora_B", "x_norms", "z_norms", "stats_count"):
-                out[f"{name}.{key}"] = getattr(blk, key)
-        return out
-
-    def _save_reslora(self, d: str) -> None:
-        meta = {
-            "format": "pt",
-            "reslora_format": "1",
-            "reslora_config": self.reslora_config.to_json(),
-            "chains": json.dumps(self.chains),
-        }
-        saving.write_checkpoint(d, {
-            CHECKPOINT_FILE: saving.safetensors_writer(self._checkpoint_tensors(), meta),
-            CHECKPOINT_CONFIG: saving.json_writer(self.reslora_config.to_dict()),
-        })
-
-    @staticmethod
-    def _read_checkpoint(d: str):
-        from safetensors import safe_open
-
-        saving.recover(d)  # a save interrupted between its two renames is put back first
-        path = os.path.join(d, CHECKPOINT_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"reslora: no ResLoRA checkpoint at {path!r}")
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ValueError(f"reslora: cannot read the checkpoint file {path!r}: {e}") from e
-        if meta.get("reslora_format") != "1":
-            raise ValueError(f"reslora: {path!r} is not a ResLoRA checkpoint (format {meta.get('reslora_format')!r})")
-        return meta, tensors
+            checkpoints.write(save_directory, self.state_dict(), self.reslora_config.to_dict())
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, save_directory: str) -> "ResLoRAModel":
         """Wraps `model` as the checkpoint in save_directory says and loads its adapters and
-        statistics, ready to resume training or to merge."""
-        meta, _ = cls._read_checkpoint(save_directory)
-        config = ResLoRAConfig.from_dict(json.loads(meta["reslora_config"]))
-        out = cls(model, config)
-        out.load_checkpoint(save_directory)
+        statistics, ready to resume training or to merge. save_directory: a save_pretrained()
+        directory or an HF Trainer checkpoint folder (checkpoint-N, or save_model()'s)."""
+        description, tensors = checkpoints.read(save_directory)
+        out = cls(model, ResLoRAConfig.from_dict(description["config"]))
+        out.load_state_dict(tensors)
         return out
 
-    @torch.no_grad()
     def load_checkpoint(self, save_directory: str) -> None:
-        """Loads a ResLoRA checkpoint into this model; the variant, links and shapes must match."""
-        meta, tensors = self._read_checkpoint(save_directory)
-        saved = ResLoRAConfig.from_dict(json.loads(meta["reslora_config"]))
-        mine = self.reslora_config
-        for key in ("variant", "pre_num", "r", "lora_alpha"):
-            if getattr(saved, key) != getattr(mine, key):
-                raise ValueError(
-                    f"reslora: the checkpoint has {key} = {getattr(saved, key)!r}, this model "
-                    f"{getattr(mine, key)!r}"
-                )
+        """Loads a ResLoRA checkpoint (save_pretrained's or an HF Trainer's) into this model; the
+        variant, links and shapes must match."""
         if self._merged:
             raise RuntimeError("reslora: cannot load a ResLoRA checkpoint into a merged model")
-        chains = json.loads(meta.get("chains", "{}"))
-        if chains != self.chains:
+        _, tensors = checkpoints.read(save_directory)
+        self.load_state_dict(tensors)
+
+
+def _adapter_state_only(module: ResLoRAModel, state_dict, prefix, local_metadata) -> None:
+    # The state dict holds what the adapter owns: checkpoints (the HF Trainer's among them) are
+    # adapter-sized, and the frozen base comes from where it always comes from.
+    keep = {prefix + "base_model." + n for n in module.adapter_state_names()}
+    base = prefix + "base_model."
+    for k in [k for k in state_dict if k.startswith(base) and k not in keep]:
+        del state_dict[k]
+
+
+def _check_loaded_state(module: ResLoRAModel, state_dict, prefix, *args) -> None:
+    # Before anything is copied: the state dict must describe this adapter, and its entries must
+    # have this adapter's shapes (a clear error, not torch's list of size mismatches).
+    module.__dict__["_load_prefix"] = prefix
+    if prefix + checkpoints.EXTRA_STATE in state_dict:
+        module.set_extra_state(state_dict[prefix + checkpoints.EXTRA_STATE])
+    own = module.base_model.state_dict(keep_vars=True)
+    for n in module.adapter_state_names():
+        t = state_dict.get(prefix + "base_model." + n)
+        if t is not None and tuple(t.shape) != tuple(own[n].shape):
             raise ValueError(
-                f"reslora: the checkpoint links blocks as {chains}, this model as {self.chains}"
+                f"reslora: checkpoint tensor {n!r} must have shape {list(own[n].shape)}, got "
+                f"{list(t.shape)}"
             )
-        expected = self._checkpoint_tensors()
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise ValueError(f"reslora: checkpoint keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
-        for k, t in expected.items():
-            if tuple(tensors[k].shape) != tuple(t.shape):
-                raise ValueError(
-                    f"reslora: checkpoint tensor {k!r} must have shape {list(t.shape)}, got "
-                    f"{list(tensors[k].shape)}"
-                )
-        for k, t in expected.items():
-            t.copy_(tensors[k].to(t.dtype))
+
+
+def _ignore_missing_base_keys(module: ResLoRAModel, incompatible_keys) -> None:
+    # A state dict without the base's entries is complete: only the adapter's may be missing.
+    prefix = module.__dict__.pop("_load_prefix", "")
+    keep = {prefix + "base_model." + n for n in module.adapter_state_names()}
+    base = prefix + "base_model."
+    incompatible_keys.missing_keys[:] = [
+        k for k in incompatible_keys.missing_keys if not k.startswith(base) or k in keep
+    ]
 
 
 def get_reslora_model(model: nn.Module, config: ResLoRAConfig) -> ResLoRAModel:

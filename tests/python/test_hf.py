@@ -72,21 +72,30 @@ def test_train_merge_export_reload_with_peft(tmp_path, name, variant, pre_num):
     assert not any(isinstance(m, reslora.ResLoRALinear) for m in dense.modules())
 
 
-def test_bs_all_pads_chain_heads_to_one_rank(tmp_path):
-    model, _ = wrap("llama", "bs", -1)
+def test_bs_merge_exports_each_block_at_its_rank(tmp_path):
+    # A bs / pre_num -1 merge gives block n rank (n + 1) r: the adapter names the blocks whose
+    # rank is not the common one in rank_pattern (and alpha_pattern, for their scaling), with no
+    # zero padding, and PEFT computes the merged model's outputs from it.
+    model, base = wrap("llama", "bs", -1)
     train(model, "llama", steps=1)
     model.merge_to_lora()
-    ranks = [blk.r for blk in model.blocks.values()]
-    assert sorted(set(ranks)) == [4, 8, 12]
+    ranks = {n: blk.r for n, blk in model.blocks.items()}
+    assert sorted(set(ranks.values())) == [4, 8, 12]
     model.save_pretrained(str(tmp_path))
     from safetensors.torch import load_file
     import json
 
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["r"] == 12 and cfg["lora_alpha"] == pytest.approx(2.0 * 12)
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == pytest.approx(2.0 * 4)
+    assert cfg["rank_pattern"] == {n: r for n, r in ranks.items() if r != 4}
+    assert cfg["alpha_pattern"] == pytest.approx({n: 2.0 * r for n, r in ranks.items() if r != 4})
     w = load_file(str(tmp_path / "adapter_model.safetensors"))
-    a = w["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
-    assert a.shape == (12, 32) and a[4:].abs().sum() == 0
+    for n, r in ranks.items():
+        assert w[f"base_model.model.{n}.lora_A.weight"].shape[0] == r
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path))
+    loaded.eval()
+    model.eval()
+    torch.testing.assert_close(logits(loaded, "llama"), logits(model, "llama"), rtol=1e-5, atol=1e-5)
 
 
 def test_chains_follow_layer_index_not_registration_order():
@@ -356,13 +365,23 @@ def test_hf_trainer_checkpoints_and_resumes_tied_model(tmp_path):
         torch.testing.assert_close(resumed[k], full[k])
 
 
-def test_state_dict_stores_tied_weights_once_and_loads_strictly():
+def test_state_dict_holds_the_adapter_and_loads_strictly():
+    # No frozen base weight (tied or not) is in the state dict; loading it strictly into a fresh
+    # wrapper of the same base restores the adapter, and the ties of the base stay.
     model, _ = wrap("gpt2", "is")
+    for blk in model.blocks.values():
+        torch.nn.init.normal_(blk.lora_B)
     sd = model.state_dict()
-    assert "base_model.transformer.wte.weight" in sd and "base_model.lm_head.weight" not in sd
+    assert set(sd) == {"_extra_state"} | {"base_model." + n for n in model.adapter_state_names()}
+    assert not any(k.endswith(("wte.weight", "lm_head.weight", "base_layer.weight")) for k in sd)
     other, _ = wrap("gpt2", "is")
-    other.load_state_dict(sd, strict=True)
+    result = other.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for n, blk in other.blocks.items():
+        assert torch.equal(blk.lora_B, model.blocks[n].lora_B)
     assert other.base_model.lm_head.weight is other.base_model.transformer.wte.weight
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*lora_B"):
+        other.load_state_dict({k: v for k, v in sd.items() if not k.endswith("lora_B")}, strict=True)
 
 
 @pytest.mark.parametrize("variant", ["lora", "is", "bs", "ms"])
@@ -484,7 +503,7 @@ def test_bad_input_of_the_other_entry_points(tmp_path):
     model, _ = wrap("llama", "is")
     with pytest.raises(ValueError, match=r"format must be 'peft' or 'reslora', got 'onnx'"):
         model.save_pretrained(str(tmp_path), format="onnx")
-    with pytest.raises(FileNotFoundError, match=r"no ResLoRA checkpoint at .*reslora_model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"no ResLoRA checkpoint in .*missing.*: expected reslora_model.safetensors \(save_pretrained\) or model.safetensors"):
         reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path / "missing"))
     model.merge_to_lora()
     with pytest.raises(RuntimeError, match="merged and has no shortcuts left; save it as a PEFT adapter"):

@@ -346,6 +346,26 @@ def test_gradcheck_lora_linear(dropout, with_prev, with_extra, device):
     assert torch.autograd.gradcheck(f, (x, xp, A, B, ze))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_trains_the_bias(device, dropout):
+    # PEFT's bias="all" / "lora_only": the bias gets dY summed over the tokens; W stays frozen.
+    x, xp, W, b, A, B, ze, r = block_args(device, True, False)
+    b = b.detach().clone().requires_grad_()
+
+    def f(x, xp, b, A, B):
+        return ops.lora_linear(x, xp, W, b, A, B, None, 0.7, dropout, S(5, x), 0, r)
+
+    assert torch.autograd.gradcheck(f, (x, xp, b, A, B))
+    y, _ = f(x, xp, b, A, B)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(b.grad, g.reshape(-1, g.shape[-1]).sum(0))
+    b2 = b.detach().clone().requires_grad_()
+    yu = ops.lora_up(x, W, b2, torch.randn(*x.shape[:-1], B.shape[1], dtype=x.dtype, device=x.device), B, 0.7)
+    yu.backward(g)
+    torch.testing.assert_close(b2.grad, g.reshape(-1, g.shape[-1]).sum(0))
+
+
 def test_opcheck_lora_linear(device):
     for with_prev, with_extra, p in [(True, False, 0.25), (False, True, 0.0), (False, False, 0.5)]:
         x, xp, W, b, A, B, ze, r = block_args(device, with_prev, with_extra)
@@ -364,8 +384,6 @@ def test_lora_linear_bad_input():
     x, xp, W, b, A, B, ze, r = block_args("cpu", False, True, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"z_extra must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
         ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, S(0, x), 0, r)
-    with pytest.raises(RuntimeError, match=r"lora_linear: bias must be frozen \(requires_grad=False\)"):
-        ops.lora_linear(x, None, W, b.clone().requires_grad_(), A, B, None, 1.0, 0.0, S(0, x), 0, r)
     with pytest.raises(RuntimeError, match=r"lora_linear: weight must be frozen \(requires_grad=False\)"):
         ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, S(0, x), 0, r)
 

@@ -51,8 +51,11 @@ def versions_in(path):
         return None
     with open(cfg_path) as f:
         v_json = json.load(f)["lora_alpha"] / 8
+    from reslora import checkpoints
+
     with safe_open(st_path, framework="pt") as f:
-        v_meta = json.loads(f.metadata()["reslora_config"])["lora_alpha"] / 8
+        described = checkpoints.decode(f.get_tensor("_extra_state"), st_path)
+        v_meta = described["config"]["lora_alpha"] / 8
         values = {f.get_tensor(k).unique().item() for k in f.keys() if k.endswith("lora_B")}
     return {v_json, v_meta} | values
 

@@ -15,14 +15,20 @@ std::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// The base weight and bias get no gradient: refuse them requiring one rather than drop it.
-void check_frozen(const char* op, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+// The base weight gets no gradient: refuse it requiring one rather than drop it. The bias may
+// be trained (PEFT's bias="all" / "lora_only"): its gradient is dY summed over the tokens.
+void check_frozen(const char* op, const at::Tensor& weight) {
   TORCH_CHECK(!weight.requires_grad(), "reslora::", op,
               ": weight must be frozen (requires_grad=False), got a weight that requires grad; "
-              "ResLoRA trains only A and B");
-  TORCH_CHECK(!bias.has_value() || !bias->requires_grad(), "reslora::", op,
-              ": bias must be frozen (requires_grad=False), got a bias that requires grad; "
-              "ResLoRA trains only A and B");
+              "ResLoRA trains A and B (and the bias, if asked), never the base weight");
+}
+
+bool bias_needs_grad(const std::optional<at::Tensor>& bias) {
+  return bias.has_value() && bias->defined() && bias->requires_grad();
+}
+
+at::Tensor bias_grad(const at::Tensor& grad_y, const at::ScalarType dtype) {
+  return grad_y.reshape({-1, grad_y.size(-1)}).sum(0, /*keepdim=*/false, at::kFloat).to(dtype);
 }
 
 class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
@@ -64,10 +70,11 @@ class LoraUpFunction : public torch::autograd::Function<LoraUpFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& z,
                             const at::Tensor& B, double scaling) {
-    check_frozen("lora_up", weight, bias);
+    check_frozen("lora_up", weight);
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({weight, z, B});
     ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["bias_dtype"] = bias_needs_grad(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
     ctx->saved_data["need_x"] = x.requires_grad();
     return lora_up(x, weight, bias, z, B, scaling);
   }
@@ -78,7 +85,10 @@ class LoraUpFunction : public torch::autograd::Function<LoraUpFunction> {
     auto [grad_x, grad_z, grad_B] = lora_up_backward(
         grads[0], saved[0], saved[1], saved[2], ctx->saved_data["scaling"].toDouble(), need_x);
     if (!need_x) grad_x = at::Tensor();
-    return {grad_x, at::Tensor(), at::Tensor(), grad_z, grad_B, at::Tensor()};
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    at::Tensor grad_bias =
+        bias_dtype >= 0 ? bias_grad(grads[0], static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
+    return {grad_x, at::Tensor(), grad_bias, grad_z, grad_B, at::Tensor()};
   }
 };
 
@@ -91,7 +101,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                double scaling, double dropout, const std::optional<at::Tensor>& seed,
     int64_t seed_offset,
                                int64_t segment_rank) {
-    check_frozen("lora_linear", weight, bias);
+    check_frozen("lora_linear", weight);
     // z is often unused downstream (every variant but ms): its gradient then stays undefined
     // instead of a zero tensor that backward would add.
     ctx->set_materialize_grads(false);
@@ -108,6 +118,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     ctx->saved_data["segment_rank"] = segment_rank;
     ctx->saved_data["need_x"] =
         x.requires_grad() || (x_prev.has_value() && x_prev->requires_grad());
+    ctx->saved_data["bias_dtype"] = bias_needs_grad(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
     return {y, z};
   }
 
@@ -127,8 +138,11 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
         grad_y, opt(grads[1]), s[0], opt(s[1]), s[2], s[3], s[4], s[5], opt(s[6]),
         ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout"].toDouble(), opt(s[7]),
         ctx->saved_data["seed_offset"].toInt(), ctx->saved_data["segment_rank"].toInt(), need_x);
+    const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
+    at::Tensor grad_bias =
+        bias_dtype >= 0 ? bias_grad(grad_y, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
     return {need_x ? gx : at::Tensor(), (need_x && s[1].defined()) ? gxp : at::Tensor(),
-            at::Tensor(), at::Tensor(), gA, gB, s[6].defined() ? gze : at::Tensor(),
+            at::Tensor(), grad_bias, gA, gB, s[6].defined() ? gze : at::Tensor(),
             at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
