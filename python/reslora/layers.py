@@ -72,14 +72,25 @@ class ResLoRALinear(nn.Module):
             )
         self.base_layer = base_layer
         self._transposed = type(base_layer).__name__ == "Conv1D"
-        weight = self.base_weight()
-        if weight.dim() != 2:
-            raise ValueError(
-                f"reslora: base_layer must hold a 2-D weight, got shape {tuple(weight.shape)}"
-            )
+        weight = base_layer.weight
+        # A weight the ops cannot read (quantized: torchao NF4 / int8 tensor subclasses,
+        # bitsandbytes' packed 4-bit and 8-bit parameters): the base module computes its own
+        # output, and merges go through a dequantized copy.
+        self._opaque = not (type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point())
+        if self._opaque and self._transposed:
+            raise ValueError("reslora: a quantized GPT-2 Conv1D base_layer is not supported; got "
+                             f"a weight of type {type(weight).__name__}")
+        if self._opaque:
+            d_out, d_in = base_layer.out_features, base_layer.in_features
+        else:
+            weight = self.base_weight()
+            if weight.dim() != 2:
+                raise ValueError(
+                    f"reslora: base_layer must hold a 2-D weight, got shape {tuple(weight.shape)}"
+                )
+            d_out, d_in = weight.shape
         for p in base_layer.parameters():
             p.requires_grad_(False)
-        d_out, d_in = weight.shape
         self.in_features, self.out_features = d_in, d_out
         self.variant, self.r, self.lora_alpha = variant, r, float(lora_alpha)
         self.lora_dropout, self.pre_num = float(lora_dropout), pre_num
@@ -88,7 +99,8 @@ class ResLoRALinear(nn.Module):
         if not any(init_lora_weights is v or (isinstance(v, str) and init_lora_weights == v) for v in INITS):
             raise ValueError(f"reslora: init_lora_weights must be one of {list(INITS)}, got {init_lora_weights!r}")
         self.use_rslora = use_rslora
-        dev, dt = weight.device, weight.dtype
+        dev = weight.device
+        dt = weight.dtype if weight.is_floating_point() else _compute_dtype(base_layer)
         # PEFT's initialisations: kaiming_uniform(a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
         A = torch.empty(r, d_in, device=dev, dtype=dt)
         if init_lora_weights == "gaussian":
@@ -124,9 +136,25 @@ class ResLoRALinear(nn.Module):
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen base weight as [d_out, d_in] (a view for Conv1D)."""
+        """The frozen base weight as [d_out, d_in] (a view for Conv1D). A quantized weight as
+        it is stored: dense_weight() dequantizes it."""
         w = self.base_layer.weight
         return w.t() if self._transposed else w
+
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as a dense [d_out, d_in] tensor: the weight itself, or a dequantized
+        copy of a quantized one."""
+        return _dequantize(self.base_layer) if self._opaque else self.base_weight()
+
+    @torch.no_grad()
+    def fold(self, delta: torch.Tensor) -> None:
+        """Adds delta ([d_out, d_in]) to the base weight: in place, or for a quantized weight by
+        quantizing the dequantized sum again the same way (as PEFT merges into such bases)."""
+        if not self._opaque:
+            w = self.base_weight()  # a view of Conv1D's transposed weight: updated in place
+            w.add_(delta.to(w.dtype))
+            return
+        self.base_layer.weight = _requantize(self.base_layer, _dequantize(self.base_layer) + delta)
 
     def extra_repr(self) -> str:
         return (
@@ -182,24 +210,31 @@ class ResLoRALinear(nn.Module):
                 if state.seed is None:
                     state.seed = _ops.draw_seed(x)
                 seed = state.seed
-        w, b, r, s = self.base_weight(), self.base_layer.bias, self.r, self.scaling
-        # Every variant is one lora_linear op (one autograd node per block).
+        r, s = self.r, self.scaling
+        x_prev, z_extra, a, b = None, None, self.lora_A, self.lora_B
+        # Every variant is one low-rank product on x (one lora_linear op, one autograd node per
+        # block); they differ in what joins it: is adds x_prev to x, bs the earlier blocks' A and
+        # B (concatenated rank), ms the earlier blocks' mid activations to z.
         if self.variant == "is":
             x_prev = x if k == 0 else chain._need(state, n, n - 1, "input")
-            y, z_own = _ops.lora_linear(x, x_prev, w, b, self.lora_A, self.lora_B, None, s, p, seed, n, r)
         elif self.variant == "bs" and k > 0:
             blocks = [self] + [chain.block(n, n - j) for j in range(1, k + 1)]
-            a_cat = torch.cat([blk.lora_A for blk in blocks], 0)
-            b_cat = torch.cat([blk.lora_B for blk in blocks], 1)
-            y, z = _ops.lora_linear(x, None, w, b, a_cat, b_cat, None, s, p, seed, n, r)
-            z_own = z[..., :r]
+            a = torch.cat([_gathered(blk.lora_A, self.lora_A) for blk in blocks], 0)
+            b = torch.cat([_gathered(blk.lora_B, self.lora_B) for blk in blocks], 1)
         elif self.variant == "ms" and k > 0:
             z_extra = chain._need(state, n, n - 1, "mid activation")
             for j in range(2, k + 1):
                 z_extra = z_extra + chain._need(state, n, n - j, "mid activation")
-            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, z_extra, s, p, seed, n, r)
+        if self._opaque:
+            # A quantized base (NF4, int8, ...): its own module computes x W^T + b, the ops the
+            # low-rank term, with the same dropout streams.
+            z = _ops.lora_down(x, x_prev, a, p, seed, n, r)
+            low = nn.functional.linear(z if z_extra is None else z + z_extra, b)
+            y = self.base_layer(x) + (s * low).to(x.dtype)
         else:
-            y, z_own = _ops.lora_linear(x, None, w, b, self.lora_A, self.lora_B, None, s, p, seed, n, r)
+            y, z = _ops.lora_linear(x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_extra,
+                                    s, p, seed, n, r)
+        z_own = z[..., :r] if z.shape[-1] != r else z
         if replay or _in_backward():
             return y  # a recompute: the forward already recorded this block's results and norms
         if state is not None:
@@ -235,8 +270,17 @@ class ResLoRALinear(nn.Module):
         stale = []
         for name, new in (("lora_A", A.detach()), ("lora_B", B.detach())):
             p = getattr(self, name)
-            if p.shape == new.shape:
+            if p.shape == new.shape and _is_dtensor(p):  # sharded by FSDP2: each rank its shard
+                from torch.distributed.tensor import distribute_tensor
+
+                p.copy_(distribute_tensor(new.to(p.dtype), p.device_mesh, p.placements))
+            elif p.shape == new.shape:
                 p.copy_(new)  # the same Parameter: an optimizer made before the merge trains on
+            elif _is_dtensor(p):
+                raise RuntimeError(
+                    f"reslora: this merge gives the block rank {A.shape[0]} (was {p.shape[0]}), and "
+                    "its parameters are sharded by FSDP2, which cannot change their shape"
+                )
             else:  # a new rank (bs): new Parameters, and the old ones are watched (see forward)
                 stale.append(weakref.ref(p))
                 setattr(self, name, nn.Parameter(new.to(p).clone(), requires_grad=p.requires_grad))
@@ -246,6 +290,61 @@ class ResLoRALinear(nn.Module):
         self.use_rslora = False
         self.variant = "lora"
         self._reach = 0
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _gathered(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """An earlier block's A or B as this block computes with it. Under FSDP2 (fully_shard per
+    layer) an earlier layer's parameters are sharded again after its forward: they are gathered
+    here (a small all-gather of r x d values), and in backward their gradient is averaged and
+    scattered back over the ranks (reduce-scatter), as FSDP does for the layer's own use."""
+    if _is_dtensor(p) and not _is_dtensor(like):
+        from torch.distributed.tensor import Partial
+
+        p = p.full_tensor(grad_placements=[Partial("avg")] * p.device_mesh.ndim)
+    return p.to(like.dtype)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A parameter as one plain tensor (gathered from its shards under FSDP2; collective)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _compute_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a quantized layer computes in: bitsandbytes' compute_dtype, its bias's, else
+    float32."""
+    dt = getattr(layer, "compute_dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    bias = getattr(layer, "bias", None)
+    return bias.dtype if isinstance(bias, torch.Tensor) and bias.is_floating_point() else torch.float32
+
+
+def _dequantize(layer: nn.Module) -> torch.Tensor:
+    w = layer.weight
+    if hasattr(w, "get_original_weight"):  # torchao NF4Tensor
+        return w.get_original_weight()
+    if getattr(type(w), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize:
+        # torchao's affine quantized tensors, among others
+        return w.dequantize()
+    raise ValueError(
+        f"reslora: cannot dequantize a base weight of type {type(w).__name__}: the is 'weight' "
+        "merge and merge_and_unload() need it dense (the other merges and the PEFT export do not)"
+    )
+
+
+def _requantize(layer: nn.Module, dense: torch.Tensor) -> nn.Parameter:
+    w = layer.weight
+    if hasattr(w, "get_original_weight") and hasattr(type(w), "from_tensor"):  # torchao NF4Tensor
+        q = type(w).from_tensor(dense.to(w.dtype), w.block_size, w.scaler_block_size)
+        return nn.Parameter(q, requires_grad=False)
+    raise ValueError(
+        f"reslora: cannot quantize a merged weight back into {type(w).__name__}: fold the adapter "
+        "into a dense copy of the model instead (or serve the exported PEFT adapter)"
+    )
 
 
 class _ChainLinks:
@@ -453,13 +552,12 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _norm_means(blk: ResLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The block's mean ||x||_F and ||z||_F over its window. Under data parallelism (a process
-    group of several ranks, each forward seeing its share of the batch) the norms of the whole
-    batch: slot by slot, the root of the sum over ranks of the squared norms, which is what one
-    process that saw every rank's data records. Collective: every rank must merge."""
+def _combined_stats(blk: ResLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The block's x and z norm rings as one process that saw every rank's data would have
+    recorded them: slot by slot, the root of the sum over ranks of the squared norms (each rank's
+    forward sees its share of the batch). Collective under a process group of several ranks."""
     if not _distributed():
-        return blk.x_norm_mean(), blk.z_norm_mean()
+        return blk.x_norms, blk.z_norms
     dist = torch.distributed
     counts = torch.stack([blk.stats_count.view(()), -blk.stats_count.view(())])
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
@@ -472,7 +570,14 @@ def _norm_means(blk: ResLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
     rings = torch.stack([blk.x_norms, blk.z_norms]).double().square()
     dist.all_reduce(rings)
     rings = rings.sqrt().float()
-    return (_ops.stats_mean(rings[0], blk.stats_count), _ops.stats_mean(rings[1], blk.stats_count))
+    return rings[0], rings[1]
+
+
+def _norm_means(blk: ResLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The block's mean ||x||_F and ||z||_F over its window, of the whole batch under data
+    parallelism (_combined_stats). Collective: every rank must merge."""
+    x, z = _combined_stats(blk)
+    return _ops.stats_mean(x, blk.stats_count), _ops.stats_mean(z, blk.stats_count)
 
 
 def merge_chain(
@@ -497,9 +602,10 @@ def merge_chain(
     with torch.no_grad():
         means = [_norm_means(blk) for blk in blocks]
         return _C.merge_chain(
-            [blk.base_weight() for blk in blocks],
-            [blk.lora_A for blk in blocks],
-            [blk.lora_B for blk in blocks],
+            # only the is / weight merge reads the base weights (a quantized one dequantized)
+            [_full(blk.dense_weight()) if merge == "weight" else None for blk in blocks],
+            [_full(blk.lora_A).detach() for blk in blocks],
+            [_full(blk.lora_B).detach() for blk in blocks],
             [m[0] for m in means],
             [m[1] for m in means],
             head.variant,

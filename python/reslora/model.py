@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
@@ -14,7 +15,8 @@ from torch import nn
 
 from . import checkpoints, export, saving, targets
 from .config import ResLoRAConfig
-from .layers import ResLoRAChain, ResLoRALinear, _PassCheckpoint
+from .layers import (ResLoRAChain, ResLoRALinear, _combined_stats, _distributed, _full, _is_dtensor,
+                     _PassCheckpoint)
 from .saved_modules import ModulesToSave
 
 # transformers' PEFT integration methods, which a ResLoRAModel must not forward to its model.
@@ -274,6 +276,18 @@ class ResLoRAModel(nn.Module):
             raise RuntimeError(
                 "reslora: the model is already merged; merge_to_lora() would apply the merge twice"
             )
+        sharded = any(_is_dtensor(b.lora_A) for b in self._blocks.values())
+        if sharded and self.reslora_config.variant == "bs" and self.reslora_config.pre_num != 0:
+            raise RuntimeError(
+                "reslora: the bs merge gives block n rank (n + 1) r (or (pre_num + 1) r), and these "
+                "parameters are sharded by FSDP2, which cannot change their shape: save the ResLoRA "
+                "checkpoint (save_pretrained) and merge it on one process"
+            )
+        if sharded and inputs is not None:
+            raise ValueError(
+                "reslora: merge_to_lora(inputs=...) runs the blocks outside the model's forward, "
+                "which FSDP2's sharded parameters do not allow: merge without inputs (errors None)"
+            )
         if inputs is not None:
             self._capture_inputs(inputs)
         errors: Dict[str, Optional[float]] = {}
@@ -327,8 +341,7 @@ class ResLoRAModel(nn.Module):
         if not self._merged:
             self.merge_to_lora()
         for name, blk in self._blocks.items():
-            w = blk.base_weight()  # a view of Conv1D's transposed weight: updated in place
-            w.add_((blk.scaling * (blk.lora_B @ blk.lora_A)).to(w.dtype))
+            blk.fold(blk.scaling * (blk.lora_B @ blk.lora_A))
         return self.unload()
 
     # --- saving and loading --------------------------------------------------------------------
@@ -352,6 +365,9 @@ class ResLoRAModel(nn.Module):
             "modules_to_save": sorted(self._saved_modules),
             "biases": list(self._trained_biases),
             "merged": self._merged,
+            # the merge statistics: of the whole batch, or of this rank's share (a state dict
+            # taken on one rank of a data-parallel run, as the HF Trainer's checkpoints are)
+            "statistics": "rank" if _distributed() else "whole batch",
         }
 
     def get_extra_state(self) -> torch.Tensor:
@@ -379,11 +395,16 @@ class ResLoRAModel(nn.Module):
         directory is replaced as a whole (reslora.saving): after a crash at any moment it holds
         the previous save or this one, complete; other files in it are kept. Keyword arguments
         of transformers' save_pretrained (state_dict, safe_serialization, is_main_process) are
-        accepted; on a process that is not the main one nothing is written."""
+        accepted; on a process that is not the main one nothing is written.
+
+        Under an initialised process group of several ranks (DDP, FSDP2) it is collective: call
+        it on every rank. The sharded parameters are gathered, the merge statistics of all ranks
+        combined (so a merge of the checkpoint on one process equals the distributed merge), rank
+        0 writes and the others wait for it."""
         unknown = set(kwargs) - {"state_dict", "safe_serialization", "is_main_process"}
         if unknown:
             raise TypeError(f"reslora: save_pretrained got unexpected keyword arguments {sorted(unknown)}")
-        if not kwargs.get("is_main_process", True):
+        if not kwargs.get("is_main_process", True) and not _distributed():
             return
         fmt = format or ("peft" if self._merged else "reslora")
         if fmt not in ("peft", "reslora"):
@@ -400,12 +421,24 @@ class ResLoRAModel(nn.Module):
             )
         if fmt == "peft":
             tensors, config = export.peft_adapter(self)
-            saving.write_checkpoint(save_directory, {
-                export.ADAPTER_FILE: saving.safetensors_writer(tensors, {"format": "pt"}),
-                export.ADAPTER_CONFIG: saving.json_writer(config),
-            })
+            files = {export.ADAPTER_CONFIG: saving.json_writer(config)}
+            name, meta = export.ADAPTER_FILE, {"format": "pt"}
         else:
-            checkpoints.write(save_directory, self.state_dict(), self.reslora_config.to_dict())
+            tensors = self.state_dict()
+            files = {checkpoints.CHECKPOINT_CONFIG: saving.json_writer(self.reslora_config.to_dict())}
+            name, meta = checkpoints.CHECKPOINT_FILE, {"format": "pt", "reslora_format": checkpoints.FORMAT}
+            for path, blk in self._blocks.items():  # the whole batch's statistics (collective)
+                x, z = _combined_stats(blk)
+                tensors[f"base_model.{path}.x_norms"], tensors[f"base_model.{path}.z_norms"] = x, z
+            tensors[checkpoints.EXTRA_STATE] = checkpoints.encode({**self._description(), "statistics": "whole batch"})
+        # sharded parameters (FSDP2) gathered: collective, like the statistics
+        tensors = {k: _full(v).detach().contiguous() for k, v in tensors.items()}
+        distributed = _distributed()
+        if not distributed or torch.distributed.get_rank() == 0:
+            files[name] = saving.safetensors_writer(tensors, meta)
+            saving.write_checkpoint(save_directory, files)
+        if distributed:
+            torch.distributed.barrier()  # the others wait for rank 0's complete save
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, save_directory: str) -> "ResLoRAModel":
@@ -414,7 +447,7 @@ class ResLoRAModel(nn.Module):
         directory or an HF Trainer checkpoint folder (checkpoint-N, or save_model()'s)."""
         description, tensors = checkpoints.read(save_directory)
         out = cls(model, ResLoRAConfig.from_dict(description["config"]))
-        out.load_state_dict(tensors)
+        out._load(description, tensors)
         return out
 
     def load_checkpoint(self, save_directory: str) -> None:
@@ -422,8 +455,27 @@ class ResLoRAModel(nn.Module):
         variant, links and shapes must match."""
         if self._merged:
             raise RuntimeError("reslora: cannot load a ResLoRA checkpoint into a merged model")
-        _, tensors = checkpoints.read(save_directory)
+        self._load(*checkpoints.read(save_directory))
+
+    @torch.no_grad()
+    def _load(self, description: dict, tensors: Dict[str, torch.Tensor]) -> None:
         self.load_state_dict(tensors)
+        whole = description.get("statistics", "whole batch") == "whole batch"
+        if whole and _distributed():
+            # Whole-batch norms spread evenly over the ranks: combined again at the merge
+            # (root of the summed squares), they give back the saved values.
+            share = torch.distributed.get_world_size() ** -0.5
+            for blk in self._blocks.values():
+                blk.x_norms.mul_(share)
+                blk.z_norms.mul_(share)
+        elif not whole and not _distributed() and self.reslora_config.variant in ("is", "ms"):
+            warnings.warn(
+                "reslora: the checkpoint holds one rank's merge statistics (a state dict taken on "
+                "one rank of a data-parallel run, such as an HF Trainer checkpoint): an is / ms "
+                "merge from it here sees that rank's share of each batch, not the whole batch; "
+                "save_pretrained() under the process group stores the whole batch's",
+                stacklevel=3,
+            )
 
 
 def _adapter_state_only(module: ResLoRAModel, state_dict, prefix, local_metadata) -> None:

@@ -1,0 +1,152 @@
+"""DDP and FSDP2 on the CPU (gloo, 2 processes spawned here), every variant, dropout on, against
+one process doing the same work: the ranks' halves of each batch as two micro-batches, each with
+the rank's dropout draws, gradients averaged. Compared: parameters after 3 AdamW steps, the
+saved checkpoint (gathered from the shards, the merge statistics of both ranks combined)
+reloaded on one process, and the merged adapters."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import reslora
+from hf_models import TARGETS, batch, make
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+
+WORLD = 2
+STEPS = 3
+CONFIGS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", -1), ("ms", 1), ("ms", -1)]
+
+
+def model_for(variant, pre_num, dtype=torch.float32):
+    base = make("llama").to(dtype)
+    cfg = reslora.ResLoRAConfig(variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=0.1,
+                                target_modules=TARGETS["llama"])
+    model = reslora.get_reslora_model(base, cfg)
+    torch.manual_seed(1)
+    for blk in model.blocks.values():
+        torch.nn.init.normal_(blk.lora_B, std=0.1)
+    return model.train()
+
+
+def half(step, rank):
+    return {k: v.chunk(WORLD)[rank] for k, v in batch("llama", seed=step, n=4).items()}
+
+
+def optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def adapter(model):
+    """A and B of every block, gathered from their shards."""
+    from reslora.layers import _full
+
+    return {n: (_full(b.lora_A).detach().clone(), _full(b.lora_B).detach().clone())
+            for n, b in model.blocks.items()}
+
+
+def worker(rank, port, engine, out, checkpointing):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for variant, pre_num in CONFIGS:
+            model = model_for(variant, pre_num)
+            if checkpointing:
+                model.gradient_checkpointing_enable()
+            if engine == "ddp":
+                run = torch.nn.parallel.DistributedDataParallel(model)
+            else:  # per decoder layer, then the root: what accelerate's FSDP2 does
+                for layer in model.base_model.model.layers:
+                    fully_shard(layer, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+                run = model
+            opt = optimizer(model)
+            for step in range(STEPS):
+                torch.manual_seed(100 * step + rank)
+                run(**half(step, rank)).loss.backward()
+                opt.step()
+                opt.zero_grad()
+            trained = adapter(model)
+            tag = f"{engine}-{variant}{pre_num}"
+            model.save_pretrained(os.path.join(out, tag))  # collective: rank 0 writes
+            merged = None
+            if not (engine == "fsdp" and variant == "bs"):  # bs under FSDP2: merged on one process
+                model.merge_to_lora()
+                merged = adapter(model)
+            if rank == 0 or engine == "ddp":
+                torch.save({"trained": trained, "merged": merged}, os.path.join(out, f"{tag}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference(variant, pre_num, checkpointing):
+    """One process: each step the ranks' halves as micro-batches with the ranks' seeds."""
+    model = model_for(variant, pre_num)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    opt = optimizer(model)
+    for step in range(STEPS):
+        for rank in range(WORLD):
+            torch.manual_seed(100 * step + rank)
+            (model(**half(step, rank)).loss / WORLD).backward()
+        opt.step()
+        opt.zero_grad()
+    trained = adapter(model)
+    # The statistics of the whole batch: the ranks record one slot a step, the root of the
+    # summed squares of their halves' norms; here the halves took two slots.
+    with torch.no_grad():
+        for blk in model.blocks.values():
+            for ring in (blk.x_norms, blk.z_norms):
+                pairs = ring[: STEPS * WORLD].view(STEPS, WORLD)
+                whole = pairs.square().sum(1).sqrt()
+                ring.zero_()
+                ring[:STEPS] = whole
+            blk.stats_count.fill_(STEPS)
+    return model, trained
+
+
+def close(a, b):
+    for n in b:
+        for x, y in zip(a[n], b[n]):
+            torch.testing.assert_close(x, y, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("engine,checkpointing", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_data_parallel_equals_one_process(tmp_path, engine, checkpointing):
+    mp.spawn(worker, args=(free_port(), engine, str(tmp_path), checkpointing), nprocs=WORLD, join=True)
+    for variant, pre_num in CONFIGS:
+        tag = f"{engine}-{variant}{pre_num}"
+        got = torch.load(tmp_path / f"{tag}-rank0.pt")
+        if engine == "ddp":  # the replicas stay equal, and merge to the same adapter
+            other = torch.load(tmp_path / f"{tag}-rank1.pt")
+            for key in ("trained", "merged"):
+                for n in got[key]:
+                    assert all(torch.equal(x, y) for x, y in zip(got[key][n], other[key][n])), (tag, n)
+        ref, want = reference(variant, pre_num, checkpointing)
+        close(got["trained"], want)
+        # the checkpoint reloads on one process with the whole batch's statistics
+        back = reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path / tag))
+        close(adapter(back), want)
+        for n, blk in back.blocks.items():
+            torch.testing.assert_close(blk.x_norms, ref.blocks[n].x_norms, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(blk.z_norms, ref.blocks[n].z_norms, rtol=1e-5, atol=1e-6)
+        ref.merge_to_lora()
+        back.merge_to_lora()
+        close(adapter(back), adapter(ref))
+        if got["merged"] is not None:
+            close(got["merged"], adapter(ref))
