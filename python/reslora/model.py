@@ -110,6 +110,11 @@ class ResLoRAModel(nn.Module):
         self.forward = _Forward(self)
         self.training = model.training
         self._wrap_checkpoint_functions()
+        # Each data-parallel rank records the norms of its own share of the batch (the merge
+        # combines them): DDP must not overwrite them with rank 0's at every forward.
+        self._ddp_params_and_buffers_to_ignore = [
+            f"base_model.{name}.{key}" for name in self._blocks for key in ("x_norms", "z_norms", "stats_count")
+        ]
         self.register_state_dict_post_hook(_adapter_state_only)
         self.register_load_state_dict_pre_hook(_check_loaded_state)
         self.register_load_state_dict_post_hook(_ignore_missing_base_keys)
