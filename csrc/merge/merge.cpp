@@ -28,7 +28,8 @@ MergeKind parse_merge(const std::string& name) {
   if (name == "input") return MergeKind::kInput;
   if (name == "weight") return MergeKind::kWeight;
   if (name == "mid") return MergeKind::kMid;
-  TORCH_CHECK_VALUE(false, "reslora: merge must be one of 'exact', 'input', 'weight', 'mid', got '",
+  if (name == "fit") return MergeKind::kFit;
+  TORCH_CHECK_VALUE(false, "reslora: merge must be one of 'exact', 'input', 'weight', 'mid', 'fit', got '",
               name, "'");
 }
 
@@ -38,14 +39,15 @@ std::string to_string(MergeKind m) {
     case MergeKind::kInput: return "input";
     case MergeKind::kWeight: return "weight";
     case MergeKind::kMid: return "mid";
+    case MergeKind::kFit: return "fit";
   }
   return "?";
 }
 
 std::vector<MergeKind> merges_for(Variant v) {
   switch (v) {
-    case Variant::kIS: return {MergeKind::kInput, MergeKind::kWeight};
-    case Variant::kMS: return {MergeKind::kInput, MergeKind::kMid};
+    case Variant::kIS: return {MergeKind::kInput, MergeKind::kWeight, MergeKind::kFit};
+    case Variant::kMS: return {MergeKind::kInput, MergeKind::kMid, MergeKind::kFit};
     default: return {MergeKind::kExact};
   }
 }
@@ -67,10 +69,30 @@ at::Tensor ratio(const at::Tensor& num, const at::Tensor& den) {
   return at::where(zero, at::ones_like(num), num / at::where(zero, at::ones_like(den), den));
 }
 
+// The fit merge's increment M = (zx + lambda M0)(xx + lambda I)^-1 of block n, in float64.
+at::Tensor fit_increment(const MergeBlock& b, int64_t n, const at::Tensor& M0, double ridge) {
+  const int64_t d = b.A.size(1), r = b.A.size(0);
+  TORCH_CHECK_VALUE(b.xx.defined() && b.zx.defined() && b.tokens > 0, "reslora: merge 'fit' needs the "
+                    "calibration statistics of block ", n, " (merge_to_lora(merge='fit', inputs=...) "
+                    "gathers them), got none");
+  TORCH_CHECK_VALUE(b.xx.dim() == 2 && b.xx.size(0) == d && b.xx.size(1) == d, "reslora: merge 'fit': "
+                    "block ", n, " needs xx of shape [", d, ", ", d, "], got ", b.xx.sizes());
+  TORCH_CHECK_VALUE(b.zx.dim() == 2 && b.zx.size(0) == r && b.zx.size(1) == d, "reslora: merge 'fit': "
+                    "block ", n, " needs zx of shape [", r, ", ", d, "], got ", b.zx.sizes());
+  TORCH_CHECK_VALUE(ridge > 0, "reslora: ridge must be > 0 (relative to tr(xx) / d_in), got ", ridge);
+  const at::Tensor xx = b.xx.to(at::kDouble);
+  const double lambda = ridge * xx.diagonal().sum().item<double>() / static_cast<double>(d);
+  const at::Tensor eye = at::eye(d, xx.options());
+  const at::Tensor lhs = xx + (lambda > 0 ? lambda : ridge) * eye;
+  const at::Tensor rhs = (b.zx.to(at::kDouble) + lambda * M0.to(at::kDouble)).t();  // [d, r]
+  const at::Tensor L = at::linalg_cholesky(lhs);
+  return at::cholesky_solve(rhs, L).t().to(b.A.dtype());  // [r, d]
+}
+
 }  // namespace
 
 std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant variant,
-                                  MergeKind merge, int64_t pre_num, double scaling) {
+                                  MergeKind merge, int64_t pre_num, double scaling, double ridge) {
   check_merge(variant, merge);
   TORCH_CHECK(pre_num >= -1, "reslora: pre_num must be -1 (all) or >= 0, got ", pre_num);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
@@ -123,6 +145,16 @@ std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant
       }
       case Variant::kIS: {
         at::Tensor alpha;
+        if (merge == MergeKind::kFit) {
+          // the head's shortcut adds its own input (exact: A' = 2 A)
+          if (n == 0) {
+            out.push_back({b.A * 2, b.B.clone()});
+          } else {
+            const at::Tensor M0 = b.A * ratio(stat(n - 1, false), stat(n, false));
+            out.push_back({b.A + fit_increment(b, n, M0, ridge), b.B.clone()});
+          }
+          break;
+        }
         if (merge == MergeKind::kInput) {
           alpha = n == 0 ? at::ones({}, b.B.options()) : ratio(stat(n - 1, false), stat(n, false));
         } else {
@@ -132,6 +164,18 @@ std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant
         break;
       }
       case Variant::kMS: {
+        if (merge == MergeKind::kFit) {
+          if (k_max == 0) {
+            out.push_back({b.A.clone(), b.B.clone()});
+          } else {
+            at::Tensor M0 = at::zeros_like(b.A);
+            for (int64_t k = 1; k <= k_max; ++k) {
+              M0.add_(blocks[n - k].A * ratio(stat(n - k, false), stat(n, false)));
+            }
+            out.push_back({b.A + fit_increment(b, n, M0, ridge), b.B.clone()});
+          }
+          break;
+        }
         if (merge == MergeKind::kInput) {
           at::Tensor A = b.A.clone();
           for (int64_t k = 1; k <= k_max; ++k) {

@@ -195,15 +195,58 @@ std::vector<torch::Tensor> ResLoRAChainImpl::forward(const std::vector<torch::Te
 
 void ResLoRAChainImpl::reset() { state_->end(); }
 
-std::vector<LoRAPair> ResLoRAChainImpl::merged_lora(MergeKind merge) const {
+void ResLoRAChainImpl::calibrate(const std::vector<torch::Tensor>& xs) {
+  TORCH_CHECK_VALUE(xs.size() == blocks_.size(), "reslora: chain '", name_, "': calibrate needs one "
+                    "input per block (", blocks_.size(), "), got ", xs.size());
+  torch::NoGradGuard no_grad;
+  const auto& h = blocks_[0]->options();
+  if (fit_xx_.empty()) {
+    for (const auto& b : blocks_) {
+      const int64_t d = b->lora_A.size(1), r = b->lora_A.size(0);
+      fit_xx_.push_back(torch::zeros({d, d}, b->lora_A.options().dtype(torch::kFloat)));
+      fit_zx_.push_back(torch::zeros({r, d}, b->lora_A.options().dtype(torch::kFloat)));
+    }
+  }
+  std::vector<torch::Tensor> flat;
+  for (size_t n = 0; n < xs.size(); ++n) {
+    TORCH_CHECK_VALUE(xs[n].size(-1) == blocks_[n]->lora_A.size(1), "reslora: chain '", name_,
+                      "': calibrate input ", n, " must have d_in = ", blocks_[n]->lora_A.size(1),
+                      " features, got ", xs[n].size(-1));
+    flat.push_back(xs[n].reshape({-1, xs[n].size(-1)}).to(torch::kFloat));
+  }
+  for (size_t n = 0; n < xs.size(); ++n) {
+    const auto& x = flat[n];
+    const int64_t k_max = shortcut_reach(h.variant(), static_cast<int64_t>(n), h.pre_num());
+    fit_xx_[n].add_(x.t().mm(x));
+    if (k_max == 0) continue;
+    torch::Tensor p;
+    if (h.variant() == Variant::kIS) {
+      p = flat[n - 1].mm(blocks_[n]->lora_A.to(torch::kFloat).t());
+    } else {
+      p = torch::zeros({x.size(0), blocks_[n]->lora_A.size(0)}, x.options());
+      for (int64_t k = 1; k <= k_max; ++k) p.add_(flat[n - k].mm(blocks_[n - k]->lora_A.to(torch::kFloat).t()));
+    }
+    fit_zx_[n].add_(p.t().mm(x));
+  }
+  fit_tokens_ += flat[0].size(0);
+}
+
+std::vector<LoRAPair> ResLoRAChainImpl::merged_lora(MergeKind merge, double ridge) const {
   TORCH_CHECK(!blocks_.empty(), "reslora: chain '", name_, "' has no blocks to merge");
   std::vector<MergeBlock> mb;
-  for (const auto& b : blocks_) {
-    mb.push_back({b->weight, b->lora_A, b->lora_B, b->x_norm_mean(), b->z_norm_mean()});
+  for (size_t n = 0; n < blocks_.size(); ++n) {
+    const auto& b = blocks_[n];
+    MergeBlock m{b->weight, b->lora_A, b->lora_B, b->x_norm_mean(), b->z_norm_mean()};
+    if (!fit_xx_.empty()) {
+      m.xx = fit_xx_[n];
+      m.zx = fit_zx_[n];
+      m.tokens = fit_tokens_;
+    }
+    mb.push_back(m);
   }
   torch::NoGradGuard no_grad;
   const auto& h = blocks_[0]->options();
-  return merge_chain(mb, h.variant(), merge, h.pre_num(), blocks_[0]->scaling());
+  return merge_chain(mb, h.variant(), merge, h.pre_num(), blocks_[0]->scaling(), ridge);
 }
 
 std::vector<LoRAPair> ResLoRAChainImpl::merged_lora() const {
@@ -211,10 +254,13 @@ std::vector<LoRAPair> ResLoRAChainImpl::merged_lora() const {
   return merged_lora(merges_for(blocks_[0]->options().variant()).front());
 }
 
-void ResLoRAChainImpl::merge_to_lora(MergeKind merge) {
-  const auto pairs = merged_lora(merge);
+void ResLoRAChainImpl::merge_to_lora(MergeKind merge, double ridge) {
+  const auto pairs = merged_lora(merge, ridge);
   for (size_t i = 0; i < blocks_.size(); ++i) blocks_[i]->load_lora(pairs[i].A, pairs[i].B);
   state_->end();
+  fit_xx_.clear();
+  fit_zx_.clear();
+  fit_tokens_ = 0;
 }
 
 void ResLoRAChainImpl::merge_to_lora() {

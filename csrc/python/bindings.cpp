@@ -18,21 +18,33 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_chain_py(
     const std::vector<std::optional<at::Tensor>>& weights, const std::vector<at::Tensor>& As,
     const std::vector<at::Tensor>& Bs, const std::vector<std::optional<at::Tensor>>& x_means,
     const std::vector<std::optional<at::Tensor>>& z_means, const std::string& variant,
-    const std::string& merge, int64_t pre_num, double scaling) {
+    const std::string& merge, int64_t pre_num, double scaling,
+    const std::vector<std::optional<at::Tensor>>& xx, const std::vector<std::optional<at::Tensor>>& zx,
+    const std::vector<int64_t>& tokens, double ridge) {
   const size_t n = As.size();
   TORCH_CHECK(Bs.size() == n && weights.size() == n && x_means.size() == n && z_means.size() == n,
               "reslora.merge_chain: weights, As, Bs, x_means and z_means must have one entry per "
               "block (", n, "), got ", weights.size(), ", ", As.size(), ", ", Bs.size(), ", ",
               x_means.size(), ", ", z_means.size());
+  TORCH_CHECK((xx.empty() && zx.empty() && tokens.empty()) ||
+                  (xx.size() == n && zx.size() == n && tokens.size() == n),
+              "reslora.merge_chain: xx, zx and tokens must be empty or have one entry per block (", n,
+              "), got ", xx.size(), ", ", zx.size(), ", ", tokens.size());
   std::vector<reslora::MergeBlock> blocks;
   for (size_t i = 0; i < n; ++i) {
-    blocks.push_back({weights[i].value_or(at::Tensor()), As[i], Bs[i],
-                      x_means[i].value_or(at::Tensor()), z_means[i].value_or(at::Tensor())});
+    reslora::MergeBlock b{weights[i].value_or(at::Tensor()), As[i], Bs[i],
+                          x_means[i].value_or(at::Tensor()), z_means[i].value_or(at::Tensor())};
+    if (!xx.empty()) {
+      b.xx = xx[i].value_or(at::Tensor());
+      b.zx = zx[i].value_or(at::Tensor());
+      b.tokens = tokens[i];
+    }
+    blocks.push_back(b);
   }
   torch::NoGradGuard no_grad;
   std::vector<std::pair<at::Tensor, at::Tensor>> out;
   for (auto& p : reslora::merge_chain(blocks, reslora::parse_variant(variant),
-                                      reslora::parse_merge(merge), pre_num, scaling)) {
+                                      reslora::parse_merge(merge), pre_num, scaling, ridge)) {
     out.emplace_back(p.A, p.B);
   }
   return out;
@@ -113,6 +125,39 @@ py::tuple chain_forward_cpp(const std::string& variant, int64_t pre_num, int64_t
   return py::make_tuple(ys, gA, gB);
 }
 
+// The C++ modules' fit merge on these tensors: one training pass on train_xs (the merge
+// statistics), calibrate on calib_xs, then merged_lora(fit): the pairs (A', B').
+std::vector<std::pair<at::Tensor, at::Tensor>> chain_fit_cpp(
+    const std::string& variant, int64_t pre_num, int64_t r, double lora_alpha,
+    const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& As,
+    const std::vector<at::Tensor>& Bs, const std::vector<at::Tensor>& train_xs,
+    const std::vector<at::Tensor>& calib_xs, double ridge) {
+  reslora::ResLoRAChain chain("cpp");
+  for (size_t i = 0; i < weights.size(); ++i) {
+    reslora::ResLoRALinear blk(weights[i], at::Tensor(),
+                               reslora::ResLoRAOptions(r)
+                                   .variant(reslora::parse_variant(variant))
+                                   .lora_alpha(lora_alpha)
+                                   .pre_num(pre_num));
+    {
+      torch::NoGradGuard no_grad;
+      blk->lora_A.copy_(As.at(i));
+      blk->lora_B.copy_(Bs.at(i));
+    }
+    chain->push_back(blk);
+  }
+  chain->train(true);
+  {
+    torch::NoGradGuard no_grad;
+    chain->forward(train_xs);
+  }
+  chain->eval();
+  chain->calibrate(calib_xs);
+  std::vector<std::pair<at::Tensor, at::Tensor>> out;
+  for (auto& p : chain->merged_lora(reslora::MergeKind::kFit, ridge)) out.emplace_back(p.A, p.B);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -128,7 +173,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("merge_chain", &merge_chain_py, py::arg("weights"), py::arg("As"), py::arg("Bs"),
         py::arg("x_means"), py::arg("z_means"), py::arg("variant"), py::arg("merge"),
         py::arg("pre_num"), py::arg("scaling"),
-        "Plain LoRA pairs (A', B') of a chain by the spec's merge, in chain order.");
+        py::arg("xx") = std::vector<std::optional<at::Tensor>>{},
+        py::arg("zx") = std::vector<std::optional<at::Tensor>>{},
+        py::arg("tokens") = std::vector<int64_t>{}, py::arg("ridge") = reslora::kDefaultRidge,
+        "Plain LoRA pairs (A', B') of a chain by the spec's merge, in chain order (fit: with the "
+        "calibration sums xx, zx and token counts, and the relative ridge).");
+  m.attr("DEFAULT_RIDGE") = reslora::kDefaultRidge;
   m.def(
       "merges_for",
       [](const std::string& variant) {
@@ -183,6 +233,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weights"), py::arg("As"), py::arg("Bs"), py::arg("xs"),
         py::arg("grad_outputs"), py::arg("manual_seed"),
         "A pass of the C++ modules' chain on these tensors: (outputs, grad_A, grad_B).");
+  m.def("_chain_fit_cpp", &chain_fit_cpp, py::arg("variant"), py::arg("pre_num"), py::arg("r"),
+        py::arg("lora_alpha"), py::arg("weights"), py::arg("As"), py::arg("Bs"),
+        py::arg("train_xs"), py::arg("calib_xs"), py::arg("ridge"),
+        "The C++ modules' fit merge of a chain on these tensors: the pairs (A', B').");
   m.def("variants", [] {
     std::vector<std::string> out;
     for (auto v : {reslora::Variant::kLoRA, reslora::Variant::kIS, reslora::Variant::kBS,

@@ -18,6 +18,7 @@ _C = _lib.load()
 _ops = torch.ops.reslora
 
 VARIANTS = tuple(_C.variants())
+DEFAULT_RIDGE = _C.DEFAULT_RIDGE  # the fit merge's relative ridge (the C++ core's)
 
 # A checkpointed segment (reslora.checkpoint) notes the pass each chain ran in during its forward,
 # and its recompute runs the chains in those passes again.
@@ -119,6 +120,7 @@ class ResLoRALinear(nn.Module):
         self._chain: Optional[_ChainLinks] = None  # set when a chain links the block
         self._stale: List[weakref.ref] = []  # parameters a rank-changing merge replaced
         self._disabled = False  # ResLoRAModel.disable_adapter(): the base layer alone
+        self._calibration: Optional[Calibration] = None  # set while the fit merge calibrates
         self._position = 0
         self._reach = 0  # predecessors this block reads in a pass (the C++ rule)
 
@@ -235,6 +237,13 @@ class ResLoRALinear(nn.Module):
             y, z = _ops.lora_linear(x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_extra,
                                     s, p, seed, n, r)
         z_own = z[..., :r] if z.shape[-1] != r else z
+        if self._calibration is not None and not self.training:
+            p = None
+            if k > 0 and self.variant == "is":
+                p = nn.functional.linear(x_prev, self.lora_A)
+            elif k > 0 and self.variant == "ms":
+                p = z_extra
+            self._calibration.add(self, x, p)
         if replay or _in_backward():
             return y  # a recompute: the forward already recorded this block's results and norms
         if state is not None:
@@ -479,12 +488,14 @@ class ResLoRAChain:
 
     __call__ = forward
 
-    def merged_lora(self, merge: Optional[str] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        return merge_chain(self.blocks, merge)
+    def merged_lora(self, merge: Optional[str] = None, calibration: Optional["Calibration"] = None,
+                    ridge: float = DEFAULT_RIDGE) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return merge_chain(self.blocks, merge, calibration, ridge)
 
-    def merge_to_lora(self, merge: Optional[str] = None) -> None:
+    def merge_to_lora(self, merge: Optional[str] = None, calibration: Optional["Calibration"] = None,
+                      ridge: float = DEFAULT_RIDGE) -> None:
         """Applies the merge in place: every block becomes a plain LoRA block."""
-        pairs = self.merged_lora(merge)
+        pairs = self.merged_lora(merge, calibration, ridge)
         for blk, (a, b) in zip(self.blocks, pairs):
             blk.load_lora(a, b)
         self._end()
@@ -580,10 +591,57 @@ def _norm_means(blk: ResLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
     return _ops.stats_mean(x, blk.stats_count), _ops.stats_mean(z, blk.stats_count)
 
 
+class Calibration:
+    """The fit merge's calibration sums, gathered over eval forwards while blocks point to it
+    (ResLoRAModel.merge_to_lora(merge="fit", inputs=...) sets that up): per block, xx = sum x x^T
+    over its input tokens, shared by the blocks that read the same input tensor (q / k / v), and
+    zx = sum p x^T, p being the rank-r term the block's shortcut adds (is: A x_prev; ms: the
+    earlier blocks' mid activations). float32, on the blocks' device. mask: the tokens to count
+    (padding left out), a bool vector over the batch's tokens, or None for all."""
+
+    def __init__(self):
+        self.xx: dict = {}
+        self.zx: dict = {}
+        self.tokens: dict = {}
+        self.mask: Optional[torch.Tensor] = None
+        self._seen: dict = {}  # id(input) -> (input, its xx) within the current forward
+
+    def next_batch(self, mask: Optional[torch.Tensor] = None) -> None:
+        self._seen = {}
+        self.mask = None if mask is None else mask.reshape(-1).bool()
+
+    def add(self, blk: "ResLoRALinear", x: torch.Tensor, p: Optional[torch.Tensor]) -> None:
+        def rows(t):
+            t = t.reshape(-1, t.shape[-1])
+            if self.mask is not None and self.mask.numel() == t.shape[0]:
+                t = t[self.mask.to(t.device)]
+            return t.float()
+
+        xf = rows(x)
+        seen = self._seen.get(id(x))
+        acc = self.xx.get(blk)
+        if acc is None:
+            acc = seen[1] if seen is not None else xf.new_zeros(xf.shape[1], xf.shape[1])
+            self.xx[blk] = acc
+        if seen is None or seen[1] is not acc:  # not yet added in this forward
+            acc.addmm_(xf.t(), xf)
+            self._seen[id(x)] = (x, acc)  # the reference keeps id(x) from being reused
+        self.tokens[blk] = self.tokens.get(blk, 0) + xf.shape[0]
+        if p is not None:
+            pf = rows(p)
+            zx = self.zx.get(blk)
+            if zx is None:
+                zx = self.zx[blk] = xf.new_zeros(pf.shape[1], xf.shape[1])
+            zx.addmm_(pf.t(), xf)
+
+
+
 def merge_chain(
-    blocks: Sequence[ResLoRALinear], merge: Optional[str] = None
+    blocks: Sequence[ResLoRALinear], merge: Optional[str] = None,
+    calibration: Optional[Calibration] = None, ridge: float = DEFAULT_RIDGE,
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """The spec's merge of a chain (in order) into plain LoRA pairs (A', B'), by the C++ core."""
+    """The spec's merge of a chain (in order) into plain LoRA pairs (A', B'), by the C++ core.
+    fit (is, ms) needs the calibration sums of the blocks; ridge is relative to tr(xx) / d_in."""
     if not blocks:
         raise ValueError("reslora: merge_chain needs at least one block, got none")
     head = blocks[0]
@@ -612,4 +670,8 @@ def merge_chain(
             merge,
             head.pre_num,
             head.scaling,
+            xx=[calibration.xx.get(blk) for blk in blocks] if calibration else [],
+            zx=[calibration.zx.get(blk) for blk in blocks] if calibration else [],
+            tokens=[calibration.tokens.get(blk, 0) for blk in blocks] if calibration else [],
+            ridge=ridge,
         )

@@ -15,9 +15,12 @@ from torch import nn
 
 from . import checkpoints, export, saving, targets
 from .config import ResLoRAConfig
-from .layers import (ResLoRAChain, ResLoRALinear, _combined_stats, _distributed, _full, _is_dtensor,
-                     _PassCheckpoint)
+from .layers import (DEFAULT_RIDGE, Calibration, ResLoRAChain, ResLoRALinear, _combined_stats, _distributed,
+                     _full, _is_dtensor, _PassCheckpoint)
+from ._lib import load as _load_core
 from .saved_modules import ModulesToSave
+
+_C = _load_core()
 
 # transformers' PEFT integration methods, which a ResLoRAModel must not forward to its model.
 _HF_ADAPTER_METHODS = {
@@ -58,6 +61,7 @@ class ResLoRAModel(nn.Module):
         self.base_model = model
         self.reslora_config = config
         self.merge_errors: Dict[str, Optional[float]] = {}
+        self.merge_delta_errors: Dict[str, Optional[float]] = {}
         self._merged = False
         saved = targets.modules_to_save(model, config)
         names = targets.targets(model, config, saved)
@@ -270,54 +274,125 @@ class ResLoRAModel(nn.Module):
     # --- merging -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def merge_to_lora(self, inputs=None) -> "ResLoRAModel":
-        """Merges the shortcuts away by the configured merge (in place): every block becomes a
-        plain LoRA block. merge_errors then holds, per block, the relative error
-        ||y_merged - y|| / ||y|| of its output on `inputs` (model inputs: a dict of keyword
-        arguments, a tuple of positional ones or one tensor), run once in eval mode before the
-        merge. Without inputs the errors are None: no pass is kept after its forward. Exact merges
-        (lora, bs) give 0."""
+    def merge_to_lora(self, inputs=None, merge: Optional[str] = None, eval_inputs=None,
+                      ridge: float = DEFAULT_RIDGE, max_tokens: Optional[int] = None) -> "ResLoRAModel":
+        """Merges the shortcuts away (in place): every block becomes a plain LoRA block.
+
+        merge: the config's merge when None; "fit" (is, ms) fits, per block, the least-squares
+        prediction of the shortcut's term from the block's own input on calibration data:
+        `inputs` is then an iterable of model inputs (a DataLoader, a list of batches) or one
+        batch, run in eval mode until max_tokens tokens (all when None; an attention_mask in a
+        batch leaves the padding out); ridge: relative to tr(E[x x^T]) / d_in, centred on the
+        input merge.
+
+        merge_errors then holds, per block, the relative error ||y_merged - y|| / ||y|| of its
+        output, and merge_delta_errors the error on the adapter's own term,
+        ||y_merged - y|| / ||y - base(x)||, on eval_inputs (one batch), else on `inputs` (its first
+        batch for fit), run once in eval mode. Without either the errors are None: no pass is kept
+        after its forward. Exact merges (lora, bs) give 0."""
         if self._merged:
             raise RuntimeError(
                 "reslora: the model is already merged; merge_to_lora() would apply the merge twice"
             )
+        variant = self.reslora_config.variant
+        merge = self.reslora_config.merge if merge is None else merge
+        if not isinstance(merge, str):
+            raise ValueError(f"reslora: merge must be a merge name or None, got {merge!r}")
+        _C.check_merge(variant, merge)
         sharded = any(_is_dtensor(b.lora_A) for b in self._blocks.values())
-        if sharded and self.reslora_config.variant == "bs" and self.reslora_config.pre_num != 0:
+        if sharded and variant == "bs" and self.reslora_config.pre_num != 0:
             raise RuntimeError(
                 "reslora: the bs merge gives block n rank (n + 1) r (or (pre_num + 1) r), and these "
                 "parameters are sharded by FSDP2, which cannot change their shape: save the ResLoRA "
                 "checkpoint (save_pretrained) and merge it on one process"
             )
-        if sharded and inputs is not None:
+        if sharded and (inputs is not None or eval_inputs is not None):
             raise ValueError(
                 "reslora: merge_to_lora(inputs=...) runs the blocks outside the model's forward, "
                 "which FSDP2's sharded parameters do not allow: merge without inputs (errors None)"
             )
-        if inputs is not None:
-            self._capture_inputs(inputs)
+        calibration = None
+        error_inputs = eval_inputs
+        if merge == "fit":
+            if inputs is None:
+                raise ValueError(
+                    "reslora: merge 'fit' needs calibration inputs: merge_to_lora(merge='fit', "
+                    "inputs=batches), got inputs=None"
+                )
+            calibration, first = self._calibrate(inputs, max_tokens)
+            error_inputs = first if eval_inputs is None else eval_inputs
+        elif error_inputs is None:
+            error_inputs = inputs
+        if error_inputs is not None:
+            self._capture_inputs(error_inputs)
         errors: Dict[str, Optional[float]] = {}
+        delta_errors: Dict[str, Optional[float]] = {}
         for cname, chain in self._chains.items():
             xs = chain.last_inputs()
             modes = [b.training for b in chain.blocks]
             for b in chain.blocks:
                 b.eval()
             before = chain(xs) if xs is not None else None
-            chain.merge_to_lora(self.reslora_config.merge)
+            base = [b.base_layer(x) for b, x in zip(chain.blocks, xs)] if xs is not None else None
+            chain.merge_to_lora(merge, calibration, ridge)
             after = chain(xs) if xs is not None else None
             for b, mode in zip(chain.blocks, modes):
                 b.train(mode)
             for i, path in enumerate(self._chain_paths[cname]):
                 if before is None:
-                    errors[path] = None
-                else:
-                    den = before[i].double().norm().item()
-                    num = (after[i].double() - before[i].double()).norm().item()
-                    errors[path] = num / den if den > 0 else num
+                    errors[path] = delta_errors[path] = None
+                    continue
+                y, num = before[i].double(), (after[i].double() - before[i].double()).norm().item()
+                for out, den in ((errors, y.norm().item()), (delta_errors, (y - base[i].double()).norm().item())):
+                    out[path] = num / den if den > 0 else num
             chain.capture = False
             chain.reset()
         self.merge_errors = errors
+        self.merge_delta_errors = delta_errors
         self._merged = True
         return self
+
+    @torch.no_grad()
+    def _calibrate(self, inputs, max_tokens: Optional[int]):
+        """Runs calibration batches in eval mode with every is / ms block adding to the fit
+        merge's sums; returns them and the first batch."""
+        batches = [inputs] if isinstance(inputs, (dict, torch.Tensor)) else inputs
+        cal = Calibration()
+        modes = {m: m.training for m in self.modules()}
+        self.eval()
+        for blk in self._blocks.values():
+            blk._calibration = cal
+        first, seen = None, 0
+        try:
+            for b in batches:
+                first = b if first is None else first
+                mask = b.get("attention_mask") if isinstance(b, dict) else None
+                cal.next_batch(mask)
+                if isinstance(b, dict):
+                    self(**b)
+                elif isinstance(b, (tuple, list)):
+                    self(*b)
+                else:
+                    self(b)
+                seen = max(cal.tokens.values(), default=0)
+                if max_tokens is not None and seen >= max_tokens:
+                    break
+        finally:
+            for blk in self._blocks.values():
+                blk._calibration = None
+            for m, mode in modes.items():
+                m.training = mode
+        if first is None:
+            raise ValueError("reslora: merge 'fit' got no calibration batch (inputs is empty)")
+        d = max(blk.in_features for blk in self._blocks.values())
+        if seen < d:
+            warnings.warn(
+                f"reslora: the fit merge saw {seen} calibration tokens, fewer than d_in = {d}: "
+                "E[x x^T] is then singular and the fit leans on the ridge (the input merge); give "
+                "at least 10 d_in tokens",
+                stacklevel=3,
+            )
+        return cal, first
 
     def _capture_inputs(self, inputs) -> None:
         modes = {m: m.training for m in self.modules()}

@@ -173,6 +173,60 @@ TEST(Modules, StatisticsWindow) {
   EXPECT_EQ(bs->stats_count.item<int64_t>(), 0);
 }
 
+// The fit merge is exact where each block's input is a linear function of the next one's
+// (x_{n-1} = x_n T): the shortcut's term A x_{n-1} = (A T) x_n is then a prediction from x_n.
+TEST(Modules, FitMergeIsExactForLinearlyRelatedInputs) {
+  for (const auto& [variant, pre_num] : std::vector<std::pair<Variant, int64_t>>{
+           {Variant::kIS, 1}, {Variant::kMS, 1}, {Variant::kMS, -1}}) {
+    torch::manual_seed(3);
+    const int64_t d = 6, n_blocks = 4;
+    ResLoRAChain chain("fit");
+    for (int64_t i = 0; i < n_blocks; ++i) {
+      chain->push_back(ResLoRALinear(torch::randn({d, d}), torch::randn({d}),
+                                     ResLoRAOptions(2).variant(variant).pre_num(pre_num)));
+      torch::NoGradGuard g;
+      chain[i]->lora_B.normal_();
+    }
+    chain->train();
+    const auto T = torch::randn({d, d}) * 0.5;
+    auto inputs = [&](int64_t tokens) {
+      std::vector<torch::Tensor> xs(n_blocks);
+      xs[n_blocks - 1] = torch::randn({tokens, d});
+      for (int64_t i = n_blocks - 2; i >= 0; --i) xs[i] = xs[i + 1].mm(T);
+      return xs;
+    };
+    chain->forward(inputs(64));  // a training forward: the statistics of the input merge
+    chain->eval();
+    const auto calib = inputs(256);
+    chain->calibrate(calib);
+    const auto held_out = inputs(32);
+    const auto before = chain->forward(held_out);
+    const auto input_pairs = chain->merged_lora(MergeKind::kInput);
+    chain->merge_to_lora(MergeKind::kFit, 1e-9);
+    const auto after = chain->forward(held_out);
+    double fit_err = 0, input_err = 0;
+    for (int64_t i = 0; i < n_blocks; ++i) {
+      fit_err = std::max(fit_err, ((after[i] - before[i]).norm() / before[i].norm()).item<double>());
+      const auto& blk = chain[i];
+      const auto y_input = held_out[i].mm(blk->weight.t()) + blk->bias +
+                           blk->scaling() * held_out[i].mm(input_pairs[i].A.t()).mm(input_pairs[i].B.t());
+      input_err = std::max(input_err, ((y_input - before[i]).norm() / before[i].norm()).item<double>());
+    }
+    EXPECT_LT(fit_err, 1e-4) << reslora::to_string(variant) << " pre_num " << pre_num;
+    EXPECT_GT(input_err, 100 * fit_err) << reslora::to_string(variant);
+  }
+  ResLoRAChain empty("nofit");
+  empty->push_back(ResLoRALinear(torch::randn({4, 4}), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kIS)));
+  empty->push_back(ResLoRALinear(torch::randn({4, 4}), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kIS)));
+  try {
+    empty->merged_lora(MergeKind::kFit);
+    FAIL() << "a fit merge without calibration must throw";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("merge 'fit' needs the calibration statistics of block 1"),
+              std::string::npos) << e.what();
+  }
+}
+
 TEST(Ops, BlockOpEqualsDownThenUpWithGradients) {
   torch::manual_seed(4);
   const auto f64 = torch::kFloat64;

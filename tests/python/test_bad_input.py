@@ -29,8 +29,8 @@ ops = torch.ops.reslora
     (dict(pre_num=-3), r"pre_num must be -1 \(all\) or an int >= 0, got -3"),
     (dict(stats_window=False), r"stats_window must be an int >= 1, got False"),
     (dict(variant="IS"), r"variant must be one of 'lora', 'is', 'bs', 'ms', got 'IS'"),
-    (dict(variant="ms", merge="weight"), r"merge 'weight' does not apply to variant 'ms'; expected one of 'input', 'mid'"),
-    (dict(merge=3), r"merge must be one of \['input', 'weight'\] or None, got 3"),
+    (dict(variant="ms", merge="weight"), r"merge 'weight' does not apply to variant 'ms'; expected one of 'input', 'mid', 'fit'"),
+    (dict(merge=3), r"merge must be one of \['input', 'weight', 'fit'\] or None, got 3"),
 ])
 def test_config(kwargs, msg):
     with pytest.raises(ValueError, match=msg):

@@ -249,7 +249,7 @@ def test_bad_input():
         reslora.ResLoRAConfig(variant="xs")
     with pytest.raises(ValueError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"):
         reslora.ResLoRAConfig(variant="is", merge="mid")
-    with pytest.raises(ValueError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', got 'dense'"):
+    with pytest.raises(ValueError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', 'fit', got 'dense'"):
         reslora.ResLoRAConfig(variant="bs", merge="dense")
     with pytest.raises(ValueError, match=r"r must be an int >= 1, got 0"):
         reslora.ResLoRAConfig(r=0)

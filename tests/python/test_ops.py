@@ -263,7 +263,7 @@ def test_bad_layer_and_chain_input():
         blocks[1](torch.randn(2, 4))
     with pytest.raises(ValueError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"):
         reslora.merge_chain([reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="is")], "mid")
-    with pytest.raises(ValueError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', got 'dense'"):
+    with pytest.raises(ValueError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', 'fit', got 'dense'"):
         reslora.merge_chain([reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="bs")], "dense")
 
 

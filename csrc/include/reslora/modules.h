@@ -67,11 +67,17 @@ class ResLoRAChainImpl : public torch::nn::Module {
   // Ends the current pass, releasing what it holds.
   void reset();
 
-  // The plain LoRA pairs of the spec's merge; `merge` defaults to the variant's first.
-  std::vector<LoRAPair> merged_lora(MergeKind merge) const;
+  // Adds the per-block inputs xs of one pass (eval mode: no dropout) to the fit merge's
+  // calibration sums (is, ms): xx_n += x_n^T x_n and zx_n += p_n^T x_n over the tokens, p_n
+  // being the shortcut's rank-r term. Accumulated in float32; reset by merge_to_lora.
+  void calibrate(const std::vector<torch::Tensor>& xs);
+
+  // The plain LoRA pairs of the spec's merge; `merge` defaults to the variant's first. fit uses
+  // the sums of calibrate() and the relative ridge.
+  std::vector<LoRAPair> merged_lora(MergeKind merge, double ridge = kDefaultRidge) const;
   std::vector<LoRAPair> merged_lora() const;
   // Applies merged_lora in place: every block becomes a plain LoRA block.
-  void merge_to_lora(MergeKind merge);
+  void merge_to_lora(MergeKind merge, double ridge = kDefaultRidge);
   void merge_to_lora();
   // W + s B' A' per block for the pairs of merged_lora() (the variant's default merge): the
   // dense weights of the merged chain.
@@ -81,6 +87,8 @@ class ResLoRAChainImpl : public torch::nn::Module {
   std::string name_;
   std::shared_ptr<ChainState> state_;
   std::vector<ResLoRALinear> blocks_;
+  std::vector<torch::Tensor> fit_xx_, fit_zx_;  // calibrate()'s sums, per block
+  int64_t fit_tokens_ = 0;
 };
 TORCH_MODULE(ResLoRAChain);
 

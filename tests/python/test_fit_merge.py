@@ -1,0 +1,154 @@
+"""The fit merge (is, ms): the shortcut's rank-r term replaced by its least-squares prediction
+from the block's own input, fitted on calibration batches."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import reslora
+from reslora import _C
+from hf_models import TARGETS, batch, make
+
+CASES = [("is", 1), ("ms", 1), ("ms", -1)]
+
+
+class Stack(nn.Module):
+    """Square bias-free layers: every block's input is a linear function of the next block's
+    (x_n = P_n x_0 with P_n invertible), where fit is exact."""
+
+    def __init__(self, d=8, n=4):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"proj": nn.Linear(d, d, bias=False)}) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer["proj"](x)
+        return x
+
+
+def stack_model(variant, pre_num, seed=0):
+    torch.manual_seed(seed)
+    base = Stack()
+    with torch.no_grad():
+        for layer in base.layers:
+            layer["proj"].weight.copy_(torch.eye(8) + 0.3 * torch.randn(8, 8))
+    model = reslora.get_reslora_model(base, reslora.ResLoRAConfig(
+        variant=variant, pre_num=pre_num, r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["proj"]))
+    for blk in model.blocks.values():
+        nn.init.normal_(blk.lora_B, std=0.5)
+    model.train()
+    for _ in range(3):  # training forwards with dropout on: the statistics of the input merge
+        model(torch.randn(16, 8))
+    return model
+
+
+@pytest.mark.parametrize("variant,pre_num", CASES)
+def test_fit_is_exact_where_inputs_are_linearly_related(variant, pre_num):
+    model = stack_model(variant, pre_num)
+    calib = [torch.randn(64, 8) for _ in range(4)]
+    held_out = torch.randn(32, 8)
+    other = copy.deepcopy(model)
+    model.merge_to_lora(inputs=calib, merge="fit", eval_inputs=held_out, ridge=1e-10)
+    assert max(model.merge_errors.values()) < 1e-4  # float32 sums of the calibration
+    assert max(model.merge_delta_errors.values()) < 1e-3
+    assert model.training  # the calibration ran in eval mode and left the mode as it was
+    other.merge_to_lora(inputs=held_out, merge="input")
+    assert max(other.merge_errors.values()) > 1e-3  # the scalar merge is not exact here
+
+
+def trained_llama(variant, pre_num, dropout=0.1):
+    model = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(
+        variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=dropout,
+        target_modules=TARGETS["llama"]))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+    for step in range(4):
+        model(**batch("llama", seed=step, n=4)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("variant,pre_num", CASES)
+def test_fit_is_never_worse_than_input_on_the_calibration_data(variant, pre_num):
+    model = trained_llama(variant, pre_num)
+    calib = {"input_ids": batch("llama", seed=50, n=8, t=16)["input_ids"]}  # 128 tokens > 4 d_in
+    by_input = copy.deepcopy(model).merge_to_lora(inputs=calib, merge="input")
+    by_fit = model.merge_to_lora(inputs=calib, merge="fit")
+    heads = [paths[0] for paths in model.chains.values()]
+    for path, err in by_fit.merge_errors.items():
+        assert err <= by_input.merge_errors[path] * (1 + 1e-3) + 1e-7, path
+        if path in heads:  # the head: is adds its own input again (exact), ms nothing
+            assert err < 1e-6
+    assert sum(by_fit.merge_errors.values()) < 0.8 * sum(by_input.merge_errors.values())
+    for path, d in by_fit.merge_delta_errors.items():  # the adapter's own term is the harder one
+        assert d >= by_fit.merge_errors[path]
+
+
+def test_fit_shares_one_input_sum_and_leaves_padding_out():
+    model = trained_llama("is", 1)
+    ids = batch("llama", seed=5, n=2, t=12)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    cal, _ = model._calibrate([{"input_ids": ids, "attention_mask": mask}], None)
+    q = model.blocks["model.layers.1.self_attn.q_proj"]
+    v = model.blocks["model.layers.1.self_attn.v_proj"]
+    up = model.blocks["model.layers.1.mlp.up_proj"]
+    assert cal.xx[q] is cal.xx[v] and cal.xx[q] is not cal.xx[up]  # q and v read one input
+    assert cal.tokens[q] == 20
+    assert all(blk._calibration is None for blk in model.blocks.values())
+
+
+@pytest.mark.parametrize("variant,pre_num", CASES)
+def test_cpp_modules_fit_as_python(variant, pre_num):
+    torch.manual_seed(0)
+    n, d, r = 4, 8, 2
+    Ws = [torch.eye(d) + 0.3 * torch.randn(d, d) for _ in range(n)]
+    As = [torch.randn(r, d) * 0.3 for _ in range(n)]
+    Bs = [torch.randn(d, r) * 0.3 for _ in range(n)]
+    train = [torch.randn(16, d) for _ in range(n)]
+    calib = [torch.randn(64, d) for _ in range(n)]
+    cpp = _C._chain_fit_cpp(variant, pre_num, r, 4.0, Ws, As, Bs, train, calib, 1e-3)
+    blocks = []
+    for W, A, B in zip(Ws, As, Bs):
+        lin = nn.Linear(d, d, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(W)
+        blk = reslora.ResLoRALinear(lin, r=r, lora_alpha=4.0, variant=variant, pre_num=pre_num)
+        with torch.no_grad():
+            blk.lora_A.copy_(A)
+            blk.lora_B.copy_(B)
+        blocks.append(blk)
+    chain = reslora.ResLoRAChain(blocks)
+    with torch.no_grad():
+        chain.forward(train)  # training mode: the statistics
+        for b in blocks:
+            b.eval()
+        cal = reslora.layers.Calibration()
+        for b in blocks:
+            b._calibration = cal
+        cal.next_batch()
+        chain.forward(calib)
+        for b in blocks:
+            b._calibration = None
+    py = chain.merged_lora("fit", cal, 1e-3)
+    for (a1, b1), (a2, b2) in zip(py, cpp):
+        torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b1, b2)
+
+
+def test_fit_needs_calibration_and_warns_on_few_tokens():
+    model = stack_model("is", 1)
+    with pytest.raises(ValueError, match=r"merge 'fit' needs calibration inputs: .*got inputs=None"):
+        model.merge_to_lora(merge="fit")
+    with pytest.raises(ValueError, match=r"merge 'fit' does not apply to variant 'is'|merge 'mid' does not apply to variant 'is'"):
+        model.merge_to_lora(merge="mid")
+    with pytest.warns(UserWarning, match=r"saw 4 calibration tokens, fewer than d_in = 8"):
+        model.merge_to_lora(inputs=torch.randn(4, 8), merge="fit")
+    bs = reslora.get_reslora_model(Stack(), reslora.ResLoRAConfig(variant="bs", r=2, target_modules=["proj"]))
+    with pytest.raises(ValueError, match=r"merge 'fit' does not apply to variant 'bs'; expected one of 'exact'"):
+        bs.merge_to_lora(inputs=torch.randn(4, 8), merge="fit")
+    with pytest.raises(ValueError, match=r"ridge must be > 0"):
+        stack_model("ms", 1).merge_to_lora(inputs=torch.randn(64, 8), merge="fit", ridge=0.0)
