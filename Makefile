@@ -5,7 +5,7 @@ PYTHON ?= python3
 BUILD_DIR ?= build/cmake
 export PYTHON
 
-.PHONY: test deps build ctest pytest cpp-example demo clean
+.PHONY: test deps build ctest pytest cpp-example demo study clean
 
 test: deps build cpp-example ctest pytest
 
@@ -38,6 +38,10 @@ cpp-example:
 demo: deps
 	RESLORA_BUILD_TESTS=0 RESLORA_BUILD_DIR=build/demo-cmake $(PYTHON) -m pip install --no-build-isolation --no-deps -e .
 	$(PYTHON) examples/demo.py
+
+# What ResLoRA buys, measured (bench/study.py): a CUDA GPU makes it take minutes.
+study: deps build
+	$(PYTHON) bench/study.py --out bench/results/study
 
 clean:
 	rm -rf build python/reslora/*.so python/reslora/build_info.json

