@@ -277,7 +277,17 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a few steps, one seed, one rate (CI)")
     ap.add_argument("--tasks", default="mlm,cls")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--combine", nargs="+", help="results.json files of runs of separate tasks: one report")
     args = ap.parse_args()
+    if args.combine:
+        parts = [json.loads(Path(p).read_text()) for p in args.combine]
+        results = dict(parts[0], tasks={k: v for part in parts for k, v in part["tasks"].items()},
+                       wall_time_s=sum(part["wall_time_s"] for part in parts))
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        report(results, out_dir)
+        return
     if args.tiny:
         cfg = dict(steps=3, eval_every=3, seeds=[0], lrs=[1e-3], length=32, batch=4, eval_batches=2,
                    head_steps=2, per_module=8, calib_batches=2, r=4)
