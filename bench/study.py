@@ -324,7 +324,10 @@ def main():
             best[label(variant, pre_num)] = pick["lr"]
             runs += [dict(r, sweep=True) for r in sweep]
             runs += [run(task, variant, pre_num, pick["lr"], s, args) for s in args.seeds[1:]]
-            print(f"[study] {kind} {label(variant, pre_num)}: lr {pick['lr']}, held-out {pick['unmerged']}", flush=True)
+            print(f"[study] {kind} {label(variant, pre_num)}: lr {pick['lr']}, held-out {pick['unmerged']}, "
+                  f"{time.time() - started:.0f} s", flush=True)
+            results["tasks"][kind] = {"best_lr": dict(best), "runs": runs, "sizes": task.sizes, "partial": True}
+            (out_dir / "results.json").write_text(json.dumps(results, indent=1))  # so far
         base = task.evaluate(task.fresh())
         results["tasks"][kind] = {"base": base, "best_lr": best, "runs": runs, "sizes": task.sizes}
     results["wall_time_s"] = time.time() - started
