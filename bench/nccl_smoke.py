@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -51,7 +52,9 @@ def main():
     from torch.distributed.fsdp import fully_shard
     from reslora.layers import _full
 
+    torch.cuda.set_device(0)
     mesh = init_device_mesh("cuda", (1,))
+    scratch = tempfile.mkdtemp()  # the checkpoints (not part of the results)
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "nccl": ".".join(map(str, torch.cuda.nccl.version())), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "runs": {}}
@@ -70,8 +73,9 @@ def main():
             train(run, model)
             diff = max((_full(b.lora_A) - ref.blocks[n].lora_A).abs().max().item()
                        for n, b in model.blocks.items())
-            model.save_pretrained(os.path.join(CKPT, f"{engine}-{variant}{pre_num}"))
-            back = reslora.ResLoRAModel.from_pretrained(make("llama"), os.path.join(args.out, "ckpt", f"{engine}-{variant}{pre_num}"))
+            ckpt = os.path.join(scratch, f"{engine}-{variant}{pre_num}")
+            model.save_pretrained(ckpt)
+            back = reslora.ResLoRAModel.from_pretrained(make("llama"), ckpt)
             reload_diff = max((back.blocks[n].lora_A - ref.blocks[n].lora_A.cpu()).abs().max().item() for n in back.blocks)
             merged = None
             if not (engine == "fsdp2" and variant == "bs"):
