@@ -85,12 +85,11 @@ reslora::ResLoRAOptions options_from_py(const py::handle& variant, const py::han
 // run after torch.manual_seed(manual_seed): the outputs, and with grad_outputs the gradients of
 // sum(<y_n, g_n>) w.r.t. A_n and B_n. The Python layers are checked against it (same seeds, same
 // masks, same numbers).
-py::tuple chain_forward_cpp(const std::string& variant, int64_t pre_num, int64_t r,
-                            double lora_alpha, double dropout, bool training,
-                            const std::vector<at::Tensor>& weights,
-                            const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
-                            const std::vector<at::Tensor>& xs,
-                            const std::vector<at::Tensor>& grad_outputs, int64_t manual_seed) {
+// A C++ modules' chain of these weights, A and B (no biases).
+reslora::ResLoRAChain make_chain(const std::string& variant, int64_t pre_num, int64_t r,
+                                 double lora_alpha, double dropout,
+                                 const std::vector<at::Tensor>& weights,
+                                 const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs) {
   reslora::ResLoRAChain chain("cpp");
   for (size_t i = 0; i < weights.size(); ++i) {
     reslora::ResLoRALinear blk(weights[i], at::Tensor(),
@@ -106,6 +105,16 @@ py::tuple chain_forward_cpp(const std::string& variant, int64_t pre_num, int64_t
     }
     chain->push_back(blk);
   }
+  return chain;
+}
+
+py::tuple chain_forward_cpp(const std::string& variant, int64_t pre_num, int64_t r,
+                            double lora_alpha, double dropout, bool training,
+                            const std::vector<at::Tensor>& weights,
+                            const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
+                            const std::vector<at::Tensor>& xs,
+                            const std::vector<at::Tensor>& grad_outputs, int64_t manual_seed) {
+  auto chain = make_chain(variant, pre_num, r, lora_alpha, dropout, weights, As, Bs);
   chain->train(training);
   torch::manual_seed(static_cast<uint64_t>(manual_seed));
   const auto ys = chain->forward(xs);
@@ -132,20 +141,7 @@ std::vector<std::pair<at::Tensor, at::Tensor>> chain_fit_cpp(
     const std::vector<at::Tensor>& weights, const std::vector<at::Tensor>& As,
     const std::vector<at::Tensor>& Bs, const std::vector<at::Tensor>& train_xs,
     const std::vector<at::Tensor>& calib_xs, double ridge) {
-  reslora::ResLoRAChain chain("cpp");
-  for (size_t i = 0; i < weights.size(); ++i) {
-    reslora::ResLoRALinear blk(weights[i], at::Tensor(),
-                               reslora::ResLoRAOptions(r)
-                                   .variant(reslora::parse_variant(variant))
-                                   .lora_alpha(lora_alpha)
-                                   .pre_num(pre_num));
-    {
-      torch::NoGradGuard no_grad;
-      blk->lora_A.copy_(As.at(i));
-      blk->lora_B.copy_(Bs.at(i));
-    }
-    chain->push_back(blk);
-  }
+  auto chain = make_chain(variant, pre_num, r, lora_alpha, 0.0, weights, As, Bs);
   chain->train(true);
   {
     torch::NoGradGuard no_grad;

@@ -336,6 +336,10 @@ def _dequantize(layer: nn.Module) -> torch.Tensor:
     w = layer.weight
     if hasattr(w, "get_original_weight"):  # torchao NF4Tensor
         return w.get_original_weight()
+    if type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None:  # bitsandbytes
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(_compute_dtype(layer))
     if getattr(type(w), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize:
         # torchao's affine quantized tensors, among others
         return w.dequantize()
@@ -350,6 +354,12 @@ def _requantize(layer: nn.Module, dense: torch.Tensor) -> nn.Parameter:
     if hasattr(w, "get_original_weight") and hasattr(type(w), "from_tensor"):  # torchao NF4Tensor
         q = type(w).from_tensor(dense.to(w.dtype), w.block_size, w.scaler_block_size)
         return nn.Parameter(q, requires_grad=False)
+    if type(w).__name__ == "Params4bit":  # bitsandbytes: quantized again on its device
+        import bitsandbytes as bnb
+
+        q = bnb.nn.Params4bit(dense.to("cpu"), requires_grad=False, quant_type=w.quant_type,
+                              blocksize=w.blocksize, compress_statistics=w.compress_statistics)
+        return q.to(w.device)
     raise ValueError(
         f"reslora: cannot quantize a merged weight back into {type(w).__name__}: fold the adapter "
         "into a dense copy of the model instead (or serve the exported PEFT adapter)"

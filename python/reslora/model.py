@@ -368,12 +368,7 @@ class ResLoRAModel(nn.Module):
                 first = b if first is None else first
                 mask = b.get("attention_mask") if isinstance(b, dict) else None
                 cal.next_batch(mask)
-                if isinstance(b, dict):
-                    self(**b)
-                elif isinstance(b, (tuple, list)):
-                    self(*b)
-                else:
-                    self(b)
+                self._run(b)
                 seen = max(cal.tokens.values(), default=0)
                 if max_tokens is not None and seen >= max_tokens:
                     break
@@ -394,18 +389,22 @@ class ResLoRAModel(nn.Module):
             )
         return cal, first
 
+    def _run(self, inputs):
+        """Calls the model on one batch: a dict of keyword arguments, a tuple / list of positional
+        ones, or one tensor."""
+        if isinstance(inputs, dict):
+            return self(**inputs)
+        if isinstance(inputs, (tuple, list)):
+            return self(*inputs)
+        return self(inputs)
+
     def _capture_inputs(self, inputs) -> None:
         modes = {m: m.training for m in self.modules()}
         self.eval()
         for chain in self._chains.values():
             chain.capture = True
         try:
-            if isinstance(inputs, dict):
-                self(**inputs)
-            elif isinstance(inputs, (tuple, list)):
-                self(*inputs)
-            else:
-                self(inputs)
+            self._run(inputs)
         except BaseException:
             for chain in self._chains.values():
                 chain.capture = False

@@ -1,5 +1,8 @@
-"""ResLoRA on a quantized base (torchao NF4, as in QLoRA; it runs on the CPU): the base module
-computes its own output, the ops the low-rank term, and merges go through a dequantized copy."""
+"""ResLoRA on a quantized base (torchao NF4 and bitsandbytes 4-bit NF4, as in QLoRA; both run on
+the CPU): the base module computes its own output, the ops the low-rank term, and merges go
+through a dequantized copy."""
+
+import importlib.util
 
 import copy
 import warnings
@@ -11,9 +14,41 @@ from torch import nn
 import reslora
 
 transformers = pytest.importorskip("transformers")
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    nf4 = pytest.importorskip("torchao.quantization.quantize_.workflows.nf4.nf4_tensor")
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"needs {m}"))
+            for b, m in (("torchao", "torchao"), ("bitsandbytes", "bitsandbytes"))]
+
+
+def nf4():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    return nf4_tensor
+
+
+def quantize(lin, backend):
+    """The layer with its weight in NF4, the backend's way."""
+    if backend == "torchao":
+        lin.weight = nn.Parameter(nf4().to_nf4(lin.weight.detach()), requires_grad=False)
+        return lin
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                          compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+def dequantized(layer):
+    from reslora.layers import _dequantize
+
+    return _dequantize(layer)
+
+
+def is_quantized(layer, backend):
+    return isinstance(layer.weight, nf4().NF4Tensor) if backend == "torchao" else type(layer.weight).__name__ == "Params4bit"
 
 VARIANTS = [("lora", 1), ("is", 1), ("bs", -1), ("ms", -1)]
 TARGETS = ["q_proj", "v_proj", "o_proj"]
@@ -28,17 +63,18 @@ def llama():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def quantized_and_dense():
+def quantized_and_dense(backend):
     """An NF4 model and a dense one holding the NF4 model's dequantized weights."""
     q = llama()
-    for name, m in q.named_modules():
+    for name, m in list(q.named_modules()):
         if isinstance(m, nn.Linear) and name != "lm_head":
-            m.weight = nn.Parameter(nf4.to_nf4(m.weight.detach()), requires_grad=False)
+            parent, _, leaf = name.rpartition(".")
+            setattr(q.get_submodule(parent), leaf, quantize(m, backend))
     dense = llama()
     with torch.no_grad():
-        for (name, m), (_, d) in zip(q.named_modules(), dense.named_modules()):
-            if isinstance(m, nn.Linear) and name != "lm_head":
-                d.weight.copy_(m.weight.get_original_weight())
+        for name, d in dense.named_modules():
+            if isinstance(d, nn.Linear) and name != "lm_head":
+                d.weight.copy_(dequantized(q.get_submodule(name)))
     return q, dense
 
 
@@ -54,9 +90,10 @@ def batch(seed):
     return {"input_ids": ids, "labels": ids}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant,pre_num", VARIANTS)
-def test_nf4_base_trains_as_its_dense_equivalent(variant, pre_num):
-    q, dense = quantized_and_dense()
+def test_nf4_base_trains_as_its_dense_equivalent(backend, variant, pre_num):
+    q, dense = quantized_and_dense(backend)
     mq, md = wrap(q, variant, pre_num), wrap(dense, variant, pre_num)
     assert all(blk._opaque for blk in mq.blocks.values())
     assert not any(blk._opaque for blk in md.blocks.values())
@@ -64,7 +101,7 @@ def test_nf4_base_trains_as_its_dense_equivalent(variant, pre_num):
         for blk in mq.blocks.values():
             nn.init.normal_(blk.lora_B, std=0.1)
         md.load_state_dict(mq.state_dict())
-    w_before = {n: blk.base_layer.weight.get_original_weight().clone() for n, blk in mq.blocks.items()}
+    w_before = {n: dequantized(blk.base_layer).clone() for n, blk in mq.blocks.items()}
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (mq, md)]
     losses = []
     for step in range(3):
@@ -84,13 +121,14 @@ def test_nf4_base_trains_as_its_dense_equivalent(variant, pre_num):
         losses.append(lq)
     assert losses[-1] < losses[0]
     for n, blk in mq.blocks.items():  # the quantized base stays as it was
-        assert isinstance(blk.base_layer.weight, nf4.NF4Tensor)
-        assert torch.equal(blk.base_layer.weight.get_original_weight(), w_before[n])
+        assert is_quantized(blk.base_layer, backend)
+        assert torch.equal(dequantized(blk.base_layer), w_before[n])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant,merge", [("is", "input"), ("is", "weight"), ("ms", "input"), ("bs", "exact")])
-def test_nf4_merges_go_through_a_dequantized_copy(variant, merge, tmp_path):
-    q, dense = quantized_and_dense()
+def test_nf4_merges_go_through_a_dequantized_copy(backend, variant, merge, tmp_path):
+    q, dense = quantized_and_dense(backend)
     mq = wrap(q, variant, 1 if variant == "is" else -1, merge=merge)
     md = wrap(dense, variant, 1 if variant == "is" else -1, merge=merge)
     mq.train()
@@ -111,22 +149,22 @@ def test_nf4_merges_go_through_a_dequantized_copy(variant, merge, tmp_path):
     with torch.no_grad():
         want = mq(input_ids=batch(9)["input_ids"]).logits
         deltas = {n: blk.scaling * blk.lora_B @ blk.lora_A for n, blk in mq.blocks.items()}
-        base = {n: blk.base_layer.weight.get_original_weight() for n, blk in mq.blocks.items()}
+        base = {n: dequantized(blk.base_layer) for n, blk in mq.blocks.items()}
     folded = mq.merge_and_unload()  # NF4 again: the dequantized sum quantized the same way
     original = dict(llama().named_modules())
     for n, d in deltas.items():
-        w = folded.get_submodule(n).weight
-        assert isinstance(w, nf4.NF4Tensor)
+        layer = folded.get_submodule(n)
+        assert is_quantized(layer, backend)
         exact = base[n] + d
-        err = (w.get_original_weight() - exact).norm() / exact.norm()
+        err = (dequantized(layer) - exact).norm() / exact.norm()
         # no worse than NF4's own rounding of the original weight
         w0 = original[n].weight.detach()
-        err0 = (nf4.to_nf4(w0).get_original_weight() - w0).norm() / w0.norm()
+        err0 = (dequantized(quantize(copy.deepcopy(original[n]), backend)) - w0).norm() / w0.norm()
         assert err <= 1.25 * err0
     with torch.no_grad():
         got = folded(input_ids=batch(9)["input_ids"]).logits
         dense_ref = llama()(input_ids=batch(9)["input_ids"]).logits
-        q0, _ = quantized_and_dense()
+        q0, _ = quantized_and_dense(backend)
         base_err = (q0(input_ids=batch(9)["input_ids"]).logits - dense_ref).norm() / dense_ref.norm()
     # the folded model is as far from the unfolded one as NF4 is from the dense base
     assert (got - want).norm() / want.norm() <= 1.5 * base_err
