@@ -505,7 +505,12 @@ class ResLoRAChain:
     def merge_to_lora(self, merge: Optional[str] = None, calibration: Optional["Calibration"] = None,
                       ridge: float = DEFAULT_RIDGE) -> None:
         """Applies the merge in place: every block becomes a plain LoRA block."""
-        pairs = self.merged_lora(merge, calibration, ridge)
+        self.load_pairs(self.merged_lora(merge, calibration, ridge))
+
+    def load_pairs(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Makes every block the plain LoRA block of its pair (A', B'), in chain order."""
+        if len(pairs) != len(self.blocks):
+            raise ValueError(f"reslora: chain {self.name!r} has {len(self.blocks)} blocks, got {len(pairs)} pairs")
         for blk, (a, b) in zip(self.blocks, pairs):
             blk.load_lora(a, b)
         self._end()

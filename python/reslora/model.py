@@ -275,7 +275,8 @@ class ResLoRAModel(nn.Module):
 
     @torch.no_grad()
     def merge_to_lora(self, inputs=None, merge: Optional[str] = None, eval_inputs=None,
-                      ridge: float = DEFAULT_RIDGE, max_tokens: Optional[int] = None) -> "ResLoRAModel":
+                      ridge: float = DEFAULT_RIDGE, max_tokens: Optional[int] = None,
+                      chains_at_once: Optional[int] = None) -> "ResLoRAModel":
         """Merges the shortcuts away (in place): every block becomes a plain LoRA block.
 
         merge: the config's merge when None; "fit" (is, ms) fits, per block, the least-squares
@@ -283,7 +284,9 @@ class ResLoRAModel(nn.Module):
         `inputs` is then an iterable of model inputs (a DataLoader, a list of batches) or one
         batch, run in eval mode until max_tokens tokens (all when None; an attention_mask in a
         batch leaves the padding out); ridge: relative to tr(E[x x^T]) / d_in, centred on the
-        input merge.
+        input merge. chains_at_once: fit that many chains per run over the calibration batches
+        (which must then be a re-iterable collection), so that only their sums are held at once:
+        less memory, more forwards; the result is the same.
 
         merge_errors then holds, per block, the relative error ||y_merged - y|| / ||y|| of its
         output, and merge_delta_errors the error on the adapter's own term,
@@ -319,7 +322,22 @@ class ResLoRAModel(nn.Module):
                     "reslora: merge 'fit' needs calibration inputs: merge_to_lora(merge='fit', "
                     "inputs=batches), got inputs=None"
                 )
-            calibration, first = self._calibrate(inputs, max_tokens)
+            names = list(self._chains)
+            step = len(names) if chains_at_once is None else chains_at_once
+            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+                raise ValueError(f"reslora: chains_at_once must be None or an int >= 1, got {chains_at_once!r}")
+            if step < len(names) and not isinstance(inputs, (dict, torch.Tensor)) and iter(inputs) is inputs:
+                raise ValueError(
+                    "reslora: chains_at_once runs the calibration batches several times: give a "
+                    f"list or a DataLoader, got a one-shot iterator ({type(inputs).__name__})"
+                )
+            fitted = {}  # chain -> its merged pairs, all computed on the unmerged model
+            for i in range(0, len(names), step):
+                group = [self._chains[c] for c in names[i:i + step]]
+                calibration, first = self._calibrate(inputs, max_tokens, [b for c in group for b in c.blocks])
+                for c in names[i:i + step]:
+                    fitted[c] = self._chains[c].merged_lora(merge, calibration, ridge)
+                del calibration
             error_inputs = first if eval_inputs is None else eval_inputs
         elif error_inputs is None:
             error_inputs = inputs
@@ -334,7 +352,10 @@ class ResLoRAModel(nn.Module):
                 b.eval()
             before = chain(xs) if xs is not None else None
             base = [b.base_layer(x) for b, x in zip(chain.blocks, xs)] if xs is not None else None
-            chain.merge_to_lora(merge, calibration, ridge)
+            if merge == "fit":
+                chain.load_pairs(fitted[cname])
+            else:
+                chain.merge_to_lora(merge)
             after = chain(xs) if xs is not None else None
             for b, mode in zip(chain.blocks, modes):
                 b.train(mode)
@@ -353,14 +374,14 @@ class ResLoRAModel(nn.Module):
         return self
 
     @torch.no_grad()
-    def _calibrate(self, inputs, max_tokens: Optional[int]):
-        """Runs calibration batches in eval mode with every is / ms block adding to the fit
-        merge's sums; returns them and the first batch."""
+    def _calibrate(self, inputs, max_tokens: Optional[int], blocks=None):
+        """Runs calibration batches in eval mode with the given blocks (all by default) adding to
+        the fit merge's sums; returns them and the first batch."""
         batches = [inputs] if isinstance(inputs, (dict, torch.Tensor)) else inputs
         cal = Calibration()
         modes = {m: m.training for m in self.modules()}
         self.eval()
-        for blk in self._blocks.values():
+        for blk in self._blocks.values() if blocks is None else blocks:
             blk._calibration = cal
         first, seen = None, 0
         try:

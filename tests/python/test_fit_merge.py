@@ -153,3 +153,20 @@ def test_fit_needs_calibration_and_warns_on_few_tokens():
         bs.merge_to_lora(inputs=torch.randn(4, 8), merge="fit")
     with pytest.raises(ValueError, match=r"ridge must be > 0"):
         stack_model("ms", 1).merge_to_lora(inputs=torch.randn(64, 8), merge="fit", ridge=0.0)
+
+
+def test_fit_chain_by_chain_gives_the_same_merge():
+    # chains_at_once=1: one chain's sums at a time (less memory, a calibration run per chain)
+    model = trained_llama("ms", -1)
+    calib = [{"input_ids": batch("llama", seed=60 + i, n=4, t=16)["input_ids"]} for i in range(2)]
+    other = copy.deepcopy(model)
+    model.merge_to_lora(inputs=calib, merge="fit")
+    other.merge_to_lora(inputs=calib, merge="fit", chains_at_once=1)
+    for n, blk in model.blocks.items():
+        torch.testing.assert_close(other.blocks[n].lora_A, blk.lora_A)
+        torch.testing.assert_close(other.blocks[n].lora_B, blk.lora_B)
+    assert other.merge_errors == pytest.approx(model.merge_errors)
+    with pytest.raises(ValueError, match=r"chains_at_once runs the calibration batches several times: give a list or a DataLoader, got a one-shot iterator"):
+        copy.deepcopy(trained_llama("is", 1)).merge_to_lora(inputs=iter(calib), merge="fit", chains_at_once=1)
+    with pytest.raises(ValueError, match=r"chains_at_once must be None or an int >= 1, got 0"):
+        trained_llama("is", 1).merge_to_lora(inputs=calib, merge="fit", chains_at_once=0)
