@@ -41,6 +41,14 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
+def check_init_options(use_rslora, init_lora_weights) -> None:
+    """The rules for use_rslora and init_lora_weights, for the config and the layers alike."""
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"reslora: use_rslora must be a bool, got {use_rslora!r}")
+    if not any(init_lora_weights is v or (isinstance(v, str) and init_lora_weights == v) for v in INITS):
+        raise ValueError(f"reslora: init_lora_weights must be one of {list(INITS)}, got {init_lora_weights!r}")
+
+
 def _names_or_regex(name: str, value, allow_all_linear: bool) -> Optional[Union[List[str], str]]:
     """target_modules / exclude_modules: a non-empty list of names, a regex string (full match)
     or, for targets, 'all-linear'."""
@@ -162,10 +170,7 @@ class ResLoRAConfig:
             raise ValueError(f"reslora: task_type must be None or one of {list(TASK_TYPES)}, got {self.task_type!r}")
         if self.bias not in BIAS:
             raise ValueError(f"reslora: bias must be one of {list(BIAS)}, got {self.bias!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"reslora: use_rslora must be a bool, got {self.use_rslora!r}")
-        if not any(self.init_lora_weights is v or (isinstance(v, str) and self.init_lora_weights == v) for v in INITS):
-            raise ValueError(f"reslora: init_lora_weights must be one of {list(INITS)}, got {self.init_lora_weights!r}")
+        check_init_options(self.use_rslora, self.init_lora_weights)
 
     @property
     def scaling(self) -> float:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import _lib
-from .config import INITS, lora_scaling
+from .config import check_init_options, lora_scaling
 
 _C = _lib.load()
 _ops = torch.ops.reslora
@@ -95,10 +95,7 @@ class ResLoRALinear(nn.Module):
         self.in_features, self.out_features = d_in, d_out
         self.variant, self.r, self.lora_alpha = variant, r, float(lora_alpha)
         self.lora_dropout, self.pre_num = float(lora_dropout), pre_num
-        if not isinstance(use_rslora, bool):
-            raise ValueError(f"reslora: use_rslora must be a bool, got {use_rslora!r}")
-        if not any(init_lora_weights is v or (isinstance(v, str) and init_lora_weights == v) for v in INITS):
-            raise ValueError(f"reslora: init_lora_weights must be one of {list(INITS)}, got {init_lora_weights!r}")
+        check_init_options(use_rslora, init_lora_weights)
         self.use_rslora = use_rslora
         dev = weight.device
         dt = weight.dtype if weight.is_floating_point() else _compute_dtype(base_layer)

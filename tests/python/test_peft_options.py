@@ -214,3 +214,12 @@ def test_unload_and_merge_and_unload_keep_the_trained_head():
     assert dense.classifier is trained
     assert not any(isinstance(m, (reslora.ResLoRALinear,)) or type(m).__name__ == "ModulesToSave" for m in dense.modules())
     torch.testing.assert_close(logits(dense, "bert"), want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_layers_take_the_same_rules():
+    with pytest.raises(ValueError, match=r"init_lora_weights must be one of \[True, False, 'gaussian'\], got 'pissa'"):
+        reslora.ResLoRALinear(nn.Linear(4, 4), r=2, init_lora_weights="pissa")
+    with pytest.raises(ValueError, match=r"use_rslora must be a bool, got 'yes'"):
+        reslora.ResLoRALinear(nn.Linear(4, 4), r=2, use_rslora="yes")
+    blk = reslora.ResLoRALinear(nn.Linear(4, 4), r=4, lora_alpha=8, use_rslora=True)
+    assert blk.scaling == pytest.approx(8 / 2)
