@@ -223,3 +223,39 @@ def test_the_layers_take_the_same_rules():
         reslora.ResLoRALinear(nn.Linear(4, 4), r=2, use_rslora="yes")
     blk = reslora.ResLoRALinear(nn.Linear(4, 4), r=4, lora_alpha=8, use_rslora=True)
     assert blk.scaling == pytest.approx(8 / 2)
+
+
+@pytest.mark.parametrize("variant,pre_num", [("is", 1), ("ms", -1)])
+def test_head_and_bias_training_compiles_fullgraph_as_eager(variant, pre_num):
+    # modules_to_save (the classifier head) and bias="lora_only" (the ops' bias gradient) under
+    # torch.compile(fullgraph=True) with dropout on: no graph break, the losses and gradients of eager
+    from torch._dynamo.utils import counters
+
+    def train(compiled):
+        model = reslora.get_reslora_model(make("bert"), reslora.ResLoRAConfig(
+            variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=0.1,
+            target_modules=["query", "value"], task_type="SEQ_CLS", bias="lora_only"))
+        model.config.problem_type = "single_label_classification"
+        model.train()
+        run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(5)
+        losses = []
+        for i in range(3):
+            loss = run(**batch("bert", seed=i)).loss
+            loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, grads
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = train(False)
+    comp = train(True)
+    assert sum(counters["graph_break"].values()) == 0
+    torch.testing.assert_close(comp[0], eager[0], rtol=1e-5, atol=1e-6)
+    assert any("base_layer.bias" in n for n in eager[1]) and any("modules_to_save" in n for n in eager[1])
+    for n in eager[1]:
+        torch.testing.assert_close(comp[1][n], eager[1][n], rtol=1e-4, atol=1e-6)
