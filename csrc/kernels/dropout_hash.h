@@ -55,9 +55,7 @@ RESLORA_HD uint64_t dropout_key(const DropoutSeed& s, uint64_t segment) {
 // even element and 16..30 for the odd one), so a kernel spends half a hash per element, and a
 // pair of 16-bit elements can be masked by one AND. Element `index` keeps its value when its 15
 // bits are >= threshold = floor(p * 32768), i.e. with probability 1 - p (to 2^-15).
-RESLORA_HD uint32_t dropout_threshold(float p) {
-  return static_cast<uint32_t>(p * 32768.0f);
-}
+RESLORA_HD uint32_t dropout_threshold(float p) { return static_cast<uint32_t>(p * 32768.0f); }
 
 // The largest dropout probability the mask resolves: its keep rate 1 - p must be at least one
 // step of the 15-bit threshold (2^-15), or it would keep (almost) nothing and scale by 1 / (1 - p).

@@ -10,15 +10,20 @@ Variant parse_variant(const std::string& name) {
   if (name == "is") return Variant::kIS;
   if (name == "bs") return Variant::kBS;
   if (name == "ms") return Variant::kMS;
-  TORCH_CHECK_VALUE(false, "reslora: variant must be one of 'lora', 'is', 'bs', 'ms', got '", name, "'");
+  TORCH_CHECK_VALUE(false, "reslora: variant must be one of 'lora', 'is', 'bs', 'ms', got '", name,
+                    "'");
 }
 
 std::string to_string(Variant v) {
   switch (v) {
-    case Variant::kLoRA: return "lora";
-    case Variant::kIS: return "is";
-    case Variant::kBS: return "bs";
-    case Variant::kMS: return "ms";
+    case Variant::kLoRA:
+      return "lora";
+    case Variant::kIS:
+      return "is";
+    case Variant::kBS:
+      return "bs";
+    case Variant::kMS:
+      return "ms";
   }
   return "?";
 }
@@ -29,26 +34,35 @@ MergeKind parse_merge(const std::string& name) {
   if (name == "weight") return MergeKind::kWeight;
   if (name == "mid") return MergeKind::kMid;
   if (name == "fit") return MergeKind::kFit;
-  TORCH_CHECK_VALUE(false, "reslora: merge must be one of 'exact', 'input', 'weight', 'mid', 'fit', got '",
-              name, "'");
+  TORCH_CHECK_VALUE(false,
+                    "reslora: merge must be one of 'exact', 'input', 'weight', 'mid', 'fit', got '",
+                    name, "'");
 }
 
 std::string to_string(MergeKind m) {
   switch (m) {
-    case MergeKind::kExact: return "exact";
-    case MergeKind::kInput: return "input";
-    case MergeKind::kWeight: return "weight";
-    case MergeKind::kMid: return "mid";
-    case MergeKind::kFit: return "fit";
+    case MergeKind::kExact:
+      return "exact";
+    case MergeKind::kInput:
+      return "input";
+    case MergeKind::kWeight:
+      return "weight";
+    case MergeKind::kMid:
+      return "mid";
+    case MergeKind::kFit:
+      return "fit";
   }
   return "?";
 }
 
 std::vector<MergeKind> merges_for(Variant v) {
   switch (v) {
-    case Variant::kIS: return {MergeKind::kInput, MergeKind::kWeight, MergeKind::kFit};
-    case Variant::kMS: return {MergeKind::kInput, MergeKind::kMid, MergeKind::kFit};
-    default: return {MergeKind::kExact};
+    case Variant::kIS:
+      return {MergeKind::kInput, MergeKind::kWeight, MergeKind::kFit};
+    case Variant::kMS:
+      return {MergeKind::kInput, MergeKind::kMid, MergeKind::kFit};
+    default:
+      return {MergeKind::kExact};
   }
 }
 
@@ -58,7 +72,7 @@ void check_merge(Variant variant, MergeKind merge) {
   std::string names;
   for (auto m : ok) names += (names.empty() ? "'" : ", '") + to_string(m) + "'";
   TORCH_CHECK_VALUE(false, "reslora: merge '", to_string(merge), "' does not apply to variant '",
-              to_string(variant), "'; expected one of ", names);
+                    to_string(variant), "'; expected one of ", names);
 }
 
 namespace {
@@ -72,14 +86,22 @@ at::Tensor ratio(const at::Tensor& num, const at::Tensor& den) {
 // The fit merge's increment M = (zx + lambda M0)(xx + lambda I)^-1 of block n, in float64.
 at::Tensor fit_increment(const MergeBlock& b, int64_t n, const at::Tensor& M0, double ridge) {
   const int64_t d = b.A.size(1), r = b.A.size(0);
-  TORCH_CHECK_VALUE(b.xx.defined() && b.zx.defined() && b.tokens > 0, "reslora: merge 'fit' needs the "
-                    "calibration statistics of block ", n, " (merge_to_lora(merge='fit', inputs=...) "
+  TORCH_CHECK_VALUE(b.xx.defined() && b.zx.defined() && b.tokens > 0,
+                    "reslora: merge 'fit' needs the "
+                    "calibration statistics of block ",
+                    n,
+                    " (merge_to_lora(merge='fit', inputs=...) "
                     "gathers them), got none");
-  TORCH_CHECK_VALUE(b.xx.dim() == 2 && b.xx.size(0) == d && b.xx.size(1) == d, "reslora: merge 'fit': "
-                    "block ", n, " needs xx of shape [", d, ", ", d, "], got ", b.xx.sizes());
-  TORCH_CHECK_VALUE(b.zx.dim() == 2 && b.zx.size(0) == r && b.zx.size(1) == d, "reslora: merge 'fit': "
-                    "block ", n, " needs zx of shape [", r, ", ", d, "], got ", b.zx.sizes());
-  TORCH_CHECK_VALUE(ridge > 0, "reslora: ridge must be > 0 (relative to tr(xx) / d_in), got ", ridge);
+  TORCH_CHECK_VALUE(b.xx.dim() == 2 && b.xx.size(0) == d && b.xx.size(1) == d,
+                    "reslora: merge 'fit': "
+                    "block ",
+                    n, " needs xx of shape [", d, ", ", d, "], got ", b.xx.sizes());
+  TORCH_CHECK_VALUE(b.zx.dim() == 2 && b.zx.size(0) == r && b.zx.size(1) == d,
+                    "reslora: merge 'fit': "
+                    "block ",
+                    n, " needs zx of shape [", r, ", ", d, "], got ", b.zx.sizes());
+  TORCH_CHECK_VALUE(ridge > 0, "reslora: ridge must be > 0 (relative to tr(xx) / d_in), got ",
+                    ridge);
   const at::Tensor xx = b.xx.to(at::kDouble);
   const double lambda = ridge * xx.diagonal().sum().item<double>() / static_cast<double>(d);
   const at::Tensor eye = at::eye(d, xx.options());
@@ -112,8 +134,8 @@ std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant
   }
   const auto stat = [&](int64_t n, bool z) -> at::Tensor {
     const at::Tensor& t = z ? blocks[n].z_norm_mean : blocks[n].x_norm_mean;
-    TORCH_CHECK(t.defined(), "reslora: merge '", to_string(merge), "' needs the ",
-                z ? "z" : "x", "-norm statistics of block ", n, ", got none");
+    TORCH_CHECK(t.defined(), "reslora: merge '", to_string(merge), "' needs the ", z ? "z" : "x",
+                "-norm statistics of block ", n, ", got none");
     return t.to(blocks[n].B.options()).reshape({});
   };
 
@@ -121,10 +143,15 @@ std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant
   out.reserve(blocks.size());
   std::vector<at::Tensor> frob;  // ||W_j + s B_j A_j||_F for the is / weight merge
   if (variant == Variant::kIS && merge == MergeKind::kWeight) {
-    for (const auto& b : blocks) {
+    for (size_t j = 0; j < blocks.size(); ++j) {
+      const auto& b = blocks[j];
       TORCH_CHECK(b.weight.defined(), "reslora: merge 'weight' needs each block's base weight");
-      frob.push_back(at::linalg_matrix_norm(
-          b.weight.to(b.B.dtype()) + scaling * at::mm(b.B, b.A), "fro"));
+      TORCH_CHECK_VALUE(
+          b.weight.dim() == 2 && b.weight.size(0) == b.B.size(0) && b.weight.size(1) == b.A.size(1),
+          "reslora: merge block ", j, ": the base weight must have shape [d_out, d_in] = [",
+          b.B.size(0), ", ", b.A.size(1), "], got ", b.weight.sizes());
+      frob.push_back(
+          at::linalg_matrix_norm(b.weight.to(b.B.dtype()) + scaling * at::mm(b.B, b.A), "fro"));
     }
   }
   for (int64_t n = 0; n < n_blocks; ++n) {
@@ -184,7 +211,8 @@ std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant
           out.push_back({A, b.B.clone()});
         } else {
           at::Tensor alpha = at::zeros({}, b.B.options());
-          for (int64_t k = 1; k <= k_max; ++k) alpha = alpha + ratio(stat(n - k, true), stat(n, true));
+          for (int64_t k = 1; k <= k_max; ++k)
+            alpha = alpha + ratio(stat(n - k, true), stat(n, true));
           out.push_back({b.A.clone(), b.B * (1 + alpha)});
         }
         break;

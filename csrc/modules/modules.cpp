@@ -36,7 +36,8 @@ ResLoRALinearImpl::ResLoRALinearImpl(const torch::Tensor& w, const torch::Tensor
                                      ResLoRAOptions options)
     : options_(std::move(options)) {
   validate(options_);
-  TORCH_CHECK(w.defined() && w.dim() == 2, "reslora: weight must be a 2-D tensor [d_out, d_in], got ",
+  TORCH_CHECK(w.defined() && w.dim() == 2,
+              "reslora: weight must be a 2-D tensor [d_out, d_in], got ",
               w.defined() ? w.sizes() : at::IntArrayRef{});
   TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == w.size(0)),
               "reslora: bias must have shape [d_out] = [", w.size(0), "], got ", b.sizes());
@@ -45,7 +46,8 @@ ResLoRALinearImpl::ResLoRALinearImpl(const torch::Tensor& w, const torch::Tensor
   const int64_t d_in = w.size(1);
   const double bound = 1.0 / std::sqrt(static_cast<double>(d_in));
   torch::NoGradGuard no_grad;
-  lora_A = register_parameter("lora_A", torch::empty({options_.r(), d_in}, w.options()).uniform_(-bound, bound));
+  lora_A = register_parameter(
+      "lora_A", torch::empty({options_.r(), d_in}, w.options()).uniform_(-bound, bound));
   lora_B = register_parameter("lora_B", torch::zeros({w.size(0), options_.r()}, w.options()));
   const auto f32 = w.options().dtype(torch::kFloat);
   x_norms = register_buffer("x_norms", torch::zeros({options_.stats_window()}, f32));
@@ -106,8 +108,8 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
           Bs.push_back(state->blocks[n - k]->lora_B);
         }
         torch::Tensor z;
-        std::tie(y, z) = lora_linear(x, none, weight, b, torch::cat(As, 0), torch::cat(Bs, 1),
-                                     none, s, p, seed, n, r);
+        std::tie(y, z) = lora_linear(x, none, weight, b, torch::cat(As, 0), torch::cat(Bs, 1), none,
+                                     s, p, seed, n, r);
         z_own = z.narrow(-1, 0, r);
       }
       break;
@@ -142,8 +144,9 @@ torch::Tensor ResLoRALinearImpl::x_norm_mean() const { return stats_mean(x_norms
 torch::Tensor ResLoRALinearImpl::z_norm_mean() const { return stats_mean(z_norms, stats_count); }
 
 void ResLoRALinearImpl::load_lora(const torch::Tensor& A, const torch::Tensor& B) {
-  TORCH_CHECK(A.dim() == 2 && A.size(1) == in_features(), "reslora: A must have shape [r, d_in] = [",
-              A.size(0), ", ", in_features(), "], got ", A.sizes());
+  TORCH_CHECK(A.dim() == 2 && A.size(1) == in_features(),
+              "reslora: A must have shape [r, d_in] = [", A.size(0), ", ", in_features(), "], got ",
+              A.sizes());
   TORCH_CHECK(B.dim() == 2 && B.size(0) == out_features() && B.size(1) == A.size(0),
               "reslora: B must have shape [d_out, r] = [", out_features(), ", ", A.size(0),
               "], got ", B.sizes());
@@ -179,14 +182,14 @@ void ResLoRAChainImpl::push_back(const ResLoRALinear& block) {
 }
 
 torch::Tensor ResLoRAChainImpl::forward(int64_t index, const torch::Tensor& x) {
-  TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(blocks_.size()), "reslora: chain '",
-              name_, "': index must be in [0, ", blocks_.size(), "), got ", index);
+  TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(blocks_.size()), "reslora: chain '", name_,
+              "': index must be in [0, ", blocks_.size(), "), got ", index);
   return blocks_[index]->forward(x);
 }
 
 std::vector<torch::Tensor> ResLoRAChainImpl::forward(const std::vector<torch::Tensor>& xs) {
-  TORCH_CHECK(xs.size() == blocks_.size(), "reslora: chain '", name_, "': forward needs one input per block (",
-              blocks_.size(), "), got ", xs.size());
+  TORCH_CHECK(xs.size() == blocks_.size(), "reslora: chain '", name_,
+              "': forward needs one input per block (", blocks_.size(), "), got ", xs.size());
   std::vector<torch::Tensor> ys;
   for (size_t i = 0; i < xs.size(); ++i) ys.push_back(blocks_[i]->forward(xs[i]));
   state_->end();
@@ -196,8 +199,10 @@ std::vector<torch::Tensor> ResLoRAChainImpl::forward(const std::vector<torch::Te
 void ResLoRAChainImpl::reset() { state_->end(); }
 
 void ResLoRAChainImpl::calibrate(const std::vector<torch::Tensor>& xs) {
-  TORCH_CHECK_VALUE(xs.size() == blocks_.size(), "reslora: chain '", name_, "': calibrate needs one "
-                    "input per block (", blocks_.size(), "), got ", xs.size());
+  TORCH_CHECK_VALUE(xs.size() == blocks_.size(), "reslora: chain '", name_,
+                    "': calibrate needs one "
+                    "input per block (",
+                    blocks_.size(), "), got ", xs.size());
   torch::NoGradGuard no_grad;
   const auto& h = blocks_[0]->options();
   if (fit_xx_.empty()) {
@@ -224,7 +229,8 @@ void ResLoRAChainImpl::calibrate(const std::vector<torch::Tensor>& xs) {
       p = flat[n - 1].mm(blocks_[n]->lora_A.to(torch::kFloat).t());
     } else {
       p = torch::zeros({x.size(0), blocks_[n]->lora_A.size(0)}, x.options());
-      for (int64_t k = 1; k <= k_max; ++k) p.add_(flat[n - k].mm(blocks_[n - k]->lora_A.to(torch::kFloat).t()));
+      for (int64_t k = 1; k <= k_max; ++k)
+        p.add_(flat[n - k].mm(blocks_[n - k]->lora_A.to(torch::kFloat).t()));
     }
     fit_zx_[n].add_(p.t().mm(x));
   }

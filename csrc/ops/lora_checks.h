@@ -16,12 +16,11 @@ namespace detail {
 inline void check_float_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
-              "reslora::", op, ": ", name,
-              " must be float32, float64, float16 or bfloat16, got ", dt);
+              "reslora::", op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+              dt);
 }
 
-inline void check_same(const char* op, const char* name, const at::Tensor& t,
-                       const at::Tensor& x) {
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "reslora::", op, ": ", name,
               " must have the dtype of x (", x.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == x.device(), "reslora::", op, ": ", name,
@@ -32,24 +31,32 @@ inline void check_dropout(const char* op, double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "reslora::", op, ": dropout must be in [0, 1), got ", p);
   TORCH_CHECK(p <= kernels::kMaxDropout, "reslora::", op,
               ": dropout must keep at least 2^-15 of the inputs (p <= 1 - 2^-15, the mask's "
-              "resolution), got ", p);
+              "resolution), got ",
+              p);
 }
 
-// x and the block's frozen weight must agree on d_in, checked before A so that an input of the
-// wrong width is reported as such.
+// x and the block's frozen weight must agree on d_in, dtype and device, checked before A so that
+// an input of the wrong width, dtype or device is reported as such.
 inline void check_x_width(const char* op, const at::Tensor& x, const at::Tensor& weight) {
   TORCH_CHECK(x.dim() >= 1, "reslora::", op,
               ": x must have at least 1 dimension [..., d_in], got a 0-D tensor");
   TORCH_CHECK(weight.dim() != 2 || x.size(-1) == weight.size(1), "reslora::", op,
-              ": x must have d_in = ", weight.size(1), " features in its last dimension (weight is ",
-              "[d_out, d_in] = ", weight.sizes(), "), got x of shape ", x.sizes());
+              ": x must have d_in = ", weight.size(1),
+              " features in its last dimension (weight is ", "[d_out, d_in] = ", weight.sizes(),
+              "), got x of shape ", x.sizes());
+  // the frozen weight is the layer's: an input of another dtype or device is the input's fault
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "reslora::", op,
+              ": x must have the dtype of weight (", weight.scalar_type(),
+              "; cast the input or the layer, or run under autocast), got ", x.scalar_type());
+  TORCH_CHECK(x.device() == weight.device(), "reslora::", op,
+              ": x must be on the device of weight (", weight.device(), "), got ", x.device());
 }
 
 // B's rank must be A's, checked before z so that a mismatch names A and B.
 inline void check_rank(const char* op, const at::Tensor& A, const at::Tensor& B) {
   TORCH_CHECK(A.dim() != 2 || B.dim() != 2 || B.size(1) == A.size(0), "reslora::", op,
-              ": B must have A's rank: B is [d_out, r] with r = A.size(0) = ", A.size(0), ", got B ",
-              B.sizes(), " and A ", A.sizes());
+              ": B must have A's rank: B is [d_out, r] with r = A.size(0) = ", A.size(0),
+              ", got B ", B.sizes(), " and A ", A.sizes());
 }
 
 inline void check_x(const char* op, const at::Tensor& x) {
@@ -64,17 +71,16 @@ inline void check_down(const char* op, const at::Tensor& x, const std::optional<
   const int64_t d_in = x.size(-1);
   TORCH_CHECK(A.dim() == 2, "reslora::", op, ": A must be a 2-D tensor [r, d_in] = [r, ", d_in,
               "], got a ", A.dim(), "-D tensor of shape ", A.sizes());
-  TORCH_CHECK(A.size(1) == d_in, "reslora::", op, ": A must have shape [r, d_in] = [",
-              A.size(0), ", ", d_in, "], got ", A.sizes());
-  TORCH_CHECK(A.size(0) >= 1, "reslora::", op, ": A must have r >= 1 rows, got shape ",
-              A.sizes());
+  TORCH_CHECK(A.size(1) == d_in, "reslora::", op, ": A must have shape [r, d_in] = [", A.size(0),
+              ", ", d_in, "], got ", A.sizes());
+  TORCH_CHECK(A.size(0) >= 1, "reslora::", op, ": A must have r >= 1 rows, got shape ", A.sizes());
   TORCH_CHECK(segment_rank >= 1 && A.size(0) % segment_rank == 0, "reslora::", op,
               ": segment_rank must be >= 1 and divide the rows of A (", A.size(0), "), got ",
               segment_rank);
   check_same(op, "A", A, x);
   if (x_prev.has_value()) {
-    TORCH_CHECK(x_prev->sizes() == x.sizes(), "reslora::", op,
-                ": x_prev must have the shape of x ", x.sizes(), ", got ", x_prev->sizes());
+    TORCH_CHECK(x_prev->sizes() == x.sizes(), "reslora::", op, ": x_prev must have the shape of x ",
+                x.sizes(), ", got ", x_prev->sizes());
     check_same(op, "x_prev", *x_prev, x);
   }
   check_dropout(op, dropout);

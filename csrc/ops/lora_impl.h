@@ -23,8 +23,8 @@ using DropoutSumFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor* x_pre
                                     const kernels::DropoutSeed& seed, int64_t segment);
 
 // acc += drop(t). acc and t share shape [N, d] and acc is contiguous. Called only with p > 0.
-using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double p, const kernels::DropoutSeed& seed,
-                                    int64_t segment);
+using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double p,
+                                    const kernels::DropoutSeed& seed, int64_t segment);
 
 // Optional fused kernels of a backend for the low-rank path. Each returns false when it does not
 // take the problem (dtype, rank, device); the generic composition of ATen products and the
@@ -36,22 +36,25 @@ using MaskedAccumulateFn = void (*)(at::Tensor& acc, const at::Tensor& t, double
 //   grad_A_up_dx: grad_A and up_dx together (one segment), the mask made once for both; with
 //           grad_x_copy non-null it also writes a second copy of up_dx there
 using FusedDownFn = bool (*)(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
-                             double p, const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* z);
+                             double p, const kernels::DropoutSeed& seed, int64_t segment_rank,
+                             at::Tensor* z);
 using FusedGradAFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                              const at::Tensor& A, double p, const kernels::DropoutSeed& seed, int64_t segment_rank,
-                              at::Tensor* grad_A);
-using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
-                             int64_t segment_rank, at::Tensor* out);
+                              const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                              int64_t segment_rank, at::Tensor* grad_A);
+using FusedUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& A, double p,
+                             const kernels::DropoutSeed& seed, int64_t segment_rank,
+                             at::Tensor* out);
 using FusedUpOutFn = bool (*)(const at::Tensor& z2, const at::Tensor& B, double scaling,
                               at::Tensor* y);
-using FusedGradAUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2,
-                                  const at::Tensor& xp2, const at::Tensor& A, double p,
-                                  const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* grad_A,
-                                  at::Tensor* grad_x, at::Tensor* grad_x_copy);
+using FusedGradAUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                                  const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                                  int64_t segment_rank, at::Tensor* grad_A, at::Tensor* grad_x,
+                                  at::Tensor* grad_x_copy);
 
 // A backend's dropout kernel: out (=|+=) drop(xc [+ xpc]) over contiguous tensors of one shape.
 using DropoutApplyFn = void (*)(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                                bool accumulate, double p, const kernels::DropoutSeed& seed, int64_t segment);
+                                bool accumulate, double p, const kernels::DropoutSeed& seed,
+                                int64_t segment);
 
 // The two dropout entries of a KernelSet made from a backend's dropout kernel.
 template <DropoutApplyFn Apply>
@@ -64,8 +67,8 @@ at::Tensor dropout_sum_with(const at::Tensor& x, const at::Tensor* x_prev, doubl
   return out;
 }
 template <DropoutApplyFn Apply>
-void masked_accumulate_with(at::Tensor& acc, const at::Tensor& t, double p, const kernels::DropoutSeed& seed,
-                            int64_t segment) {
+void masked_accumulate_with(at::Tensor& acc, const at::Tensor& t, double p,
+                            const kernels::DropoutSeed& seed, int64_t segment) {
   const at::Tensor tc = t.contiguous();
   Apply(tc, nullptr, acc, true, p, seed, segment);
 }
@@ -94,7 +97,8 @@ inline at::Tensor scaled_mm(const at::Tensor& a, const at::Tensor& b, double sca
 
 // z = drop_k(x2 [+ xp2]) A_k^T for every segment k: [N, R].
 inline at::Tensor down_z(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A,
-                         double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank, const KernelSet& k) {
+                         double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank,
+                         const KernelSet& k) {
   at::Tensor z;
   if (k.down != nullptr && k.down(x2, xp2, A, dropout, seed, segment_rank, &z)) return z;
   if (dropout == 0.0) {
@@ -130,7 +134,8 @@ inline at::Tensor down_grad_A(const at::Tensor& dz, const at::Tensor& x2, const 
 
 // The input gradient of the low-rank path, sum_k drop_k(dz_k A_k), as a fresh [N, d] tensor.
 inline at::Tensor down_grad_x(const at::Tensor& dz, const at::Tensor& A, double dropout,
-                              const kernels::DropoutSeed& seed, int64_t segment_rank, const KernelSet& k) {
+                              const kernels::DropoutSeed& seed, int64_t segment_rank,
+                              const KernelSet& k) {
   at::Tensor out;
   if (k.up_dx != nullptr && k.up_dx(dz, A, dropout, seed, segment_rank, &out)) return out;
   if (dropout == 0.0) return at::mm(dz, A);
@@ -169,20 +174,20 @@ inline DownGrads down_grads(const at::Tensor& dz, const at::Tensor& x2, const at
 }
 
 inline at::Tensor lora_down_impl(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                                 const at::Tensor& A, double dropout, const kernels::DropoutSeed& seed,
-                                 int64_t segment_rank, const KernelSet& k) {
+                                 const at::Tensor& A, double dropout,
+                                 const kernels::DropoutSeed& seed, int64_t segment_rank,
+                                 const KernelSet& k) {
   check_down("lora_down", x, x_prev, A, dropout, segment_rank);
   const int64_t d_in = x.size(-1);
   const at::Tensor x2 = x.reshape({-1, d_in});
   const at::Tensor xp2 = x_prev.has_value() ? x_prev->reshape({-1, d_in}) : at::Tensor();
-  return down_z(x2, xp2, A, dropout, seed, segment_rank, k)
-      .view(with_last(x.sizes(), A.size(0)));
+  return down_z(x2, xp2, A, dropout, seed, segment_rank, k).view(with_last(x.sizes(), A.size(0)));
 }
 
 inline std::tuple<at::Tensor, at::Tensor> lora_down_backward_impl(
     const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-    const at::Tensor& A, double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank, bool compute_grad_x,
-    const KernelSet& k) {
+    const at::Tensor& A, double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank,
+    bool compute_grad_x, const KernelSet& k) {
   check_down("_lora_down_backward", x, x_prev, A, dropout, segment_rank);
   const int64_t d_in = x.size(-1);
   const int64_t R = A.size(0);
@@ -251,8 +256,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward_impl(
 inline std::tuple<at::Tensor, at::Tensor> lora_linear_impl(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const kernels::DropoutSeed& seed,
-    int64_t segment_rank, const KernelSet& k) {
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout,
+    const kernels::DropoutSeed& seed, int64_t segment_rank, const KernelSet& k) {
   check_x_width("lora_linear", x, weight);
   check_rank("lora_linear", A, B);
   at::Tensor z = lora_down_impl(x, x_prev, A, dropout, seed, segment_rank, k);
@@ -276,8 +281,8 @@ inline LinearGrads lora_linear_backward_impl(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-    double scaling, double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank, bool compute_grad_x,
-    const KernelSet& k) {
+    double scaling, double dropout, const kernels::DropoutSeed& seed, int64_t segment_rank,
+    bool compute_grad_x, const KernelSet& k) {
   const char* op = "_lora_linear_backward";
   check_x_width(op, x, weight);
   check_rank(op, A, B);
@@ -339,7 +344,8 @@ inline kernels::DropoutSeed seed_arg(const char* op, const std::optional<at::Ten
   if (!seed.has_value() || !seed->defined()) {
     TORCH_CHECK(dropout == 0.0, "reslora::", op,
                 ": seed must be given when dropout > 0 (an int64 tensor of one element on x's "
-                "device, from reslora::draw_seed), got none with dropout = ", dropout);
+                "device, from reslora::draw_seed), got none with dropout = ",
+                dropout);
     return out;
   }
   TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, "reslora::", op,
@@ -356,18 +362,18 @@ inline kernels::DropoutSeed seed_arg(const char* op, const std::optional<at::Ten
 template <const KernelSet* K>
 struct Backend {
   static at::Tensor down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                         const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank) {
+                         const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
+                         int64_t seed_offset, int64_t segment_rank) {
     return lora_down_impl(x, x_prev, A, dropout,
                           seed_arg("lora_down", seed, seed_offset, x, dropout), segment_rank, *K);
   }
   static std::tuple<at::Tensor, at::Tensor> down_backward(
       const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-      const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank,
-      bool compute_grad_x) {
+      const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
+      int64_t seed_offset, int64_t segment_rank, bool compute_grad_x) {
     return lora_down_backward_impl(grad_z, x, x_prev, A, dropout,
                                    seed_arg("_lora_down_backward", seed, seed_offset, x, dropout),
-                                   segment_rank,
-                                   compute_grad_x, *K);
+                                   segment_rank, compute_grad_x, *K);
   }
   static at::Tensor up(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const at::Tensor& z,
@@ -377,8 +383,8 @@ struct Backend {
   static std::tuple<at::Tensor, at::Tensor> linear(
       const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-      const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset,
-      int64_t segment_rank) {
+      const std::optional<at::Tensor>& z_extra, double scaling, double dropout,
+      const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank) {
     return lora_linear_impl(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout,
                             seed_arg("lora_linear", seed, seed_offset, x, dropout), segment_rank,
                             *K);
@@ -387,7 +393,8 @@ struct Backend {
       const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
       const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
       const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-      double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank, bool compute_grad_x) {
+      double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset,
+      int64_t segment_rank, bool compute_grad_x) {
     return lora_linear_backward_impl(
         grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout,
         seed_arg("_lora_linear_backward", seed, seed_offset, x, dropout), segment_rank,

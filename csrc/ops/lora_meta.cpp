@@ -15,13 +15,11 @@ at::Tensor dropout_sum_meta(const at::Tensor& x, const at::Tensor* /*x_prev*/, d
 void masked_accumulate_meta(at::Tensor&, const at::Tensor&, double, const kernels::DropoutSeed&,
                             int64_t) {}
 
-constexpr detail::KernelSet kMetaKernels{&dropout_sum_meta, &masked_accumulate_meta,
-                                          nullptr, nullptr, nullptr, nullptr, nullptr};
+constexpr detail::KernelSet kMetaKernels{
+    &dropout_sum_meta, &masked_accumulate_meta, nullptr, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reslora, Meta, m) {
-  detail::Backend<&kMetaKernels>::register_kernels(m);
-}
+TORCH_LIBRARY_IMPL(reslora, Meta, m) { detail::Backend<&kMetaKernels>::register_kernels(m); }
 
 }  // namespace reslora

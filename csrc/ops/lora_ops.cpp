@@ -14,7 +14,8 @@ TORCH_LIBRARY(reslora, m) {
   // (float32 accumulation for float16 / bfloat16). One dropout mask per segment_rank rows of A,
   // regenerated in backward from (seed, segment, element index).
   m.def(
-      "lora_down(Tensor x, Tensor? x_prev, Tensor A, float dropout, Tensor? seed, int seed_offset, int segment_rank) "
+      "lora_down(Tensor x, Tensor? x_prev, Tensor A, float dropout, Tensor? seed, int seed_offset, "
+      "int segment_rank) "
       "-> Tensor");
   // y = x W^T + bias + scaling * z B^T. W: [d_out, d_in] and bias: [d_out] are frozen (no
   // gradient); z: [..., R]; B: [d_out, R]; returns [..., d_out].
@@ -34,14 +35,16 @@ TORCH_LIBRARY(reslora, m) {
   // (the ms shortcut: earlier blocks' z).
   m.def(
       "lora_linear(Tensor x, Tensor? x_prev, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
-      "Tensor? z_extra, float scaling, float dropout, Tensor? seed, int seed_offset, int segment_rank) -> (Tensor, "
+      "Tensor? z_extra, float scaling, float dropout, Tensor? seed, int seed_offset, int "
+      "segment_rank) -> (Tensor, "
       "Tensor)");
   // (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra) of lora_linear; grad_z: gradient that
   // reached the returned z (from later ms blocks) or none. Unrequested results are empty.
   m.def(
       "_lora_linear_backward(Tensor grad_y, Tensor? grad_z, Tensor x, Tensor? x_prev, "
       "Tensor weight, Tensor A, Tensor B, Tensor z, Tensor? z_extra, float scaling, "
-      "float dropout, Tensor? seed, int seed_offset, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor, "
+      "float dropout, Tensor? seed, int seed_offset, int segment_rank, bool compute_grad_x) -> "
+      "(Tensor, Tensor, "
       "Tensor, Tensor, Tensor)");
   // Writes ||x||_F, ||z||_F into slot count % len of the float32 rings; count += 1. On device.
   m.def(
@@ -65,9 +68,7 @@ at::Tensor draw_seed_impl(const at::Tensor& like) {
 }
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reslora, CompositeImplicitAutograd, m) {
-  m.impl("draw_seed", &draw_seed_impl);
-}
+TORCH_LIBRARY_IMPL(reslora, CompositeImplicitAutograd, m) { m.impl("draw_seed", &draw_seed_impl); }
 
 namespace {
 template <typename Sig>
@@ -78,29 +79,33 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 
 at::Tensor lora_down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
                      const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset, int64_t segment_rank) {
+                     int64_t seed_offset, int64_t segment_rank) {
   static auto op = handle<decltype(lora_down)>("reslora::lora_down");
   return op.call(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
 }
 
 at::Tensor lora_up(const at::Tensor& x, const at::Tensor& weight,
-                   const std::optional<at::Tensor>& bias, const at::Tensor& z,
-                   const at::Tensor& B, double scaling) {
+                   const std::optional<at::Tensor>& bias, const at::Tensor& z, const at::Tensor& B,
+                   double scaling) {
   static auto op = handle<decltype(lora_up)>("reslora::lora_up");
   return op.call(x, weight, bias, z, B, scaling);
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_down_backward(
-    const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-    const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset, int64_t segment_rank, bool compute_grad_x) {
+std::tuple<at::Tensor, at::Tensor> lora_down_backward(const at::Tensor& grad_z, const at::Tensor& x,
+                                                      const std::optional<at::Tensor>& x_prev,
+                                                      const at::Tensor& A, double dropout,
+                                                      const std::optional<at::Tensor>& seed,
+                                                      int64_t seed_offset, int64_t segment_rank,
+                                                      bool compute_grad_x) {
   static auto op = handle<decltype(lora_down_backward)>("reslora::_lora_down_backward");
   return op.call(grad_z, x, x_prev, A, dropout, seed, seed_offset, segment_rank, compute_grad_x);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
-    const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& z, const at::Tensor& B,
-    double scaling, bool compute_grad_x) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(const at::Tensor& grad_y,
+                                                                const at::Tensor& weight,
+                                                                const at::Tensor& z,
+                                                                const at::Tensor& B, double scaling,
+                                                                bool compute_grad_x) {
   static auto op = handle<decltype(lora_up_backward)>("reslora::_lora_up_backward");
   return op.call(grad_y, weight, z, B, scaling, compute_grad_x);
 }
@@ -108,28 +113,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(
 std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset,
-    int64_t segment_rank) {
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout,
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank) {
   static auto op = handle<decltype(lora_linear)>("reslora::lora_linear");
-  return op.call(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, seed_offset, segment_rank);
+  return op.call(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, seed_offset,
+                 segment_rank);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
     const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
-    double scaling, double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset, int64_t segment_rank, bool compute_grad_x) {
+    double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset,
+    int64_t segment_rank, bool compute_grad_x) {
   static auto op = handle<decltype(lora_linear_backward)>("reslora::_lora_linear_backward");
-  return op.call(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout, seed, seed_offset,
-                 segment_rank, compute_grad_x);
+  return op.call(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout, seed,
+                 seed_offset, segment_rank, compute_grad_x);
 }
 
-void record_stats_(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,
-                   const at::Tensor& x, const at::Tensor& z) {
-  static auto op = handle<void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
-                               const at::Tensor&)>("reslora::record_stats_");
+void record_stats_(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count, const at::Tensor& x,
+                   const at::Tensor& z) {
+  static auto op =
+      handle<void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "reslora::record_stats_");
   op.call(x_norms, z_norms, count, x, z);
 }
 

@@ -9,9 +9,9 @@
 namespace reslora {
 namespace detail {
 
-static void check_ring(const at::Tensor& ring, const char* name) {
+static void check_ring(const at::Tensor& ring, const char* name, const char* op = "record_stats_") {
   TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1 && at::isFloatingType(ring.scalar_type()),
-              "reslora::record_stats_: ", name,
+              "reslora::", op, ": ", name,
               " must be a 1-D floating tensor (float32 recommended) with at least one slot, got ",
               ring.scalar_type(), " of shape ", ring.sizes());
 }
@@ -30,8 +30,8 @@ void check_record_stats(const at::Tensor& x_norms, const at::Tensor& z_norms,
   check_ring(x_norms, "x_norms");
   check_ring(z_norms, "z_norms");
   TORCH_CHECK(z_norms.size(0) == x_norms.size(0),
-              "reslora::record_stats_: z_norms must have the length of x_norms (",
-              x_norms.size(0), "), got ", z_norms.size(0));
+              "reslora::record_stats_: z_norms must have the length of x_norms (", x_norms.size(0),
+              "), got ", z_norms.size(0));
   check_count(count, x_norms, "record_stats_");
 }
 
@@ -53,8 +53,7 @@ void record_stats_generic(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& 
 }
 
 static at::Tensor stats_mean_impl(const at::Tensor& ring, const at::Tensor& count) {
-  TORCH_CHECK(ring.dim() == 1 && ring.size(0) >= 1, "reslora::stats_mean: ring must be a 1-D ",
-              "tensor with at least one slot, got shape ", ring.sizes());
+  check_ring(ring, "ring", "stats_mean");
   check_count(count, ring, "stats_mean");
   const at::Tensor filled = count.reshape({}).clamp(0, ring.size(0));
   const at::Tensor used = at::arange(ring.size(0), count.options()).lt(filled);

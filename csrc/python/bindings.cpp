@@ -19,17 +19,19 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_chain_py(
     const std::vector<at::Tensor>& Bs, const std::vector<std::optional<at::Tensor>>& x_means,
     const std::vector<std::optional<at::Tensor>>& z_means, const std::string& variant,
     const std::string& merge, int64_t pre_num, double scaling,
-    const std::vector<std::optional<at::Tensor>>& xx, const std::vector<std::optional<at::Tensor>>& zx,
-    const std::vector<int64_t>& tokens, double ridge) {
+    const std::vector<std::optional<at::Tensor>>& xx,
+    const std::vector<std::optional<at::Tensor>>& zx, const std::vector<int64_t>& tokens,
+    double ridge) {
   const size_t n = As.size();
   TORCH_CHECK(Bs.size() == n && weights.size() == n && x_means.size() == n && z_means.size() == n,
               "reslora.merge_chain: weights, As, Bs, x_means and z_means must have one entry per "
-              "block (", n, "), got ", weights.size(), ", ", As.size(), ", ", Bs.size(), ", ",
-              x_means.size(), ", ", z_means.size());
+              "block (",
+              n, "), got ", weights.size(), ", ", As.size(), ", ", Bs.size(), ", ", x_means.size(),
+              ", ", z_means.size());
   TORCH_CHECK((xx.empty() && zx.empty() && tokens.empty()) ||
                   (xx.size() == n && zx.size() == n && tokens.size() == n),
-              "reslora.merge_chain: xx, zx and tokens must be empty or have one entry per block (", n,
-              "), got ", xx.size(), ", ", zx.size(), ", ", tokens.size());
+              "reslora.merge_chain: xx, zx and tokens must be empty or have one entry per block (",
+              n, "), got ", xx.size(), ", ", zx.size(), ", ", tokens.size());
   std::vector<reslora::MergeBlock> blocks;
   for (size_t i = 0; i < n; ++i) {
     reslora::MergeBlock b{weights[i].value_or(at::Tensor()), As[i], Bs[i],
@@ -89,8 +91,12 @@ reslora::ResLoRAOptions options_from_py(const py::handle& variant, const py::han
 reslora::ResLoRAChain make_chain(const std::string& variant, int64_t pre_num, int64_t r,
                                  double lora_alpha, double dropout,
                                  const std::vector<at::Tensor>& weights,
-                                 const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs) {
+                                 const std::vector<at::Tensor>& As,
+                                 const std::vector<at::Tensor>& Bs) {
   reslora::ResLoRAChain chain("cpp");
+  TORCH_CHECK_VALUE(As.size() == weights.size() && Bs.size() == weights.size(),
+                    "reslora: weights, As and Bs must have one entry per block (", weights.size(),
+                    "), got ", weights.size(), ", ", As.size(), ", ", Bs.size());
   for (size_t i = 0; i < weights.size(); ++i) {
     reslora::ResLoRALinear blk(weights[i], at::Tensor(),
                                reslora::ResLoRAOptions(r)
@@ -98,6 +104,10 @@ reslora::ResLoRAChain make_chain(const std::string& variant, int64_t pre_num, in
                                    .lora_alpha(lora_alpha)
                                    .dropout(dropout)
                                    .pre_num(pre_num));
+    TORCH_CHECK_VALUE(As[i].sizes() == blk->lora_A.sizes() && Bs[i].sizes() == blk->lora_B.sizes(),
+                      "reslora: block ", i, " needs A ", blk->lora_A.sizes(), " and B ",
+                      blk->lora_B.sizes(), " (r = ", r, "), got A ", As[i].sizes(), " and B ",
+                      Bs[i].sizes());
     {
       torch::NoGradGuard no_grad;
       blk->lora_A.copy_(As.at(i));
@@ -226,8 +236,8 @@ PYBIND11_MODULE(_C, m) {
       "How many predecessors block `position` reads in a pass.");
   m.def("_chain_forward_cpp", &chain_forward_cpp, py::arg("variant"), py::arg("pre_num"),
         py::arg("r"), py::arg("lora_alpha"), py::arg("dropout"), py::arg("training"),
-        py::arg("weights"), py::arg("As"), py::arg("Bs"), py::arg("xs"),
-        py::arg("grad_outputs"), py::arg("manual_seed"),
+        py::arg("weights"), py::arg("As"), py::arg("Bs"), py::arg("xs"), py::arg("grad_outputs"),
+        py::arg("manual_seed"),
         "A pass of the C++ modules' chain on these tensors: (outputs, grad_A, grad_B).");
   m.def("_chain_fit_cpp", &chain_fit_cpp, py::arg("variant"), py::arg("pre_num"), py::arg("r"),
         py::arg("lora_alpha"), py::arg("weights"), py::arg("As"), py::arg("Bs"),

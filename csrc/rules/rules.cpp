@@ -14,14 +14,16 @@ namespace reslora {
 
 std::string option_rule(const std::string& option) {
   if (option == "r") return "an int >= 1";
-  if (option == "lora_alpha") return "a finite number (scaling = lora_alpha / r)";
+  if (option == "lora_alpha") return "a finite number > 0 (scaling = lora_alpha / r)";
   if (option == "lora_dropout")
     return "a number in [0, 1) that keeps at least 2^-15 of the inputs (the mask's resolution)";
   if (option == "pre_num") return "-1 (all) or an int >= 0";
   if (option == "stats_window") return "an int >= 1";
   if (option == "variant") return "one of 'lora', 'is', 'bs', 'ms'";
-  TORCH_CHECK_VALUE(false, "reslora: option must be one of r, lora_alpha, lora_dropout, pre_num, "
-              "stats_window, variant, got '", option, "'");
+  TORCH_CHECK_VALUE(false,
+                    "reslora: option must be one of r, lora_alpha, lora_dropout, pre_num, "
+                    "stats_window, variant, got '",
+                    option, "'");
 }
 
 std::string option_error(const std::string& option, const std::string& received) {
@@ -45,37 +47,43 @@ std::string str(double v) {
 
 void validate(const ResLoRAOptions& o) {
   TORCH_CHECK_VALUE(o.r() >= 1, option_error("r", str(o.r())));
-  TORCH_CHECK_VALUE(std::isfinite(o.lora_alpha()), option_error("lora_alpha", str(o.lora_alpha())));
+  TORCH_CHECK_VALUE(std::isfinite(o.lora_alpha()) && o.lora_alpha() > 0,
+                    option_error("lora_alpha", str(o.lora_alpha())));
   TORCH_CHECK_VALUE(o.dropout() >= 0.0 && o.dropout() <= kernels::kMaxDropout,
-              option_error("lora_dropout", str(o.dropout())));
+                    option_error("lora_dropout", str(o.dropout())));
   TORCH_CHECK_VALUE(o.pre_num() >= -1, option_error("pre_num", str(o.pre_num())));
   TORCH_CHECK_VALUE(o.stats_window() >= 1, option_error("stats_window", str(o.stats_window())));
 }
 
 void check_link(const std::string& chain, int64_t n, const ResLoRAOptions& h, int64_t head_d_out,
                 int64_t head_d_in, const ResLoRAOptions& o, int64_t d_out, int64_t d_in) {
+  TORCH_CHECK_VALUE(n >= 0, "reslora: chain '", chain, "': position must be >= 0, got ", n);
   if (n == 0) return;
   TORCH_CHECK_VALUE(o.variant() == h.variant(), "reslora: chain '", chain, "': block ", n,
-              " must have the head's variant '", to_string(h.variant()), "', got '",
-              to_string(o.variant()), "'");
+                    " must have the head's variant '", to_string(h.variant()), "', got '",
+                    to_string(o.variant()), "'");
   if (h.variant() == Variant::kLoRA) return;
-  TORCH_CHECK_VALUE(d_out == head_d_out && d_in == head_d_in, "reslora: chain '", chain, "': block ", n,
-              " must have the head's shape [d_out, d_in] = [", head_d_out, ", ", head_d_in,
-              "] for the '", to_string(h.variant()), "' shortcut, got [", d_out, ", ", d_in,
-              "]; start a new chain for it");
-  TORCH_CHECK_VALUE(o.r() == h.r() && o.lora_alpha() == h.lora_alpha() && o.pre_num() == h.pre_num(),
-              "reslora: chain '", chain, "': block ", n,
-              " must have the head's (r, lora_alpha, pre_num) = (", h.r(), ", ", h.lora_alpha(),
-              ", ", h.pre_num(), "), got (", o.r(), ", ", o.lora_alpha(), ", ", o.pre_num(), ")");
+  TORCH_CHECK_VALUE(d_out == head_d_out && d_in == head_d_in, "reslora: chain '", chain,
+                    "': block ", n, " must have the head's shape [d_out, d_in] = [", head_d_out,
+                    ", ", head_d_in, "] for the '", to_string(h.variant()), "' shortcut, got [",
+                    d_out, ", ", d_in, "]; start a new chain for it");
+  TORCH_CHECK_VALUE(
+      o.r() == h.r() && o.lora_alpha() == h.lora_alpha() && o.pre_num() == h.pre_num(),
+      "reslora: chain '", chain, "': block ", n,
+      " must have the head's (r, lora_alpha, pre_num) = (", h.r(), ", ", h.lora_alpha(), ", ",
+      h.pre_num(), "), got (", o.r(), ", ", o.lora_alpha(), ", ", o.pre_num(), ")");
 }
 
 int64_t shortcut_reach(Variant variant, int64_t position, int64_t pre_num) {
   TORCH_CHECK_VALUE(position >= 0, "reslora: position must be >= 0, got ", position);
   switch (variant) {
-    case Variant::kLoRA: return 0;
-    case Variant::kIS: return position > 0 ? 1 : 0;
+    case Variant::kLoRA:
+      return 0;
+    case Variant::kIS:
+      return position > 0 ? 1 : 0;
     case Variant::kBS:
-    case Variant::kMS: return reach(position, pre_num);
+    case Variant::kMS:
+      return reach(position, pre_num);
   }
   return 0;
 }

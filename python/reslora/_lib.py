@@ -19,17 +19,14 @@ def load():
     """Imports reslora._C, which registers torch.ops.reslora.*; raises ImportError with the
     torch / CUDA versions the build was made for and the ones found when it cannot load."""
     try:
-        from . import _C  # noqa: F401  (loading it registers the ops)
+        from . import _C
     except (ImportError, OSError) as e:
         built = _build_record()
         found = f"torch {torch.__version__} (CUDA {torch.version.cuda})"
         if built is None:
             hint = "no build record was found: was the package built (pip install --no-build-isolation .)?"
         else:
-            hint = (
-                f"it was built for torch {built.get('torch_version')} "
-                f"(CUDA {built.get('cuda_version') or 'none'})"
-            )
+            hint = f"it was built for torch {built.get('torch_version')} (CUDA {built.get('cuda_version') or 'none'})"
         raise ImportError(
             f"reslora: the compiled core failed to load: {e}. Found {found}; {hint}. "
             "Rebuild reslora against the installed torch."

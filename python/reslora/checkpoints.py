@@ -21,8 +21,17 @@ FORMAT = "2"
 
 # The config fields that change what the adapter is; the others (lora_dropout, merge, targets:
 # the chains stand for those) may differ when a checkpoint is loaded.
-STRUCTURE = ("variant", "pre_num", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-             "stats_window", "bias")
+STRUCTURE = (
+    "variant",
+    "pre_num",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "rank_pattern",
+    "alpha_pattern",
+    "stats_window",
+    "bias",
+)
 
 
 def encode(description: dict) -> torch.Tensor:
@@ -34,8 +43,10 @@ def encode(description: dict) -> torch.Tensor:
 
 def decode(t, where: str) -> dict:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        raise ValueError(f"reslora: {where}: the {EXTRA_STATE!r} entry must be a uint8 vector (the "
-                         f"adapter's description), got {type(t).__name__}")
+        got = f"a {t.dtype} tensor of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"reslora: {where}: the {EXTRA_STATE!r} entry must be a uint8 vector (the adapter's description), got {got}"
+        )
     try:
         d = json.loads(bytes(t.tolist()).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -64,6 +75,8 @@ def read(d: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """(description, state dict) of a save directory."""
     from safetensors.torch import load_file
 
+    if not isinstance(d, (str, os.PathLike)):
+        raise TypeError(f"reslora: save_directory must be a path (str or os.PathLike), got {type(d).__name__}")
     saving.recover(d)  # a save interrupted between its two renames is put back first
     path = locate(d)
     try:
@@ -80,7 +93,10 @@ def read(d: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
 
 def write(d: str, state: Dict[str, torch.Tensor], config_dict: dict) -> None:
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    saving.write_checkpoint(d, {
-        CHECKPOINT_FILE: saving.safetensors_writer(tensors, {"format": "pt", "reslora_format": FORMAT}),
-        CHECKPOINT_CONFIG: saving.json_writer(config_dict),
-    })
+    saving.write_checkpoint(
+        d,
+        {
+            CHECKPOINT_FILE: saving.safetensors_writer(tensors, {"format": "pt", "reslora_format": FORMAT}),
+            CHECKPOINT_CONFIG: saving.json_writer(config_dict),
+        },
+    )

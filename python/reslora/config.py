@@ -30,8 +30,7 @@ DEFAULT_TARGETS = {
 # PEFT's task types. The classification ones train their head in full: PEFT adds these module
 # names to modules_to_save (those the model has), and so does reslora.
 TASK_TYPES = ("CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
-              "QUESTION_ANS": ("qa_outputs",)}
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 BIAS = ("none", "all", "lora_only")
 INITS = (True, False, "gaussian")
 
@@ -56,6 +55,8 @@ def _names_or_regex(name: str, value, allow_all_linear: bool) -> Optional[Union[
     if value is None or (allow_all_linear and value == "all-linear"):
         return value
     if isinstance(value, str):
+        if not value:
+            raise ValueError(f"reslora: {name} must be {expected}, got the empty string")
         try:
             re.compile(value)
         except re.error as e:
@@ -127,9 +128,7 @@ class ResLoRAConfig:
     init_lora_weights: Union[bool, str] = True
 
     def __post_init__(self):
-        _C.validate_options(
-            self.variant, self.r, self.lora_alpha, self.lora_dropout, self.pre_num, self.stats_window
-        )
+        _C.validate_options(self.variant, self.r, self.lora_alpha, self.lora_dropout, self.pre_num, self.stats_window)
         allowed = MERGES[self.variant]
         if self.merge is None:
             self.merge = allowed[0]
@@ -140,16 +139,23 @@ class ResLoRAConfig:
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules, False)
         mts = self.modules_to_save
         if mts is not None:
-            if isinstance(mts, str) or not isinstance(mts, (list, tuple)) or not mts or not all(
-                isinstance(m, str) and m for m in mts
+            if (
+                isinstance(mts, str)
+                or not isinstance(mts, (list, tuple))
+                or not mts
+                or not all(isinstance(m, str) and m for m in mts)
             ):
-                raise ValueError(f"reslora: modules_to_save must be None or a non-empty list of module names, got {mts!r}")
+                raise ValueError(
+                    f"reslora: modules_to_save must be None or a non-empty list of module names, got {mts!r}"
+                )
             self.modules_to_save = list(mts)
         lt = self.layers_to_transform
         if lt is not None:
             items = [lt] if not isinstance(lt, (list, tuple)) else list(lt)
             if not items or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
-                raise ValueError(f"reslora: layers_to_transform must be a layer index >= 0 or a non-empty list of them, got {lt!r}")
+                raise ValueError(
+                    f"reslora: layers_to_transform must be a layer index >= 0 or a non-empty list of them, got {lt!r}"
+                )
             if isinstance(self.target_modules, str):
                 raise ValueError(
                     f"reslora: layers_to_transform needs target_modules as a list of names, got "
@@ -183,7 +189,9 @@ class ResLoRAConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ResLoRAConfig":
+    def from_dict(cls, d: dict) -> ResLoRAConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"reslora: ResLoRAConfig.from_dict needs a dict of config fields, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -16,8 +16,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 # PEFT task types by the suffix of the model class, where the config names none: only the
 # generative ones, whose heads are part of the base model.
 _TASK_TYPES = [
-    ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"), ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
 ]
 
 

@@ -68,8 +68,7 @@ class ResLoRALinear(nn.Module):
         _C.validate_options(variant, r, lora_alpha, lora_dropout, pre_num, stats_window)
         if not (isinstance(base_layer, nn.Linear) or type(base_layer).__name__ == "Conv1D"):
             raise ValueError(
-                "reslora: base_layer must be an nn.Linear or a GPT-2 Conv1D, got "
-                f"{type(base_layer).__name__}"
+                f"reslora: base_layer must be an nn.Linear or a GPT-2 Conv1D, got {type(base_layer).__name__}"
             )
         self.base_layer = base_layer
         self._transposed = type(base_layer).__name__ == "Conv1D"
@@ -79,16 +78,16 @@ class ResLoRALinear(nn.Module):
         # output, and merges go through a dequantized copy.
         self._opaque = not (type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point())
         if self._opaque and self._transposed:
-            raise ValueError("reslora: a quantized GPT-2 Conv1D base_layer is not supported; got "
-                             f"a weight of type {type(weight).__name__}")
+            raise ValueError(
+                "reslora: a quantized GPT-2 Conv1D base_layer is not supported; got "
+                f"a weight of type {type(weight).__name__}"
+            )
         if self._opaque:
             d_out, d_in = base_layer.out_features, base_layer.in_features
         else:
             weight = self.base_weight()
             if weight.dim() != 2:
-                raise ValueError(
-                    f"reslora: base_layer must hold a 2-D weight, got shape {tuple(weight.shape)}"
-                )
+                raise ValueError(f"reslora: base_layer must hold a 2-D weight, got shape {tuple(weight.shape)}")
             d_out, d_in = weight.shape
         for p in base_layer.parameters():
             p.requires_grad_(False)
@@ -231,8 +230,9 @@ class ResLoRALinear(nn.Module):
             low = nn.functional.linear(z if z_extra is None else z + z_extra, b)
             y = self.base_layer(x) + (s * low).to(x.dtype)
         else:
-            y, z = _ops.lora_linear(x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_extra,
-                                    s, p, seed, n, r)
+            y, z = _ops.lora_linear(
+                x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_extra, s, p, seed, n, r
+            )
         z_own = z[..., :r] if z.shape[-1] != r else z
         if self._calibration is not None and not self.training:
             p = None
@@ -264,13 +264,11 @@ class ResLoRALinear(nn.Module):
         while the old ones are still held (by an optimizer made before) is an error."""
         if A.dim() != 2 or A.shape[1] != self.in_features:
             raise ValueError(
-                f"reslora: A must have shape [r, d_in] = [{A.shape[0]}, {self.in_features}], "
-                f"got {list(A.shape)}"
+                f"reslora: A must have shape [r, d_in] = [{A.shape[0]}, {self.in_features}], got {list(A.shape)}"
             )
         if B.dim() != 2 or B.shape[0] != self.out_features or B.shape[1] != A.shape[0]:
             raise ValueError(
-                f"reslora: B must have shape [d_out, r] = [{self.out_features}, {A.shape[0]}], "
-                f"got {list(B.shape)}"
+                f"reslora: B must have shape [d_out, r] = [{self.out_features}, {A.shape[0]}], got {list(B.shape)}"
             )
         s = self.scaling
         stale = []
@@ -354,8 +352,13 @@ def _requantize(layer: nn.Module, dense: torch.Tensor) -> nn.Parameter:
     if type(w).__name__ == "Params4bit":  # bitsandbytes: quantized again on its device
         import bitsandbytes as bnb
 
-        q = bnb.nn.Params4bit(dense.to("cpu"), requires_grad=False, quant_type=w.quant_type,
-                              blocksize=w.blocksize, compress_statistics=w.compress_statistics)
+        q = bnb.nn.Params4bit(
+            dense.to("cpu"),
+            requires_grad=False,
+            quant_type=w.quant_type,
+            blocksize=w.blocksize,
+            compress_statistics=w.compress_statistics,
+        )
         return q.to(w.device)
     raise ValueError(
         f"reslora: cannot quantize a merged weight back into {type(w).__name__}: fold the adapter "
@@ -436,13 +439,28 @@ class ResLoRAChain:
 
     def append(self, blk: ResLoRALinear) -> None:
         n = len(self.blocks)
+        if not isinstance(blk, ResLoRALinear):
+            raise TypeError(f"reslora: chain {self.name!r}: blocks must be ResLoRALinear, got {type(blk).__name__}")
         if blk._chain is not None:
             raise ValueError(f"reslora: chain {self.name!r}: the block is already in a chain")
         if n > 0:
             h = self.blocks[0]
-            _C.check_link(self.name, n, h.variant, h.r, h.lora_alpha, h.pre_num, h.out_features,
-                          h.in_features, blk.variant, blk.r, blk.lora_alpha, blk.pre_num,
-                          blk.out_features, blk.in_features)
+            _C.check_link(
+                self.name,
+                n,
+                h.variant,
+                h.r,
+                h.lora_alpha,
+                h.pre_num,
+                h.out_features,
+                h.in_features,
+                blk.variant,
+                blk.r,
+                blk.lora_alpha,
+                blk.pre_num,
+                blk.out_features,
+                blk.in_features,
+            )
         blk._chain = self._links
         blk._position = n
         blk._reach = _C.shortcut_reach(blk.variant, n, blk.pre_num)
@@ -488,19 +506,20 @@ class ResLoRAChain:
         """Runs every block in order on its own input, as one pass."""
         if len(xs) != len(self.blocks):
             raise ValueError(
-                f"reslora: chain {self.name!r}: forward needs one input per block "
-                f"({len(self.blocks)}), got {len(xs)}"
+                f"reslora: chain {self.name!r}: forward needs one input per block ({len(self.blocks)}), got {len(xs)}"
             )
         return [blk(x) for blk, x in zip(self.blocks, xs)]
 
     __call__ = forward
 
-    def merged_lora(self, merge: Optional[str] = None, calibration: Optional["Calibration"] = None,
-                    ridge: float = DEFAULT_RIDGE) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    def merged_lora(
+        self, merge: Optional[str] = None, calibration: Optional[Calibration] = None, ridge: float = DEFAULT_RIDGE
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         return merge_chain(self.blocks, merge, calibration, ridge)
 
-    def merge_to_lora(self, merge: Optional[str] = None, calibration: Optional["Calibration"] = None,
-                      ridge: float = DEFAULT_RIDGE) -> None:
+    def merge_to_lora(
+        self, merge: Optional[str] = None, calibration: Optional[Calibration] = None, ridge: float = DEFAULT_RIDGE
+    ) -> None:
         """Applies the merge in place: every block becomes a plain LoRA block."""
         self.load_pairs(self.merged_lora(merge, calibration, ridge))
 
@@ -517,9 +536,12 @@ def checkpoint(function, *args, use_reentrant: bool = False, **kwargs):
     """torch.utils.checkpoint.checkpoint for code that runs ResLoRA blocks: the recompute of the
     segment sees the shortcut inputs and dropout seeds of the pass it first ran in, whatever ran
     in between (other forwards, no-grad passes). Same arguments as torch's."""
+    if not callable(function):
+        raise TypeError(f"reslora.checkpoint: function must be callable, got {type(function).__name__}")
     seen: dict = {}
-    out = _checkpoint_with(torch.utils.checkpoint.checkpoint, function, *args,
-                           use_reentrant=use_reentrant, _seen=seen, **kwargs)
+    out = _checkpoint_with(
+        torch.utils.checkpoint.checkpoint, function, *args, use_reentrant=use_reentrant, _seen=seen, **kwargs
+    )
     if use_reentrant:
         shortcuts = sorted({c.name for c in seen if c.blocks and c.block(0, 0).variant in ("is", "ms")})
         if shortcuts:
@@ -622,7 +644,7 @@ class Calibration:
         self._seen = {}
         self.mask = None if mask is None else mask.reshape(-1).bool()
 
-    def add(self, blk: "ResLoRALinear", x: torch.Tensor, p: Optional[torch.Tensor]) -> None:
+    def add(self, blk: ResLoRALinear, x: torch.Tensor, p: Optional[torch.Tensor]) -> None:
         def rows(t):
             t = t.reshape(-1, t.shape[-1])
             if self.mask is not None and self.mask.numel() == t.shape[0]:
@@ -647,15 +669,19 @@ class Calibration:
             zx.addmm_(pf.t(), xf)
 
 
-
 def merge_chain(
-    blocks: Sequence[ResLoRALinear], merge: Optional[str] = None,
-    calibration: Optional[Calibration] = None, ridge: float = DEFAULT_RIDGE,
+    blocks: Sequence[ResLoRALinear],
+    merge: Optional[str] = None,
+    calibration: Optional[Calibration] = None,
+    ridge: float = DEFAULT_RIDGE,
 ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The spec's merge of a chain (in order) into plain LoRA pairs (A', B'), by the C++ core.
     fit (is, ms) needs the calibration sums of the blocks; ridge is relative to tr(xx) / d_in."""
     if not blocks:
         raise ValueError("reslora: merge_chain needs at least one block, got none")
+    bad = [type(b).__name__ for b in blocks if not isinstance(b, ResLoRALinear)]
+    if bad:
+        raise TypeError(f"reslora: merge_chain needs ResLoRALinear blocks, got {bad[0]}")
     head = blocks[0]
     if merge is None:
         merge = _C.merges_for(head.variant)[0]

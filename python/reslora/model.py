@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 import warnings
 import weakref
 from collections import OrderedDict
@@ -14,26 +15,43 @@ import torch
 from torch import nn
 
 from . import checkpoints, export, saving, targets
-from .config import ResLoRAConfig
-from .layers import (DEFAULT_RIDGE, Calibration, ResLoRAChain, ResLoRALinear, _combined_stats, _distributed,
-                     _full, _is_dtensor, _PassCheckpoint)
 from ._lib import load as _load_core
+from .config import ResLoRAConfig
+from .layers import (
+    DEFAULT_RIDGE,
+    Calibration,
+    ResLoRAChain,
+    ResLoRALinear,
+    _combined_stats,
+    _distributed,
+    _full,
+    _is_dtensor,
+    _PassCheckpoint,
+)
 from .saved_modules import ModulesToSave
 
 _C = _load_core()
 
 # transformers' PEFT integration methods, which a ResLoRAModel must not forward to its model.
 _HF_ADAPTER_METHODS = {
-    "add_adapter", "set_adapter", "disable_adapters", "enable_adapters", "active_adapters",
-    "active_adapter", "load_adapter", "delete_adapter", "get_adapter_state_dict",
+    "add_adapter",
+    "set_adapter",
+    "disable_adapters",
+    "enable_adapters",
+    "active_adapters",
+    "active_adapter",
+    "load_adapter",
+    "delete_adapter",
+    "get_adapter_state_dict",
 }
+
 
 class _Forward:
     """The wrapper's forward, carrying the base model's signature so that tools that read it
     (the HF Trainer drops dataset columns the forward does not name) see the real arguments.
     It refers to its model weakly: the model is freed as soon as it is dropped."""
 
-    def __init__(self, owner: "ResLoRAModel"):
+    def __init__(self, owner: ResLoRAModel):
         self.owner = weakref.ref(owner)
         try:
             self.__signature__ = inspect.signature(owner.base_model.forward)
@@ -51,6 +69,8 @@ class ResLoRAModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: ResLoRAConfig):
         super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"reslora: model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(config, ResLoRAConfig):
             raise TypeError(f"reslora: config must be a ResLoRAConfig, got {type(config).__name__}")
         if any(isinstance(m, ResLoRALinear) for m in model.modules()):
@@ -67,7 +87,7 @@ class ResLoRAModel(nn.Module):
         names = targets.targets(model, config, saved)
         for p in model.parameters():
             p.requires_grad_(False)
-        self._blocks: "OrderedDict[str, ResLoRALinear]" = OrderedDict()
+        self._blocks: OrderedDict[str, ResLoRALinear] = OrderedDict()
         for name in names:
             r, alpha = targets.rank_and_alpha(config, name)
             blk = ResLoRALinear(
@@ -84,7 +104,7 @@ class ResLoRAModel(nn.Module):
             blk.train(blk.base_layer.training)  # wrapping does not change the model's mode
             self._replace(name, blk)
             self._blocks[name] = blk
-        self._saved_modules: "OrderedDict[str, ModulesToSave]" = OrderedDict()
+        self._saved_modules: OrderedDict[str, ModulesToSave] = OrderedDict()
         for name in saved:
             wrapper = ModulesToSave(model.get_submodule(name))
             wrapper.train(wrapper.original_module.training)
@@ -93,8 +113,8 @@ class ResLoRAModel(nn.Module):
         self._trained_biases = targets.trained_biases(model, config, names)
         for path in self._trained_biases:
             model.get_parameter(path).requires_grad_(True)
-        self._chains: "OrderedDict[str, ResLoRAChain]" = OrderedDict()
-        self._chain_paths: "OrderedDict[str, List[str]]" = OrderedDict()
+        self._chains: OrderedDict[str, ResLoRAChain] = OrderedDict()
+        self._chain_paths: OrderedDict[str, List[str]] = OrderedDict()
         groups: Dict[str, list] = OrderedDict()
         for name in self._blocks:
             key, index = targets.skeleton(name)
@@ -240,6 +260,10 @@ class ResLoRAModel(nn.Module):
         checkpointing recomputes each layer detached from the others, which would silently cut
         the gradient the is / ms shortcuts carry between layers, so it is refused for those
         variants. Other keyword arguments (every_n_layers, ...) go to the wrapped model."""
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError(
+                f"reslora: gradient_checkpointing_kwargs must be a dict or None, got {gradient_checkpointing_kwargs!r}"
+            )
         ckpt = dict(gradient_checkpointing_kwargs or {})
         ckpt.setdefault("use_reentrant", False)
         if ckpt["use_reentrant"] and self.reslora_config.variant in ("is", "ms"):
@@ -274,9 +298,15 @@ class ResLoRAModel(nn.Module):
     # --- merging -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def merge_to_lora(self, inputs=None, merge: Optional[str] = None, eval_inputs=None,
-                      ridge: float = DEFAULT_RIDGE, max_tokens: Optional[int] = None,
-                      chains_at_once: Optional[int] = None) -> "ResLoRAModel":
+    def merge_to_lora(
+        self,
+        inputs=None,
+        merge: Optional[str] = None,
+        eval_inputs=None,
+        ridge: float = DEFAULT_RIDGE,
+        max_tokens: Optional[int] = None,
+        chains_at_once: Optional[int] = None,
+    ) -> ResLoRAModel:
         """Merges the shortcuts away (in place): every block becomes a plain LoRA block.
 
         merge: the config's merge when None; "fit" (is, ms) fits, per block, the least-squares
@@ -294,14 +324,20 @@ class ResLoRAModel(nn.Module):
         batch for fit), run once in eval mode. Without either the errors are None: no pass is kept
         after its forward. Exact merges (lora, bs) give 0."""
         if self._merged:
-            raise RuntimeError(
-                "reslora: the model is already merged; merge_to_lora() would apply the merge twice"
-            )
+            raise RuntimeError("reslora: the model is already merged; merge_to_lora() would apply the merge twice")
         variant = self.reslora_config.variant
         merge = self.reslora_config.merge if merge is None else merge
         if not isinstance(merge, str):
             raise ValueError(f"reslora: merge must be a merge name or None, got {merge!r}")
         _C.check_merge(variant, merge)
+        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)):
+            raise ValueError(f"reslora: ridge must be a number > 0 (relative to tr(xx) / d_in), got {ridge!r}")
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise ValueError(f"reslora: max_tokens must be None (all) or an int >= 1, got {max_tokens!r}")
+        _check_batches("inputs", inputs, many=True)
+        _check_batches("eval_inputs", eval_inputs, many=False)
         sharded = any(_is_dtensor(b.lora_A) for b in self._blocks.values())
         if sharded and variant == "bs" and self.reslora_config.pre_num != 0:
             raise RuntimeError(
@@ -333,9 +369,9 @@ class ResLoRAModel(nn.Module):
                 )
             fitted = {}  # chain -> its merged pairs, all computed on the unmerged model
             for i in range(0, len(names), step):
-                group = [self._chains[c] for c in names[i:i + step]]
+                group = [self._chains[c] for c in names[i : i + step]]
                 calibration, first = self._calibrate(inputs, max_tokens, [b for c in group for b in c.blocks])
-                for c in names[i:i + step]:
+                for c in names[i : i + step]:
                     fitted[c] = self._chains[c].merged_lora(merge, calibration, ridge)
                 del calibration
             error_inputs = first if eval_inputs is None else eval_inputs
@@ -440,7 +476,7 @@ class ResLoRAModel(nn.Module):
         wrapped model with the original layers back in place."""
         if not self._merged:
             self.merge_to_lora()
-        for name, blk in self._blocks.items():
+        for blk in self._blocks.values():
             blk.fold(blk.scaling * (blk.lora_B @ blk.lora_A))
         return self.unload()
 
@@ -451,7 +487,7 @@ class ResLoRAModel(nn.Module):
         A, B and the merge statistics of each block, the modules to save, the trained biases.
         state_dict() holds these (and the adapter's description), nothing of the frozen base."""
         out = []
-        for name, blk in self._blocks.items():
+        for name in self._blocks:
             out += [f"{name}.{k}" for k in ("lora_A", "lora_B", "x_norms", "z_norms", "stats_count")]
         for name, wrapper in self._saved_modules.items():
             out += [f"{name}.modules_to_save.{k}" for k in wrapper.modules_to_save.state_dict()]
@@ -481,12 +517,14 @@ class ResLoRAModel(nn.Module):
             a, b = saved["config"].get(key), mine["config"][key]
             if a != b:
                 raise ValueError(f"reslora: the checkpoint has {key} = {a!r}, this model {b!r}")
-        for key, what in (("chains", "links blocks as"), ("modules_to_save", "trains in full"),
-                          ("biases", "trains the biases"), ("merged", "has merged =")):
+        for key, what in (
+            ("chains", "links blocks as"),
+            ("modules_to_save", "trains in full"),
+            ("biases", "trains the biases"),
+            ("merged", "has merged ="),
+        ):
             if saved[key] != mine[key]:
-                raise ValueError(
-                    f"reslora: the checkpoint {what} {saved[key]}, this model {mine[key]}"
-                )
+                raise ValueError(f"reslora: the checkpoint {what} {saved[key]}, this model {mine[key]}")
 
     def save_pretrained(self, save_directory: str, format: Optional[str] = None, **kwargs) -> None:
         """After merge_to_lora(): a PEFT LoRA adapter (adapter_config.json and
@@ -501,6 +539,10 @@ class ResLoRAModel(nn.Module):
         it on every rank. The sharded parameters are gathered, the merge statistics of all ranks
         combined (so a merge of the checkpoint on one process equals the distributed merge), rank
         0 writes and the others wait for it."""
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise TypeError(
+                f"reslora: save_directory must be a path (str or os.PathLike), got {type(save_directory).__name__}"
+            )
         unknown = set(kwargs) - {"state_dict", "safe_serialization", "is_main_process"}
         if unknown:
             raise TypeError(f"reslora: save_pretrained got unexpected keyword arguments {sorted(unknown)}")
@@ -516,8 +558,7 @@ class ResLoRAModel(nn.Module):
             )
         if fmt == "reslora" and self._merged:
             raise RuntimeError(
-                "reslora: the model is merged and has no shortcuts left; save it as a PEFT "
-                "adapter (format='peft')"
+                "reslora: the model is merged and has no shortcuts left; save it as a PEFT adapter (format='peft')"
             )
         if fmt == "peft":
             tensors, config = export.peft_adapter(self)
@@ -541,7 +582,7 @@ class ResLoRAModel(nn.Module):
             torch.distributed.barrier()  # the others wait for rank 0's complete save
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, save_directory: str) -> "ResLoRAModel":
+    def from_pretrained(cls, model: nn.Module, save_directory: str) -> ResLoRAModel:
         """Wraps `model` as the checkpoint in save_directory says and loads its adapters and
         statistics, ready to resume training or to merge. save_directory: a save_pretrained()
         directory or an HF Trainer checkpoint folder (checkpoint-N, or save_model()'s)."""
@@ -578,6 +619,19 @@ class ResLoRAModel(nn.Module):
             )
 
 
+def _check_batches(name: str, value, many: bool) -> None:
+    """inputs / eval_inputs of merge_to_lora: one batch (a tensor, a dict of keyword arguments, a
+    tuple / list of positional ones) or, where many, an iterable of batches."""
+    if value is None or isinstance(value, (torch.Tensor, dict, tuple, list)):
+        return
+    if many and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
+        return
+    expected = "a batch (a tensor, a dict of model arguments or a tuple of them)" + (
+        " or an iterable of batches (a list, a DataLoader)" if many else ""
+    )
+    raise ValueError(f"reslora: {name} must be None, {expected}, got {type(value).__name__}")
+
+
 def _adapter_state_only(module: ResLoRAModel, state_dict, prefix, local_metadata) -> None:
     # The state dict holds what the adapter owns: checkpoints (the HF Trainer's among them) are
     # adapter-sized, and the frozen base comes from where it always comes from.
@@ -598,8 +652,7 @@ def _check_loaded_state(module: ResLoRAModel, state_dict, prefix, *args) -> None
         t = state_dict.get(prefix + "base_model." + n)
         if t is not None and tuple(t.shape) != tuple(own[n].shape):
             raise ValueError(
-                f"reslora: checkpoint tensor {n!r} must have shape {list(own[n].shape)}, got "
-                f"{list(t.shape)}"
+                f"reslora: checkpoint tensor {n!r} must have shape {list(own[n].shape)}, got {list(t.shape)}"
             )
 
 

@@ -90,9 +90,7 @@ def write_checkpoint(save_directory: str, files: Dict[str, Callable[[str], None]
     """Writes files[name](path) for every name into save_directory as one save."""
     target = os.path.abspath(save_directory)
     if os.path.exists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(
-            f"reslora: save_directory must be a directory, got the file {save_directory!r}"
-        )
+        raise NotADirectoryError(f"reslora: save_directory must be a directory, got the file {save_directory!r}")
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     recover(target)

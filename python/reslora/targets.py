@@ -5,6 +5,7 @@ in PEFT."""
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
@@ -47,13 +48,18 @@ def modules_to_save(model: nn.Module, config: ResLoRAConfig) -> List[str]:
     for entry in config.modules_to_save or []:
         hits = [n for n in names if n == entry or n.endswith("." + entry)]
         if not hits:
-            raise ValueError(
-                f"reslora: modules_to_save entry {entry!r} names no module of "
-                f"{type(model).__name__}"
-            )
+            raise ValueError(f"reslora: modules_to_save entry {entry!r} names no module of {type(model).__name__}")
         out += hits
-    for entry in TASK_HEADS.get(config.task_type, ()):
-        out += [n for n in names if n == entry or n.endswith("." + entry)]
+    heads = TASK_HEADS.get(config.task_type, ())
+    found = [n for n in names if any(n == e or n.endswith("." + e) for e in heads)]
+    if heads and not found:
+        warnings.warn(
+            f"reslora: task_type {config.task_type!r} trains the model's head in full, but "
+            f"{type(model).__name__} has no module named {' or '.join(map(repr, heads))}: "
+            "name the head in modules_to_save (or is this the right model class?)",
+            stacklevel=4,
+        )
+    out += found
     # a module inside another one to save is saved with it
     out = sorted(set(out), key=names.index)
     return [n for n in out if not any(n.startswith(o + ".") for o in out)]
@@ -104,7 +110,13 @@ def targets(model: nn.Module, config: ResLoRAConfig, saved: Sequence[str] = ()) 
             f"reslora: target_modules {tm!r} match no nn.Linear or Conv1D layer of "
             f"{type(model).__name__}"
             + (f" (after exclude_modules {ex!r})" if ex is not None else "")
-            + (f" in layers_to_transform {config.layers_to_transform!r}" if config.layers_to_transform is not None else "")
+            + (f" (after modules_to_save {list(saved)!r}, which train in full)" if saved else "")
+            + (
+                f" in layers_to_transform {config.layers_to_transform!r}"
+                if config.layers_to_transform is not None
+                else ""
+            )
+            + (f" of layers_pattern {config.layers_pattern!r}" if config.layers_pattern is not None else "")
         )
     return names
 
@@ -118,8 +130,10 @@ def _pattern_value(patterns: Dict[str, float], name: str, default):
 
 
 def rank_and_alpha(config: ResLoRAConfig, name: str) -> Tuple[int, float]:
-    return (_pattern_value(config.rank_pattern, name, config.r),
-            float(_pattern_value(config.alpha_pattern, name, config.lora_alpha)))
+    return (
+        _pattern_value(config.rank_pattern, name, config.r),
+        float(_pattern_value(config.alpha_pattern, name, config.lora_alpha)),
+    )
 
 
 def trained_biases(model: nn.Module, config: ResLoRAConfig, adapted: Sequence[str]) -> List[str]:
@@ -136,6 +150,12 @@ def trained_biases(model: nn.Module, config: ResLoRAConfig, adapted: Sequence[st
             continue
         if config.bias == "all" or owner in own:
             out.append(name)
+    if not out:
+        warnings.warn(
+            f"reslora: bias={config.bias!r} trains no bias: "
+            + ("the model has none" if config.bias == "all" else "none of the adapted layers has one"),
+            stacklevel=4,
+        )
     return out
 
 

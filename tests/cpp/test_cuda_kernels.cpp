@@ -55,10 +55,10 @@ TEST(DropoutAddCuda, MatchesHostMask) {
   p.seed.ptr = dseed;
   p.seed.offset = 3;
   p.segment = 2;
-  ASSERT_EQ(reslora::kernels::dropout_add(p, reslora::kernels::DType::kFloat32, nullptr), cudaSuccess);
+  ASSERT_EQ(reslora::kernels::dropout_add(p, reslora::kernels::DType::kFloat32, nullptr),
+            cudaSuccess);
   ASSERT_EQ(cudaMemcpy(out.data(), dout, n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-  const uint64_t key =
-      reslora::kernels::dropout_key(reslora::kernels::stream_seed(seed, 3), 2);
+  const uint64_t key = reslora::kernels::dropout_key(reslora::kernels::stream_seed(seed, 3), 2);
   for (int64_t i = 0; i < n; ++i) {
     const float want =
         reslora::kernels::dropout_keep(key, i, reslora::kernels::dropout_threshold(0.25f))

@@ -30,7 +30,9 @@ struct Reference {
       torch::Tensor z_own = torch::matmul(xs[n], A[n].t());
       torch::Tensor lora;
       switch (v) {
-        case Variant::kLoRA: lora = torch::matmul(z_own, B[n].t()); break;
+        case Variant::kLoRA:
+          lora = torch::matmul(z_own, B[n].t());
+          break;
         case Variant::kIS: {
           const auto& xp = n == 0 ? xs[n] : xs[n - 1];
           lora = torch::matmul(torch::matmul(xs[n] + xp, A[n].t()), B[n].t());
@@ -100,16 +102,20 @@ TEST_P(RandomShapes, MatchReferenceFloat64) {
   loss.backward();
   loss_r.backward();
   for (int64_t i = 0; i < n_blocks; ++i) {
-    EXPECT_TRUE(torch::allclose(chain[i]->lora_A.grad(), ref.A[i].grad(), 1e-10, 1e-10)) << "dA " << i;
-    EXPECT_TRUE(torch::allclose(chain[i]->lora_B.grad(), ref.B[i].grad(), 1e-10, 1e-10)) << "dB " << i;
+    EXPECT_TRUE(torch::allclose(chain[i]->lora_A.grad(), ref.A[i].grad(), 1e-10, 1e-10))
+        << "dA " << i;
+    EXPECT_TRUE(torch::allclose(chain[i]->lora_B.grad(), ref.B[i].grad(), 1e-10, 1e-10))
+        << "dB " << i;
     EXPECT_TRUE(torch::allclose(xs[i].grad(), xr[i].grad(), 1e-10, 1e-10)) << "dx " << i;
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(Variants, RandomShapes,
-                         ::testing::Values(RandomCase{Variant::kLoRA, 1}, RandomCase{Variant::kIS, 1},
-                                           RandomCase{Variant::kBS, 1}, RandomCase{Variant::kBS, 2},
-                                           RandomCase{Variant::kBS, -1}, RandomCase{Variant::kMS, 1},
+                         ::testing::Values(RandomCase{Variant::kLoRA, 1},
+                                           RandomCase{Variant::kIS, 1}, RandomCase{Variant::kBS, 1},
+                                           RandomCase{Variant::kBS, 2},
+                                           RandomCase{Variant::kBS, -1},
+                                           RandomCase{Variant::kMS, 1},
                                            RandomCase{Variant::kMS, -1}),
                          [](const ::testing::TestParamInfo<RandomCase>& info) {
                            const int64_t p = info.param.pre_num;
@@ -139,7 +145,8 @@ TEST(Modules, TrainsFromCpp) {
   }
   EXPECT_LT(last, 0.8 * first);
   // Base weights stay frozen: they are buffers, not parameters.
-  for (const auto& p : chain->named_parameters()) EXPECT_NE(p.key().find("lora_"), std::string::npos);
+  for (const auto& p : chain->named_parameters())
+    EXPECT_NE(p.key().find("lora_"), std::string::npos);
   EXPECT_EQ(chain[0]->stats_count.item<int64_t>(), 60);
 }
 
@@ -160,10 +167,11 @@ TEST(Modules, DropoutIsReproducibleFromTheGenerator) {
 }
 
 TEST(Modules, StatisticsWindow) {
-  ResLoRALinear blk(torch::eye(2), torch::Tensor(), ResLoRAOptions(1).variant(Variant::kIS).stats_window(2));
-  blk->forward(torch::tensor({{3.0f, 4.0f}}));   // ||x|| = 5
-  blk->forward(torch::tensor({{6.0f, 8.0f}}));   // 10
-  blk->forward(torch::tensor({{0.0f, 1.0f}}));   // 1, replaces the oldest (5)
+  ResLoRALinear blk(torch::eye(2), torch::Tensor(),
+                    ResLoRAOptions(1).variant(Variant::kIS).stats_window(2));
+  blk->forward(torch::tensor({{3.0f, 4.0f}}));  // ||x|| = 5
+  blk->forward(torch::tensor({{6.0f, 8.0f}}));  // 10
+  blk->forward(torch::tensor({{0.0f, 1.0f}}));  // 1, replaces the oldest (5)
   EXPECT_NEAR(blk->x_norm_mean().item<double>(), 5.5, 1e-6);
   blk->eval();
   blk->forward(torch::tensor({{100.0f, 0.0f}}));  // eval forwards are not recorded
@@ -206,24 +214,30 @@ TEST(Modules, FitMergeIsExactForLinearlyRelatedInputs) {
     const auto after = chain->forward(held_out);
     double fit_err = 0, input_err = 0;
     for (int64_t i = 0; i < n_blocks; ++i) {
-      fit_err = std::max(fit_err, ((after[i] - before[i]).norm() / before[i].norm()).item<double>());
+      fit_err =
+          std::max(fit_err, ((after[i] - before[i]).norm() / before[i].norm()).item<double>());
       const auto& blk = chain[i];
-      const auto y_input = held_out[i].mm(blk->weight.t()) + blk->bias +
-                           blk->scaling() * held_out[i].mm(input_pairs[i].A.t()).mm(input_pairs[i].B.t());
-      input_err = std::max(input_err, ((y_input - before[i]).norm() / before[i].norm()).item<double>());
+      const auto y_input =
+          held_out[i].mm(blk->weight.t()) + blk->bias +
+          blk->scaling() * held_out[i].mm(input_pairs[i].A.t()).mm(input_pairs[i].B.t());
+      input_err =
+          std::max(input_err, ((y_input - before[i]).norm() / before[i].norm()).item<double>());
     }
     EXPECT_LT(fit_err, 1e-4) << reslora::to_string(variant) << " pre_num " << pre_num;
     EXPECT_GT(input_err, 100 * fit_err) << reslora::to_string(variant);
   }
   ResLoRAChain empty("nofit");
-  empty->push_back(ResLoRALinear(torch::randn({4, 4}), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kIS)));
-  empty->push_back(ResLoRALinear(torch::randn({4, 4}), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kIS)));
+  empty->push_back(ResLoRALinear(torch::randn({4, 4}), torch::Tensor(),
+                                 ResLoRAOptions(2).variant(Variant::kIS)));
+  empty->push_back(ResLoRALinear(torch::randn({4, 4}), torch::Tensor(),
+                                 ResLoRAOptions(2).variant(Variant::kIS)));
   try {
     empty->merged_lora(MergeKind::kFit);
     FAIL() << "a fit merge without calibration must throw";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("merge 'fit' needs the calibration statistics of block 1"),
-              std::string::npos) << e.what();
+              std::string::npos)
+        << e.what();
   }
 }
 
@@ -256,8 +270,7 @@ TEST(Modules, TrainsInBFloat16) {
   torch::manual_seed(2);
   ResLoRAChain chain("bf16");
   for (int i = 0; i < 3; ++i) {
-    chain->push_back(ResLoRALinear(torch::randn({16, 16}, torch::kBFloat16) * 0.3,
-                                   torch::Tensor(),
+    chain->push_back(ResLoRALinear(torch::randn({16, 16}, torch::kBFloat16) * 0.3, torch::Tensor(),
                                    ResLoRAOptions(4).variant(Variant::kIS).dropout(0.1)));
   }
   EXPECT_EQ(chain[0]->lora_A.scalar_type(), torch::kBFloat16);
@@ -293,40 +306,58 @@ void expect_error(F f, const std::string& needle) {
 TEST(Modules, BadInputMessages) {
   expect_error([] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(0)); },
                "reslora: r must be an int >= 1, got 0");
-  expect_error([] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).dropout(1.0)); },
-               "reslora: lora_dropout must be a number in [0, 1) that keeps at least 2^-15 of the inputs (the mask's resolution), got 1.0");
+  expect_error(
+      [] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).dropout(1.0)); },
+      "reslora: lora_dropout must be a number in [0, 1) that keeps at least 2^-15 of the inputs "
+      "(the mask's resolution), got 1.0");
   expect_error(
       [] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).lora_alpha(INFINITY)); },
-      "reslora: lora_alpha must be a finite number (scaling = lora_alpha / r), got inf");
+      "reslora: lora_alpha must be a finite number > 0 (scaling = lora_alpha / r), got inf");
   expect_error([] { ResLoRALinear(torch::eye(4), torch::zeros({3}), ResLoRAOptions(2)); },
                "bias must have shape [d_out] = [4], got [3]");
-  expect_error([] { reslora::parse_variant("xs"); }, "variant must be one of 'lora', 'is', 'bs', 'ms', got 'xs'");
+  expect_error([] { reslora::parse_variant("xs"); },
+               "variant must be one of 'lora', 'is', 'bs', 'ms', got 'xs'");
   {
     ResLoRAChain chain("q_proj");
-    chain->push_back(ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kIS)));
+    chain->push_back(
+        ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kIS)));
     expect_error(
         [&] {
           chain->push_back(ResLoRALinear(torch::zeros({8, 4}), torch::Tensor(),
                                          ResLoRAOptions(2).variant(Variant::kIS)));
         },
-        "block 1 must have the head's shape [d_out, d_in] = [4, 4] for the 'is' shortcut, got [8, 4]");
+        "block 1 must have the head's shape [d_out, d_in] = [4, 4] for the 'is' shortcut, got [8, "
+        "4]");
     expect_error([&] { chain->merge_to_lora(MergeKind::kMid); },
                  "merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'");
   }
   {
     ResLoRAChain chain("v_proj");
     for (int i = 0; i < 2; ++i)
-      chain->push_back(ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kMS)));
-    expect_error([&] { chain->forward(1, torch::randn({2, 4})); },
-                 "block 1 of chain 'v_proj' needs the mid activation of block 0 from this forward pass");
+      chain->push_back(
+          ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).variant(Variant::kMS)));
+    expect_error(
+        [&] { chain->forward(1, torch::randn({2, 4})); },
+        "block 1 of chain 'v_proj' needs the mid activation of block 0 from this forward pass");
     chain->forward(0, torch::randn({2, 4}));
     chain->forward(1, torch::randn({2, 4}));  // fine once the head ran
-    expect_error([&] { chain->forward(2, torch::randn({2, 4})); }, "index must be in [0, 2), got 2");
+    expect_error([&] { chain->forward(2, torch::randn({2, 4})); },
+                 "index must be in [0, 2), got 2");
   }
   ResLoRALinear blk(torch::eye(4, torch::kFloat64), torch::Tensor(), ResLoRAOptions(2));
-  expect_error([&] { blk->forward(torch::randn({2, 4})); }, "A must have the dtype of x (Float), got Double");
+  expect_error([&] { blk->forward(torch::randn({2, 4})); },
+               "x must have the dtype of weight (Double; cast the input or the layer, or run under "
+               "autocast), got Float");
+  expect_error([&] { blk->load_lora(torch::zeros({2, 5}), torch::zeros({4, 2})); },
+               "reslora: A must have shape [r, d_in] = [2, 4], got [2, 5]");
+  expect_error([&] { blk->load_lora(torch::zeros({2, 4}), torch::zeros({4, 3})); },
+               "reslora: B must have shape [d_out, r] = [4, 2], got [4, 3]");
+  expect_error(
+      [] { ResLoRALinear(torch::eye(4), torch::Tensor(), ResLoRAOptions(2).lora_alpha(0)); },
+      "reslora: lora_alpha must be a finite number > 0 (scaling = lora_alpha / r), got 0.0");
   expect_error([&] { blk->forward(torch::randn({2, 5}, torch::kFloat64)); },
-               "x must have d_in = 4 features in its last dimension (weight is [d_out, d_in] = [4, 4]), got x of shape [2, 5]");
+               "x must have d_in = 4 features in its last dimension (weight is [d_out, d_in] = [4, "
+               "4]), got x of shape [2, 5]");
 }
 
 // Without dropout: each device draws its pass seeds from its own generator, so the masks of one
@@ -355,7 +386,8 @@ TEST(Modules, CudaMatchesCpu) {
     }
     const auto hc = cpu->forward(xc);
     const auto hg = gpu->forward(xg);
-    torch::Tensor lc = torch::zeros({}, torch::kFloat64), lg = torch::zeros({}, torch::kFloat64).cuda();
+    torch::Tensor lc = torch::zeros({}, torch::kFloat64),
+                  lg = torch::zeros({}, torch::kFloat64).cuda();
     for (int i = 0; i < 3; ++i) {
       EXPECT_TRUE(torch::allclose(hg[i].cpu(), hc[i], 1e-9, 1e-9));
       lc = lc + hc[i].pow(2).sum();

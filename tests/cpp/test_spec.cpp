@@ -69,8 +69,9 @@ std::vector<torch::Tensor> per_block(const std::string& c, const std::string& f,
 
 void expect_close(const torch::Tensor& got, const torch::Tensor& want, double tol) {
   ASSERT_EQ(got.sizes(), want.sizes());
-  EXPECT_TRUE(torch::allclose(got.to(torch::kFloat64), want, 0, tol))
-      << "got\n" << got << "\nwant\n" << want;
+  EXPECT_TRUE(torch::allclose(got.to(torch::kFloat64), want, 0, tol)) << "got\n"
+                                                                      << got << "\nwant\n"
+                                                                      << want;
 }
 
 ResLoRAChain make_chain(const std::string& c) {
@@ -90,7 +91,9 @@ ResLoRAChain make_chain(const std::string& c) {
   return chain;
 }
 
-std::vector<torch::Tensor> inputs(const std::string& field) { return per_block("setup", field, {2}); }
+std::vector<torch::Tensor> inputs(const std::string& field) {
+  return per_block("setup", field, {2});
+}
 
 class SpecForward : public ::testing::TestWithParam<std::string> {};
 

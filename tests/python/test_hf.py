@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import reslora
+
 from hf_models import TARGETS, batch, make
 
 peft = pytest.importorskip("peft")
@@ -18,8 +19,7 @@ VARIANTS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", -1), ("ms", 1), ("ms", -1)
 def wrap(name, variant="is", pre_num=1, **kw):
     base = make(name)
     ref = copy.deepcopy(base)
-    cfg = reslora.ResLoRAConfig(variant=variant, r=4, lora_alpha=8, pre_num=pre_num,
-                                target_modules=TARGETS[name], **kw)
+    cfg = reslora.ResLoRAConfig(variant=variant, r=4, lora_alpha=8, pre_num=pre_num, target_modules=TARGETS[name], **kw)
     return reslora.get_reslora_model(base, cfg), ref
 
 
@@ -82,8 +82,9 @@ def test_bs_merge_exports_each_block_at_its_rank(tmp_path):
     ranks = {n: blk.r for n, blk in model.blocks.items()}
     assert sorted(set(ranks.values())) == [4, 8, 12]
     model.save_pretrained(str(tmp_path))
-    from safetensors.torch import load_file
     import json
+
+    from safetensors.torch import load_file
 
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == pytest.approx(2.0 * 4)
@@ -219,8 +220,14 @@ def test_checkpoint_into_wrong_model_is_a_clear_error(tmp_path):
         other.load_checkpoint(str(tmp_path))
     import transformers
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=48,
-                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with pytest.raises(ValueError, match=r"must have shape \[4, 48\], got \[4, 32\]"):
         reslora.ResLoRAModel.from_pretrained(transformers.LlamaForCausalLM(cfg), str(tmp_path))
 
@@ -247,7 +254,9 @@ def test_a_crash_mid_save_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 def test_bad_input():
     with pytest.raises(ValueError, match=r"variant must be one of 'lora', 'is', 'bs', 'ms', got 'xs'"):
         reslora.ResLoRAConfig(variant="xs")
-    with pytest.raises(ValueError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"):
+    with pytest.raises(
+        ValueError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"
+    ):
         reslora.ResLoRAConfig(variant="is", merge="mid")
     with pytest.raises(ValueError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', 'fit', got 'dense'"):
         reslora.ResLoRAConfig(variant="bs", merge="dense")
@@ -255,7 +264,9 @@ def test_bad_input():
         reslora.ResLoRAConfig(r=0)
     with pytest.raises(ValueError, match=r"r must be an int >= 1, got -2"):
         reslora.ResLoRAConfig(r=-2)
-    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no nn.Linear or Conv1D layer of LlamaForCausalLM"):
+    with pytest.raises(
+        ValueError, match=r"target_modules \['nope'\] match no nn.Linear or Conv1D layer of LlamaForCausalLM"
+    ):
         reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(target_modules=["nope"]))
     model, _ = wrap("llama", "is")
     with pytest.raises(ValueError, match="already contains ResLoRA layers"):
@@ -271,7 +282,9 @@ def test_bad_input():
 def test_default_targets_and_regex():
     m = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig())
     assert all(p.endswith(("q_proj", "v_proj")) for p in m.blocks)
-    m = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(target_modules=r"model\.layers\.[01]\.mlp\.down_proj"))
+    m = reslora.get_reslora_model(
+        make("llama"), reslora.ResLoRAConfig(target_modules=r"model\.layers\.[01]\.mlp\.down_proj")
+    )
     assert list(m.blocks) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     m = reslora.get_reslora_model(make("gpt2"), reslora.ResLoRAConfig(target_modules="all-linear"))
     assert "lm_head" not in m.blocks and len(m.blocks) == 12
@@ -283,8 +296,14 @@ def test_hf_trainer_unchanged(tmp_path):
     data = [batch("llama", seed=i, n=1) for i in range(8)]
     data = [{k: v[0] for k, v in d.items()} for d in data]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
         gradient_checkpointing=True,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -321,9 +340,10 @@ def test_cuda_train_merge_export(tmp_path, variant, pre_num):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(ref).cuda(), str(tmp_path)).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, merged, rtol=1e-4, atol=1e-4)
-    bf = reslora.get_reslora_model(make("llama").cuda().bfloat16(),
-                                   reslora.ResLoRAConfig(variant=variant, r=4, pre_num=pre_num,
-                                                         lora_dropout=0.1, target_modules="all-linear"))
+    bf = reslora.get_reslora_model(
+        make("llama").cuda().bfloat16(),
+        reslora.ResLoRAConfig(variant=variant, r=4, pre_num=pre_num, lora_dropout=0.1, target_modules="all-linear"),
+    )
     bf.train()
     loss = bf(**{k: v.cuda() for k, v in batch("llama").items()}).loss
     loss.backward()
@@ -334,8 +354,13 @@ def test_hf_trainer_reentrant_checkpointing_reaches_our_check(tmp_path):
     transformers = pytest.importorskip("transformers")
     model, _ = wrap("llama", "is")
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
-        save_strategy="no", use_cpu=True, gradient_checkpointing=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": True},
     )
     data = [{k: v[0] for k, v in batch("llama", seed=i, n=1).items()} for i in range(2)]
@@ -350,8 +375,14 @@ def test_hf_trainer_checkpoints_and_resumes_tied_model(tmp_path):
     def run(resume):
         model, _ = wrap("gpt2", "is")  # GPT-2 ties its input and output embeddings
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4,
-            learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+            output_dir=str(tmp_path),
+            per_device_train_batch_size=2,
+            max_steps=4,
+            learning_rate=1e-2,
+            report_to=[],
+            save_strategy="steps",
+            save_steps=2,
+            use_cpu=True,
             seed=0,
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
@@ -392,8 +423,8 @@ def test_chain_state_holds_only_what_shortcuts_need(variant):
 
     def look(chain):  # what the pass holds while its last block runs
         def hook(module, args):
-            held[chain.name] = ([x is not None for x in chain._pass.inputs],
-                                [z is not None for z in chain._pass.mids])
+            held[chain.name] = ([x is not None for x in chain._pass.inputs], [z is not None for z in chain._pass.mids])
+
         return hook
 
     for chain in model._chains.values():
@@ -427,8 +458,14 @@ def test_hf_trainer_bf16_mixed_precision(tmp_path):
     model, _ = wrap("llama", "is", lora_dropout=0.1)  # an fp32 model, bf16 autocast by the Trainer
     data = [{k: v[0] for k, v in batch("llama", seed=i, n=1).items()} for i in range(4)]
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
-        report_to=[], save_strategy="no", use_cpu=True, bf16=True,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=True,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     transformers.Trainer(model=model, args=args, train_dataset=data).train()
@@ -488,7 +525,10 @@ def test_bad_input_of_the_other_entry_points(tmp_path):
         (dict(lora_dropout=1.0), r"lora_dropout must be a number in \[0, 1\) .*, got 1.0"),
         (dict(pre_num=-2), r"pre_num must be -1 \(all\) or an int >= 0, got -2"),
         (dict(stats_window=0), r"stats_window must be an int >= 1, got 0"),
-        (dict(lora_alpha=float("nan")), r"lora_alpha must be a finite number \(scaling = lora_alpha / r\), got nan"),
+        (
+            dict(lora_alpha=float("nan")),
+            r"lora_alpha must be a finite number > 0 \(scaling = lora_alpha / r\), got nan",
+        ),
         (dict(target_modules=[]), r"target_modules must be a non-empty list of names"),
     ]
     for kwargs, msg in bad:
@@ -503,7 +543,10 @@ def test_bad_input_of_the_other_entry_points(tmp_path):
     model, _ = wrap("llama", "is")
     with pytest.raises(ValueError, match=r"format must be 'peft' or 'reslora', got 'onnx'"):
         model.save_pretrained(str(tmp_path), format="onnx")
-    with pytest.raises(FileNotFoundError, match=r"no ResLoRA checkpoint in .*missing.*: expected reslora_model.safetensors \(save_pretrained\) or model.safetensors"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no ResLoRA checkpoint in .*missing.*: expected reslora_model.safetensors \(save_pretrained\) or model.safetensors",
+    ):
         reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path / "missing"))
     model.merge_to_lora()
     with pytest.raises(RuntimeError, match="merged and has no shortcuts left; save it as a PEFT adapter"):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import reslora
+
 from seeds import S
 
 ops = torch.ops.reslora
@@ -100,7 +101,10 @@ def test_opcheck_every_op(device):
         (ops.lora_up.default, (x, W, b, z, B, 2.0)),
         (ops.lora_up.default, (x, W, None, z, B, 2.0)),
         (ops._lora_down_backward.default, (z.detach(), x.detach(), xp, A.detach(), 0.25, S(7, x.detach()), 0, 2, True)),
-        (ops._lora_down_backward.default, (z.detach(), x.detach(), None, A.detach(), 0.0, S(0, x.detach()), 0, 2, False)),
+        (
+            ops._lora_down_backward.default,
+            (z.detach(), x.detach(), None, A.detach(), 0.0, S(0, x.detach()), 0, 2, False),
+        ),
         (ops._lora_up_backward.default, (rand(3, 5, device=device), W, z.detach(), B.detach(), 2.0, True)),
     ]
     for op, args in checks:
@@ -180,8 +184,7 @@ class Chain3(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.blocks = nn.ModuleList(
-            reslora.ResLoRALinear(nn.Linear(8, 8), r=2, lora_alpha=4, variant=variant, pre_num=-1)
-            for _ in range(3)
+            reslora.ResLoRALinear(nn.Linear(8, 8), r=2, lora_alpha=4, variant=variant, pre_num=-1) for _ in range(3)
         )
         for blk in self.blocks:
             nn.init.normal_(blk.lora_B)
@@ -193,9 +196,10 @@ class Chain3(nn.Module):
         return x
 
 
-@pytest.mark.parametrize("variant,backend", [("lora", "aot_eager"), ("is", "aot_eager"),
-                                             ("bs", "aot_eager"), ("ms", "aot_eager"),
-                                             ("is", "inductor")])
+@pytest.mark.parametrize(
+    "variant,backend",
+    [("lora", "aot_eager"), ("is", "aot_eager"), ("bs", "aot_eager"), ("ms", "aot_eager"), ("is", "inductor")],
+)
 def test_torch_compile_fullgraph(variant, backend):
     model = Chain3(variant)
     x = torch.randn(4, 8)
@@ -213,6 +217,7 @@ def test_torch_compile_fullgraph(variant, backend):
 
 # --- bad input ---------------------------------------------------------------------------------
 
+
 def bad(fn, msg):
     with pytest.raises(RuntimeError, match=msg):
         fn()
@@ -221,20 +226,41 @@ def bad(fn, msg):
 def test_bad_input_messages():
     x, W, B = rand(3, 4), rand(5, 4), rand(5, 2)
     A, z = rand(2, 4), rand(3, 2)
-    bad(lambda: ops.lora_down(x, None, rand(2, 4, 1), 0.0, S(0, x), 0, 2),
-        r"A must be a 2-D tensor \[r, d_in\] = \[r, 4\], got a 3-D tensor of shape \[2, 4, 1\]")
-    bad(lambda: ops.lora_down(x, None, rand(2, 5), 0.0, S(0, x), 0, 2),
-        r"A must have shape \[r, d_in\] = \[2, 4\], got \[2, 5\]")
+    bad(
+        lambda: ops.lora_down(x, None, rand(2, 4, 1), 0.0, S(0, x), 0, 2),
+        r"A must be a 2-D tensor \[r, d_in\] = \[r, 4\], got a 3-D tensor of shape \[2, 4, 1\]",
+    )
+    bad(
+        lambda: ops.lora_down(x, None, rand(2, 5), 0.0, S(0, x), 0, 2),
+        r"A must have shape \[r, d_in\] = \[2, 4\], got \[2, 5\]",
+    )
     bad(lambda: ops.lora_down(x, None, rand(0, 4), 0.0, S(0, x), 0, 1), r"A must have r >= 1 rows, got shape \[0, 4\]")
-    bad(lambda: ops.lora_down(x, None, A.float(), 0.0, S(0, x), 0, 2), r"A must have the dtype of x \(Double\), got Float")
-    bad(lambda: ops.lora_down(x, None, torch.empty(2, 4, dtype=torch.float64, device="meta"), 0.0, S(0, x), 0, 2),
-        r"A must be on the device of x \(cpu\), got meta")
-    bad(lambda: ops.lora_down(x, rand(3, 5), A, 0.0, S(0, x), 0, 2), r"x_prev must have the shape of x \[3, 4\], got \[3, 5\]")
+    bad(
+        lambda: ops.lora_down(x, None, A.float(), 0.0, S(0, x), 0, 2),
+        r"A must have the dtype of x \(Double\), got Float",
+    )
+    bad(
+        lambda: ops.lora_down(x, None, torch.empty(2, 4, dtype=torch.float64, device="meta"), 0.0, S(0, x), 0, 2),
+        r"A must be on the device of x \(cpu\), got meta",
+    )
+    bad(
+        lambda: ops.lora_down(x, rand(3, 5), A, 0.0, S(0, x), 0, 2),
+        r"x_prev must have the shape of x \[3, 4\], got \[3, 5\]",
+    )
     bad(lambda: ops.lora_down(x, None, A, 1.0, S(0, x), 0, 2), r"dropout must be in \[0, 1\), got 1")
     bad(lambda: ops.lora_down(x, None, A, -0.1, S(0, x), 0, 2), r"dropout must be in \[0, 1\), got -0.1")
-    bad(lambda: ops.lora_down(x, None, A, 0.0, S(0, x), 0, 3), r"segment_rank must be >= 1 and divide the rows of A \(2\), got 3")
-    bad(lambda: ops.lora_down(x.long(), None, A.long(), 0.0, S(0, x.long()), 0, 2), r"x must be float32, float64, float16 or bfloat16, got Long")
-    bad(lambda: ops.lora_up(x, rand(5, 3), None, z, B, 1.0), r"weight must have shape \[d_out, d_in\] = \[5, 4\], got \[5, 3\]")
+    bad(
+        lambda: ops.lora_down(x, None, A, 0.0, S(0, x), 0, 3),
+        r"segment_rank must be >= 1 and divide the rows of A \(2\), got 3",
+    )
+    bad(
+        lambda: ops.lora_down(x.long(), None, A.long(), 0.0, S(0, x.long()), 0, 2),
+        r"x must be float32, float64, float16 or bfloat16, got Long",
+    )
+    bad(
+        lambda: ops.lora_up(x, rand(5, 3), None, z, B, 1.0),
+        r"weight must have shape \[d_out, d_in\] = \[5, 4\], got \[5, 3\]",
+    )
     bad(lambda: ops.lora_up(x, W, None, z, rand(6, 2), 1.0), r"B must have shape \[d_out, r\] = \[5, 2\], got \[6, 2\]")
     bad(lambda: ops.lora_up(x, W, None, rand(3, 3), B, 1.0), r"z must have shape \[..., r\] = \[3, 2\], got \[3, 3\]")
     bad(lambda: ops.lora_up(x, W, rand(4), z, B, 1.0), r"bias must have shape \[d_out\] = \[5\], got \[4\]")
@@ -255,13 +281,18 @@ def test_bad_layer_and_chain_input():
         reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="xs")
     a = reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="is")
     b = reslora.ResLoRALinear(nn.Linear(4, 8), r=2, variant="is")
-    with pytest.raises(ValueError, match=r"block 1 must have the head's shape \[d_out, d_in\] = \[4, 4\] for the 'is' shortcut, got \[8, 4\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"block 1 must have the head's shape \[d_out, d_in\] = \[4, 4\] for the 'is' shortcut, got \[8, 4\]",
+    ):
         reslora.ResLoRAChain([a, b], name="q_proj")
     blocks = [reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="ms") for _ in range(2)]
     reslora.ResLoRAChain(blocks, name="v_proj")
     with pytest.raises(RuntimeError, match=r"block 1 of chain 'v_proj' needs the mid activation of block 0"):
         blocks[1](torch.randn(2, 4))
-    with pytest.raises(ValueError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"):
+    with pytest.raises(
+        ValueError, match=r"merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'"
+    ):
         reslora.merge_chain([reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="is")], "mid")
     with pytest.raises(ValueError, match=r"merge must be one of 'exact', 'input', 'weight', 'mid', 'fit', got 'dense'"):
         reslora.merge_chain([reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="bs")], "dense")
@@ -284,16 +315,26 @@ def test_stats_ring_buffer():
 
 def test_record_stats_bad_input_messages():
     ring, count, x = torch.zeros(3), torch.zeros(1, dtype=torch.long), torch.ones(2)
-    bad(lambda: ops.record_stats_(torch.zeros(3, 1), ring, count, x, x),
-        r"record_stats_: x_norms must be a 1-D floating tensor .* got Float of shape \[3, 1\]")
-    bad(lambda: ops.record_stats_(ring, torch.zeros(3, dtype=torch.long), count, x, x),
-        r"record_stats_: z_norms must be a 1-D floating tensor .* got Long of shape \[3\]")
-    bad(lambda: ops.record_stats_(ring, torch.zeros(2), count, x, x),
-        r"record_stats_: z_norms must have the length of x_norms \(3\), got 2")
-    bad(lambda: ops.record_stats_(ring, ring.clone(), torch.zeros(1), x, x),
-        r"record_stats_: count must be an int64 tensor with one element, got Float of shape \[1\]")
-    bad(lambda: ops.record_stats_(ring, ring.clone(), torch.zeros(2, dtype=torch.long), x, x),
-        r"record_stats_: count must be an int64 tensor with one element, got Long of shape \[2\]")
+    bad(
+        lambda: ops.record_stats_(torch.zeros(3, 1), ring, count, x, x),
+        r"record_stats_: x_norms must be a 1-D floating tensor .* got Float of shape \[3, 1\]",
+    )
+    bad(
+        lambda: ops.record_stats_(ring, torch.zeros(3, dtype=torch.long), count, x, x),
+        r"record_stats_: z_norms must be a 1-D floating tensor .* got Long of shape \[3\]",
+    )
+    bad(
+        lambda: ops.record_stats_(ring, torch.zeros(2), count, x, x),
+        r"record_stats_: z_norms must have the length of x_norms \(3\), got 2",
+    )
+    bad(
+        lambda: ops.record_stats_(ring, ring.clone(), torch.zeros(1), x, x),
+        r"record_stats_: count must be an int64 tensor with one element, got Float of shape \[1\]",
+    )
+    bad(
+        lambda: ops.record_stats_(ring, ring.clone(), torch.zeros(2, dtype=torch.long), x, x),
+        r"record_stats_: count must be an int64 tensor with one element, got Long of shape \[2\]",
+    )
     assert count.item() == 0 and ring.tolist() == [0.0, 0.0, 0.0]  # nothing was written
 
 
@@ -304,6 +345,7 @@ def test_build_info():
 
 
 # --- the fused block op ------------------------------------------------------------------------
+
 
 def block_args(device, with_prev, with_extra, segments=2, r=2, requires_grad=True):
     torch.manual_seed(3)
@@ -372,12 +414,30 @@ def test_opcheck_lora_linear(device):
         torch.library.opcheck(ops.lora_linear.default, (x, xp, W, b, A, B, ze, 2.0, p, S(3, x), 0, r))
         d = lambda t: None if t is None else t.detach()  # noqa: E731
         y, z = ops.lora_linear(d(x), d(xp), W, b, d(A), d(B), d(ze), 2.0, p, S(3, d(x)), 0, r)
-        torch.library.opcheck(ops._lora_linear_backward.default,
-                              (torch.randn_like(y), torch.randn_like(z), d(x), d(xp), W, d(A), d(B),
-                               z, d(ze), 2.0, p, S(3, d(x)), 0, r, True))
-        torch.library.opcheck(ops._lora_linear_backward.default,
-                              (torch.randn_like(y), None, d(x), d(xp), W, d(A), d(B), z, d(ze),
-                               2.0, p, S(3, d(x)), 0, r, False))
+        torch.library.opcheck(
+            ops._lora_linear_backward.default,
+            (
+                torch.randn_like(y),
+                torch.randn_like(z),
+                d(x),
+                d(xp),
+                W,
+                d(A),
+                d(B),
+                z,
+                d(ze),
+                2.0,
+                p,
+                S(3, d(x)),
+                0,
+                r,
+                True,
+            ),
+        )
+        torch.library.opcheck(
+            ops._lora_linear_backward.default,
+            (torch.randn_like(y), None, d(x), d(xp), W, d(A), d(B), z, d(ze), 2.0, p, S(3, d(x)), 0, r, False),
+        )
 
 
 def test_lora_linear_bad_input():

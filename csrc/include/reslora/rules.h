@@ -16,9 +16,9 @@ struct ResLoRAOptions {
   explicit ResLoRAOptions(int64_t r) : r_(r) {}
   TORCH_ARG(Variant, variant) = Variant::kLoRA;
   TORCH_ARG(int64_t, r);
-  TORCH_ARG(double, lora_alpha) = 16.0;  // scaling s = lora_alpha / r
-  TORCH_ARG(double, dropout) = 0.0;      // on the LoRA input only; off in eval mode
-  TORCH_ARG(int64_t, pre_num) = 1;       // bs / ms: previous blocks reached, -1 = all
+  TORCH_ARG(double, lora_alpha) = 16.0;    // scaling s = lora_alpha / r
+  TORCH_ARG(double, dropout) = 0.0;        // on the LoRA input only; off in eval mode
+  TORCH_ARG(int64_t, pre_num) = 1;         // bs / ms: previous blocks reached, -1 = all
   TORCH_ARG(int64_t, stats_window) = 100;  // training forwards kept for the is / ms merges
 };
 
@@ -35,8 +35,8 @@ void validate(const ResLoRAOptions& options);
 // chain `chain` as its block `position`: the same variant; for the shortcut variants also the
 // head's shape, r, lora_alpha and pre_num.
 void check_link(const std::string& chain, int64_t position, const ResLoRAOptions& head,
-                int64_t head_d_out, int64_t head_d_in, const ResLoRAOptions& block,
-                int64_t d_out, int64_t d_in);
+                int64_t head_d_out, int64_t head_d_in, const ResLoRAOptions& block, int64_t d_out,
+                int64_t d_in);
 
 // How many predecessors block `position` of a chain reads in a pass: none for lora, one for is
 // (a head reads its own input instead), reach(position, pre_num) for bs (their A and B) and ms

@@ -37,8 +37,8 @@ struct OpMath<__nv_bfloat16> {
 template <typename T>
 __global__ void dropout_add_kernel(const T* __restrict__ x, const T* __restrict__ x_prev,
                                    T* __restrict__ out, bool accumulate, int64_t numel,
-                                   uint32_t threshold, float p,
-                                   DropoutSeed seed, uint64_t segment) {
+                                   uint32_t threshold, float p, DropoutSeed seed,
+                                   uint64_t segment) {
   using M = OpMath<T>;
   using acc_t = typename M::type;
   const acc_t scale = static_cast<acc_t>(1.0) / (static_cast<acc_t>(1.0) - static_cast<acc_t>(p));
@@ -69,8 +69,7 @@ cudaError_t launch(const DropoutAddParams& prm, cudaStream_t stream) {
   if (blocks > 65535LL * 16) blocks = 65535LL * 16;  // grid-stride loop covers the rest
   dropout_add_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
       static_cast<const T*>(prm.x), static_cast<const T*>(prm.x_prev), static_cast<T*>(prm.out),
-      prm.accumulate, prm.numel,
-      dropout_threshold(prm.p), prm.p, prm.seed, prm.segment);
+      prm.accumulate, prm.numel, dropout_threshold(prm.p), prm.p, prm.seed, prm.segment);
   return cudaGetLastError();
 }
 
@@ -78,10 +77,14 @@ cudaError_t launch(const DropoutAddParams& prm, cudaStream_t stream) {
 
 cudaError_t dropout_add(const DropoutAddParams& params, DType dtype, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat32: return launch<float>(params, stream);
-    case DType::kFloat64: return launch<double>(params, stream);
-    case DType::kFloat16: return launch<__half>(params, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16>(params, stream);
+    case DType::kFloat32:
+      return launch<float>(params, stream);
+    case DType::kFloat64:
+      return launch<double>(params, stream);
+    case DType::kFloat16:
+      return launch<__half>(params, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16>(params, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -1,5 +1,5 @@
-// Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, offset, segment, i) / (1 - p). The
-// generic path (fp32 / fp64, ranks the fused kernels of lora_fused.cuh do not take) uses it for
+// Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, offset, segment, i) / (1 - p).
+// The generic path (fp32 / fp64, ranks the fused kernels of lora_fused.cuh do not take) uses it for
 // the masked input and the masked input gradient.
 // Takes raw pointers and a stream so it builds with nvcc alone (no ATen), and is tested that way.
 #pragma once
@@ -19,8 +19,8 @@ struct DropoutAddParams {
   void* out = nullptr;           // [numel]
   bool accumulate = false;       // out += result instead of out = result
   int64_t numel = 0;
-  float p = 0.f;                 // drop probability in [0, 1)
-  DropoutSeed seed;              // the pass seed on the device (see dropout_hash.h)
+  float p = 0.f;     // drop probability in [0, 1)
+  DropoutSeed seed;  // the pass seed on the device (see dropout_hash.h)
   uint64_t segment = 0;
 };
 

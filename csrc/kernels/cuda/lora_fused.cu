@@ -13,9 +13,9 @@ namespace reslora {
 namespace kernels {
 namespace {
 
-constexpr int kTile = 64;      // rows and columns of a tile
+constexpr int kTile = 64;       // rows and columns of a tile
 constexpr int kLd = kTile + 8;  // padded leading dimension of 16-bit tiles in shared memory
-constexpr int kThreads = 128;  // four warps
+constexpr int kThreads = 128;   // four warps
 constexpr int kUnits = kTile * kTile / 8 / kThreads;  // 8-element units per thread per tile
 
 template <typename T>
@@ -76,7 +76,7 @@ __device__ __forceinline__ uint32_t dropout_pair_mask(uint32_t bits, uint32_t th
 struct Common {
   int64_t n, d, sr, R, segments, per_split;
   bool dropout;
-  bool wide_rank;  // R, sr multiples of 8 and dz (z, B) 16-byte aligned: 16-byte rank copies
+  bool wide_rank;   // R, sr multiples of 8 and dz (z, B) 16-byte aligned: 16-byte rank copies
   void* out2_copy;  // grad_a_up: where a second copy of out2 goes, or nullptr
   uint32_t threshold;
   float scale;
@@ -108,8 +108,8 @@ constexpr int kStages = 3;  // tiles in flight per block: kStages - 1
 // Rows [0, RP) (zero from `rows` on) x columns [c0, c0 + 64) of a [rows, d] matrix into a
 // [RP][kLd] stage.
 template <typename T, bool VEC, int RP>
-__device__ __forceinline__ void copy_rows(T* dst, const T* src, int64_t rows, int64_t c0,
-                                          int64_t d, int tid) {
+__device__ __forceinline__ void copy_rows(T* dst, const T* src, int64_t rows, int64_t c0, int64_t d,
+                                          int tid) {
 #pragma unroll
   for (int j = 0; j < RP * 8 / kThreads; ++j) {
     const int u = tid + kThreads * j;
@@ -149,9 +149,8 @@ __device__ __forceinline__ void copy_dz(T* dst, const T* dz, int64_t r0, int64_t
   } else {
     for (int e = tid; e < kTile * RP; e += kThreads) {
       const int row = e / RP, col = e % RP;
-      dst[row * kLdz + col] = r0 + row < rows && col < c.sr
-                                  ? dz[(r0 + row) * c.R + seg * c.sr + col]
-                                  : Cvt<T>::t(0.f);
+      dst[row * kLdz + col] =
+          r0 + row < rows && col < c.sr ? dz[(r0 + row) * c.R + seg * c.sr + col] : Cvt<T>::t(0.f);
     }
   }
 }
@@ -168,8 +167,9 @@ constexpr size_t grad_a_up_smem(int rp, bool prev) {
 }
 constexpr size_t up_smem(int rp, int64_t segments, bool bt) {
   return 2 * (size_t(kTile) * (32 + 8) +
-              size_t(segments) * (size_t(kTile) * (rp + 8) +
-                                  size_t(kStages) * (bt ? size_t(kTile) * (rp + 8) : size_t(rp) * kLd)));
+              size_t(segments) *
+                  (size_t(kTile) * (rp + 8) +
+                   size_t(kStages) * (bt ? size_t(kTile) * (rp + 8) : size_t(rp) * kLd)));
 }
 
 // --- Raw tensor-core fragments (mma.sync m16n8k16, fp32 accumulators), whose register layout is
@@ -177,10 +177,10 @@ constexpr size_t up_smem(int rp, int64_t segments, bool bt) {
 // A (16 x 16, row-major): a[0] = (row g, cols 2t, 2t+1), a[1] = (g + 8, 2t), a[2] = (g, 2t + 8),
 // a[3] = (g + 8, 2t + 8); B (16 x 8): b[0] = (rows 2t, 2t+1, col g), b[1] = (2t + 8, g);
 // C: c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (g + 8, 2t, 2t+1); g = lane / 4, t = lane % 4.
-#define RESLORA_MMA_16816(TYPE)                                                                \
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                         \
-               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                 \
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                 \
+#define RESLORA_MMA_16816(TYPE)                                               \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE         \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n" \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])               \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
 struct Mma {
@@ -248,8 +248,8 @@ __device__ __forceinline__ int swz(int row, int chunk) {
 // Rows [r0, r0 + ROWS) x columns [c0, c0 + 64) of a [rows, d] matrix (zero outside) into a
 // swizzled [ROWS][64] stage. VEC: asynchronous 16-byte copies; otherwise element loads.
 template <typename T, bool VEC, int ROWS>
-__device__ __forceinline__ void copy_swz(T* dst, const T* src, int64_t r0, int64_t rows,
-                                         int64_t c0, int64_t d, int tid) {
+__device__ __forceinline__ void copy_swz(T* dst, const T* src, int64_t r0, int64_t rows, int64_t c0,
+                                         int64_t d, int tid) {
 #pragma unroll
   for (int j = 0; j < (ROWS * 8 + kThreads - 1) / kThreads; ++j) {
     const int u = tid + kThreads * j;
@@ -276,8 +276,7 @@ __device__ __forceinline__ void chunk_masks(uint64_t key, uint64_t flat, uint32_
     const uint64_t pair = flat >> 1;
     const uint32_t block_key = dropout_block_key(key, pair), low = static_cast<uint32_t>(pair);
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
-      m[q] = dropout_pair_mask(mix32((low + q) ^ block_key), threshold);
+    for (int q = 0; q < 4; ++q) m[q] = dropout_pair_mask(mix32((low + q) ^ block_key), threshold);
   } else {
 #pragma unroll
     for (int q = 0; q < 4; ++q)
@@ -329,15 +328,15 @@ __device__ __forceinline__ void mask_stage(T* xs, const T* ps, bool prev, int64_
 template <typename T, bool VEC, int NF>
 __global__ void __launch_bounds__(kThreads, 5)
     down_kernel(const T* __restrict__ x, const T* __restrict__ xp, const T* __restrict__ /*dz*/,
-                const T* __restrict__ A, float* __restrict__ ws, T* __restrict__ /*out2*/,
-                Common c, int64_t n_pad) {
+                const T* __restrict__ A, float* __restrict__ ws, T* __restrict__ /*out2*/, Common c,
+                int64_t n_pad) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   constexpr int RP = 16 * NF;
   extern __shared__ __align__(128) unsigned char smem[];
   const bool prev = xp != nullptr;
-  T* xr = reinterpret_cast<T*>(smem);                       // x stages [kStages][64][64]
-  T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
-  T* ar = pr + (prev ? kStages * kTile * kTile : 0);         // A stages [kStages][RP][64]
+  T* xr = reinterpret_cast<T*>(smem);                 // x stages [kStages][64][64]
+  T* pr = xr + kStages * kTile * kTile;               // x_prev stages, when given
+  T* ar = pr + (prev ? kStages * kTile * kTile : 0);  // A stages [kStages][RP][64]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t4 = lane % 4, j = lane / 8, i8 = lane % 8;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
@@ -346,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 5)
   split_range((c.d + kTile - 1) / kTile, c.per_split, split, &t_begin, &t_end);
   const uint64_t key = dropout_key(c.seed, seg);
   const T* A_seg = A + seg * c.sr * c.d;
-  const int arow = warp * 16 + lane % 16;  // the row whose address this lane gives to ldmatrix
+  const int arow = warp * 16 + lane % 16;   // the row whose address this lane gives to ldmatrix
   const int64_t rg = row0 + warp * 16 + g;  // this thread's fragment rows: rg and rg + 8
 
   float acc[2 * NF][4];
@@ -475,11 +474,11 @@ __device__ __forceinline__ void mma_up_half(float (&acc)[4][4], const T* dseg, c
     for (int np = 0; np < 2; ++np) {  // two 8-column tiles per load
       uint32_t b[4];
       if (BT) {  // M^T rows are B rows: [n][k], no transpose
-        ldmatrix_x4<false>(b, mseg + (half * 32 + np * 16 + (j / 2) * 8 + i8) * kLdz + kk * 16 +
-                                  (j % 2) * 8);
+        ldmatrix_x4<false>(
+            b, mseg + (half * 32 + np * 16 + (j / 2) * 8 + i8) * kLdz + kk * 16 + (j % 2) * 8);
       } else {  // A rows are [k][n]
-        ldmatrix_x4<true>(b, mseg + (kk * 16 + (j % 2) * 8 + i8) * kLd + half * 32 + np * 16 +
-                                 (j / 2) * 8);
+        ldmatrix_x4<true>(
+            b, mseg + (kk * 16 + (j % 2) * 8 + i8) * kLd + half * 32 + np * 16 + (j / 2) * 8);
       }
       Mma<T>::run(acc[2 * np], a, b[0], b[1]);
       Mma<T>::run(acc[2 * np + 1], a, b[2], b[3]);
@@ -521,11 +520,11 @@ __device__ __forceinline__ void grad_a_body(const T* __restrict__ x, const T* __
   constexpr int kLdz = RP + 8;
   extern __shared__ __align__(128) unsigned char smem[];
   const bool prev = xp != nullptr;
-  T* xr = reinterpret_cast<T*>(smem);                       // x stages [kStages][64][64]
-  T* pr = xr + kStages * kTile * kTile;                      // x_prev stages, when given
-  T* dr = pr + (prev ? kStages * kTile * kTile : 0);         // dz stages [kStages][64][kLdz]
-  T* as = dr + kStages * kTile * kLdz;                       // UP: A columns [RP][kLd]
-  T* os = as + RP * kLd;                                     // UP: staged dz A tile [64][kLd]
+  T* xr = reinterpret_cast<T*>(smem);                 // x stages [kStages][64][64]
+  T* pr = xr + kStages * kTile * kTile;               // x_prev stages, when given
+  T* dr = pr + (prev ? kStages * kTile * kTile : 0);  // dz stages [kStages][64][kLdz]
+  T* as = dr + kStages * kTile * kLdz;                // UP: A columns [RP][kLd]
+  T* os = as + RP * kLd;                              // UP: staged dz A tile [64][kLd]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y, seg = UP ? 0 : blockIdx.z;
@@ -557,7 +556,7 @@ __device__ __forceinline__ void grad_a_body(const T* __restrict__ x, const T* __
             __syncthreads();
           }
         } else {
-          // dz A for this warp's 16 rows, in two halves of 32 columns, into the staging tile.
+      // dz A for this warp's 16 rows, in two halves of 32 columns, into the staging tile.
 #pragma unroll 1
           for (int half = 0; half < 2; ++half) {
             float up[4][4];
@@ -565,7 +564,7 @@ __device__ __forceinline__ void grad_a_body(const T* __restrict__ x, const T* __
             stage_half<T>(os + warp * 16 * kLd + half * 32, kLd, up, c.scale, lane);
           }
           __syncthreads();
-          // One mask per element pair for both: x [+ x_prev] in place, the staged tile to memory.
+      // One mask per element pair for both: x [+ x_prev] in place, the staged tile to memory.
 #pragma unroll
           for (int u0 = 0; u0 < kUnits; ++u0) {
             const int u = tid + kThreads * u0;
@@ -651,10 +650,10 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int RP = 16 * NF;
   constexpr int kLdz = RP + 8;
   constexpr int kStage = BT ? kTile * kLdz : RP * kLd;  // elements of one segment's M tile
-  constexpr int kLdo = 32 + 8;  // staging rows of 32 output columns
+  constexpr int kLdo = 32 + 8;                          // staging rows of 32 output columns
   extern __shared__ __align__(128) unsigned char smem[];
-  T* stg = reinterpret_cast<T*>(smem);    // [64][kLdo]: 16 rows per warp
-  T* ds = stg + kTile * kLdo;             // [segments][64][kLdz]
+  T* stg = reinterpret_cast<T*>(smem);     // [64][kLdo]: 16 rows per warp
+  T* ds = stg + kTile * kLdo;              // [segments][64][kLdz]
   T* ms = ds + c.segments * kTile * kLdz;  // [kStages][segments][kStage]
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int g = lane / 4, t4 = lane % 4;
@@ -673,74 +672,77 @@ __global__ void __launch_bounds__(kThreads)
     copy_dz<T, VEC, RP>(ds + seg * kTile * kLdz, dz, row0, c.n, c, seg, tid);
   const float alpha = c.scale;
   const int64_t rg = row0 + warp * 16 + g;  // this thread's rows: rg and rg + 8
-  stream_tiles(t_begin, t_end, [&](int64_t t, int stage) {
-    for (int64_t seg = 0; seg < c.segments; ++seg) {
-      T* dst = ms + (stage * c.segments + seg) * kStage;
-      if (BT) {
-        copy_dz<T, VEC, RP>(dst, M, t * kTile, c.d, c, seg, tid);
-      } else {
-        copy_rows<T, VEC, RP>(dst, M + seg * c.sr * c.d, c.sr, t * kTile, c.d, tid);
-      }
-    }
-  }, [&](int64_t t, int stage) {
-    // Two halves of 32 columns, one after the other, keep the fragments of one half live.
+  stream_tiles(
+      t_begin, t_end,
+      [&](int64_t t, int stage) {
+        for (int64_t seg = 0; seg < c.segments; ++seg) {
+          T* dst = ms + (stage * c.segments + seg) * kStage;
+          if (BT) {
+            copy_dz<T, VEC, RP>(dst, M, t * kTile, c.d, c, seg, tid);
+          } else {
+            copy_rows<T, VEC, RP>(dst, M + seg * c.sr * c.d, c.sr, t * kTile, c.d, tid);
+          }
+        }
+      },
+      [&](int64_t t, int stage) {
+  // Two halves of 32 columns, one after the other, keep the fragments of one half live.
 #pragma unroll 1
-    for (int half = 0; half < 2; ++half) {
-      const int64_t col0 = t * kTile + half * 32;
-      float sum[4][4];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sum[nt][e] = 0.f;
-      for (int64_t seg = 0; seg < c.segments; ++seg) {
-        const T* dseg = ds + seg * kTile * kLdz;
-        const T* mseg = ms + (stage * c.segments + seg) * kStage;
-        float acc[4][4];
-        mma_up_half<T, NF, BT>(acc, dseg, mseg, half, lane, warp);
-        if (c.dropout) {
-          const uint64_t key = dropout_key(seed, seg);
-          const uint64_t flat0 = uint64_t(rg * c.d + col0 + 2 * t4);  // row rg, first pair
+        for (int half = 0; half < 2; ++half) {
+          const int64_t col0 = t * kTile + half * 32;
+          float sum[4][4];
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {  // rows rg and rg + 8
-              const uint32_t keep =
-                  keep2<VEC>(key, flat0 + uint64_t(8 * h * c.d + nt * 8), c.threshold);
-              if (keep & 1u) sum[nt][2 * h] += acc[nt][2 * h];
-              if (keep & 2u) sum[nt][2 * h + 1] += acc[nt][2 * h + 1];
+            for (int e = 0; e < 4; ++e) sum[nt][e] = 0.f;
+          for (int64_t seg = 0; seg < c.segments; ++seg) {
+            const T* dseg = ds + seg * kTile * kLdz;
+            const T* mseg = ms + (stage * c.segments + seg) * kStage;
+            float acc[4][4];
+            mma_up_half<T, NF, BT>(acc, dseg, mseg, half, lane, warp);
+            if (c.dropout) {
+              const uint64_t key = dropout_key(seed, seg);
+              const uint64_t flat0 = uint64_t(rg * c.d + col0 + 2 * t4);  // row rg, first pair
+#pragma unroll
+              for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {  // rows rg and rg + 8
+                  const uint32_t keep =
+                      keep2<VEC>(key, flat0 + uint64_t(8 * h * c.d + nt * 8), c.threshold);
+                  if (keep & 1u) sum[nt][2 * h] += acc[nt][2 * h];
+                  if (keep & 2u) sum[nt][2 * h + 1] += acc[nt][2 * h + 1];
+                }
+            } else {
+#pragma unroll
+              for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sum[nt][e] += acc[nt][e];
             }
-        } else {
+          }
+          if (VEC) {
+            // Through the warp's own staging rows: 16-byte stores, each row's 64 bytes whole
+            // sectors (4-byte stores straight from the fragments halve the store throughput).
+            stage_half<T>(stg + warp * 16 * kLdo, kLdo, sum, alpha, lane);
+            __syncwarp();
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt)
+            for (int i = 0; i < 2; ++i) {
+              const int r = lane / 4 + 8 * i, cu = (lane % 4) * 8;
+              const int64_t row = row0 + warp * 16 + r, col = col0 + cu;
+              const uint4 v = *reinterpret_cast<const uint4*>(stg + (warp * 16 + r) * kLdo + cu);
+              if (row < c.n && col < c.d) *reinterpret_cast<uint4*>(out + row * c.d + col) = v;
+            }
+            __syncwarp();  // the staging rows are rewritten by the next half
+          } else {
 #pragma unroll
-            for (int e = 0; e < 4; ++e) sum[nt][e] += acc[nt][e];
+            for (int nt = 0; nt < 4; ++nt) {
+              const int64_t col = col0 + nt * 8 + 2 * t4;
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+                store_pair<T>(out, rg + 8 * h, col, c, alpha * sum[nt][2 * h],
+                              alpha * sum[nt][2 * h + 1]);
+            }
+          }
         }
-      }
-      if (VEC) {
-        // Through the warp's own staging rows: 16-byte stores, each row's 64 bytes whole
-        // sectors (4-byte stores straight from the fragments halve the store throughput).
-        stage_half<T>(stg + warp * 16 * kLdo, kLdo, sum, alpha, lane);
-        __syncwarp();
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const int r = lane / 4 + 8 * i, cu = (lane % 4) * 8;
-          const int64_t row = row0 + warp * 16 + r, col = col0 + cu;
-          const uint4 v = *reinterpret_cast<const uint4*>(stg + (warp * 16 + r) * kLdo + cu);
-          if (row < c.n && col < c.d) *reinterpret_cast<uint4*>(out + row * c.d + col) = v;
-        }
-        __syncwarp();  // the staging rows are rewritten by the next half
-      } else {
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          const int64_t col = col0 + nt * 8 + 2 * t4;
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            store_pair<T>(out, rg + 8 * h, col, c, alpha * sum[nt][2 * h],
-                          alpha * sum[nt][2 * h + 1]);
-        }
-      }
-    }
-  });
+      });
 #endif
 }
 
@@ -799,11 +801,16 @@ Plan make_plan(LowRankOp op, const LowRankParams& p, int num_sms, int blocks_per
 
 size_t smem_bytes(LowRankOp op, const LowRankParams& p, int rp) {
   switch (op) {
-    case LowRankOp::kDown: return down_smem(rp, p.x_prev != nullptr);
-    case LowRankOp::kGradA: return grad_a_smem(rp, p.x_prev != nullptr);
-    case LowRankOp::kGradAUpDx: return grad_a_up_smem(rp, p.x_prev != nullptr);
-    case LowRankOp::kUpDx: return up_smem(rp, p.segments, false);
-    case LowRankOp::kUpOut: return up_smem(rp, p.segments, true);
+    case LowRankOp::kDown:
+      return down_smem(rp, p.x_prev != nullptr);
+    case LowRankOp::kGradA:
+      return grad_a_smem(rp, p.x_prev != nullptr);
+    case LowRankOp::kGradAUpDx:
+      return grad_a_up_smem(rp, p.x_prev != nullptr);
+    case LowRankOp::kUpDx:
+      return up_smem(rp, p.segments, false);
+    case LowRankOp::kUpOut:
+      return up_smem(rp, p.segments, true);
   }
   return 0;
 }
@@ -905,9 +912,8 @@ cudaError_t launch(LowRankOp op, const LowRankParams& p, int num_sms, size_t sme
     const int64_t outputs = c.R * other;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(1024, cdiv(outputs, 256)));
     reduce_splits_kernel<T><<<blocks, 256, 0, stream>>>(p.workspace, static_cast<T*>(p.out), c,
-                                                        /*rank_cols=*/row_tiles, other,
-                                                        pl.splits, pad,
-                                                        static_cast<int>(pl.rp));
+                                                        /*rank_cols=*/row_tiles, other, pl.splits,
+                                                        pad, static_cast<int>(pl.rp));
   }
   return cudaSuccess;
 }
@@ -940,10 +946,14 @@ cudaError_t launch_op(LowRankOp op, const LowRankParams& p, int num_sms, cudaStr
 template <typename T, bool VEC>
 cudaError_t launch_rank(LowRankOp op, const LowRankParams& p, int num_sms, cudaStream_t stream) {
   switch (cdiv(p.segment_rank, 16)) {
-    case 1: return launch_op<T, VEC, 1>(op, p, num_sms, stream);
-    case 2: return launch_op<T, VEC, 2>(op, p, num_sms, stream);
-    case 3: return launch_op<T, VEC, 3>(op, p, num_sms, stream);
-    default: return launch_op<T, VEC, 4>(op, p, num_sms, stream);
+    case 1:
+      return launch_op<T, VEC, 1>(op, p, num_sms, stream);
+    case 2:
+      return launch_op<T, VEC, 2>(op, p, num_sms, stream);
+    case 3:
+      return launch_op<T, VEC, 3>(op, p, num_sms, stream);
+    default:
+      return launch_op<T, VEC, 4>(op, p, num_sms, stream);
   }
 }
 
@@ -952,11 +962,10 @@ cudaError_t launch_typed(LowRankOp op, const LowRankParams& p, int num_sms, cuda
   const int64_t R = p.segments * p.segment_rank;
   // Fast path: 16-byte copies of x / x_prev / A / out, 4-byte copies of dz element pairs (of z
   // and B rows for up_out).
-  const bool vec = p.d % 8 == 0 && aligned(p.x, 16) && aligned(p.x_prev, 16) &&
-                   aligned(p.A, 16) && aligned(p.out, 16) && aligned(p.out2, 16) &&
-                   aligned(p.out2_copy, 16) &&
-                   (op == LowRankOp::kDown ||
-                    (R % 2 == 0 && p.segment_rank % 2 == 0 && aligned(p.dz, 4)));
+  const bool vec =
+      p.d % 8 == 0 && aligned(p.x, 16) && aligned(p.x_prev, 16) && aligned(p.A, 16) &&
+      aligned(p.out, 16) && aligned(p.out2, 16) && aligned(p.out2_copy, 16) &&
+      (op == LowRankOp::kDown || (R % 2 == 0 && p.segment_rank % 2 == 0 && aligned(p.dz, 4)));
   return vec ? launch_rank<T, true>(op, p, num_sms, stream)
              : launch_rank<T, false>(op, p, num_sms, stream);
 }
@@ -984,7 +993,8 @@ size_t lowrank_workspace_floats(LowRankOp op, const LowRankParams& params, int n
     case LowRankOp::kGradAUpDx:
       return static_cast<size_t>(pl.splits * params.segments * pl.rp * pl.d_pad);
     case LowRankOp::kUpDx:
-    case LowRankOp::kUpOut: return 0;
+    case LowRankOp::kUpOut:
+      return 0;
   }
   return 0;
 }
@@ -1002,9 +1012,12 @@ cudaError_t lowrank_launch(LowRankOp op, const LowRankParams& params, DType dtyp
     return cudaErrorInvalidValue;
   if (op != LowRankOp::kGradAUpDx && params.out2_copy != nullptr) return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kFloat16: return launch_typed<__half>(op, params, num_sms, stream);
-    case DType::kBFloat16: return launch_typed<__nv_bfloat16>(op, params, num_sms, stream);
-    default: return cudaErrorInvalidValue;
+    case DType::kFloat16:
+      return launch_typed<__half>(op, params, num_sms, stream);
+    case DType::kBFloat16:
+      return launch_typed<__nv_bfloat16>(op, params, num_sms, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
 }
 

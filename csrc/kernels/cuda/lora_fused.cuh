@@ -47,9 +47,9 @@ struct LowRankParams {
   int64_t d = 0;
   int64_t segments = 1;
   int64_t segment_rank = 0;
-  float p = 0.f;                 // dropout probability in [0, 1); 0 for up_out
-  float alpha = 1.f;             // factor on the result (the LoRA scaling of up_out)
-  DropoutSeed seed;              // the pass seed on the device (see dropout_hash.h)
+  float p = 0.f;      // dropout probability in [0, 1); 0 for up_out
+  float alpha = 1.f;  // factor on the result (the LoRA scaling of up_out)
+  DropoutSeed seed;   // the pass seed on the device (see dropout_hash.h)
 };
 
 enum class LowRankOp { kDown, kGradA, kUpDx, kUpOut, kGradAUpDx };

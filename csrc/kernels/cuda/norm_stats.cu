@@ -95,8 +95,8 @@ template <typename T, typename Acc>
 cudaError_t launch(const NormStatsParams& p, cudaStream_t stream) {
   sumsq_kernel<T, Acc><<<p.blocks, kThreads, 0, stream>>>(
       static_cast<const T*>(p.x), p.nx, static_cast<const T*>(p.z), p.nz, p.workspace);
-  finalize_kernel<<<1, kThreads, 0, stream>>>(p.workspace, p.blocks, p.ring_x, p.ring_z,
-                                               p.ring_len, p.count);
+  finalize_kernel<<<1, kThreads, 0, stream>>>(p.workspace, p.blocks, p.ring_x, p.ring_z, p.ring_len,
+                                              p.count);
   return cudaGetLastError();
 }
 
@@ -115,10 +115,14 @@ cudaError_t norm_stats_launch(const NormStatsParams& p, DType dtype, cudaStream_
       p.ring_x == nullptr || p.ring_z == nullptr || p.workspace == nullptr)
     return cudaErrorInvalidValue;
   switch (dtype) {
-    case DType::kFloat16: return launch<__half, float>(p, stream);
-    case DType::kBFloat16: return launch<__nv_bfloat16, float>(p, stream);
-    case DType::kFloat32: return launch<float, float>(p, stream);
-    case DType::kFloat64: return launch<double, double>(p, stream);
+    case DType::kFloat16:
+      return launch<__half, float>(p, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16, float>(p, stream);
+    case DType::kFloat32:
+      return launch<float, float>(p, stream);
+    case DType::kFloat64:
+      return launch<double, double>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

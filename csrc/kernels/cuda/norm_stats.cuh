@@ -23,7 +23,7 @@ struct NormStatsParams {
   float* ring_x = nullptr;  // [ring_len]
   float* ring_z = nullptr;  // [ring_len]
   int64_t ring_len = 0;
-  int64_t* count = nullptr;  // one element: the slot is count % ring_len; incremented
+  int64_t* count = nullptr;     // one element: the slot is count % ring_len; incremented
   double* workspace = nullptr;  // norm_stats_workspace_doubles(blocks)
   int blocks = 0;               // norm_stats_blocks(...)
 };

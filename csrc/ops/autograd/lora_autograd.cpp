@@ -36,7 +36,7 @@ class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& x_prev, const at::Tensor& A,
                             double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset, int64_t segment_rank) {
+                            int64_t seed_offset, int64_t segment_rank) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // Only the inputs are kept: the dropout mask and the is-sum x + x_prev are recomputed.
     // The seed tensor too: backward regenerates the masks from the value this pass drew.
@@ -60,8 +60,10 @@ class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
         ctx->saved_data["segment_rank"].toInt(), need_x);
     if (!need_x) grad_x = at::Tensor();
     // The input shortcut is a sum, so x and x_prev receive the same gradient.
-    return {grad_x, x_prev.has_value() ? grad_x : at::Tensor(), grad_A,
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_x,       x_prev.has_value() ? grad_x : at::Tensor(),
+            grad_A,       at::Tensor(),
+            at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -74,7 +76,8 @@ class LoraUpFunction : public torch::autograd::Function<LoraUpFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({weight, z, B});
     ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["bias_dtype"] = bias_needs_grad(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
+    ctx->saved_data["bias_dtype"] =
+        bias_needs_grad(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
     ctx->saved_data["need_x"] = x.requires_grad();
     return lora_up(x, weight, bias, z, B, scaling);
   }
@@ -82,12 +85,13 @@ class LoraUpFunction : public torch::autograd::Function<LoraUpFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool need_x = ctx->saved_data["need_x"].toBool();
-    auto [grad_x, grad_z, grad_B] = lora_up_backward(
-        grads[0], saved[0], saved[1], saved[2], ctx->saved_data["scaling"].toDouble(), need_x);
+    auto [grad_x, grad_z, grad_B] = lora_up_backward(grads[0], saved[0], saved[1], saved[2],
+                                                     ctx->saved_data["scaling"].toDouble(), need_x);
     if (!need_x) grad_x = at::Tensor();
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
-    at::Tensor grad_bias =
-        bias_dtype >= 0 ? bias_grad(grads[0], static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
+    at::Tensor grad_bias = bias_dtype >= 0
+                               ? bias_grad(grads[0], static_cast<at::ScalarType>(bias_dtype))
+                               : at::Tensor();
     return {grad_x, at::Tensor(), grad_bias, grad_z, grad_B, at::Tensor()};
   }
 };
@@ -98,16 +102,16 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& A,
                                const at::Tensor& B, const std::optional<at::Tensor>& z_extra,
-                               double scaling, double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset,
+                               double scaling, double dropout,
+                               const std::optional<at::Tensor>& seed, int64_t seed_offset,
                                int64_t segment_rank) {
     check_frozen("lora_linear", weight);
     // z is often unused downstream (every variant but ms): its gradient then stays undefined
     // instead of a zero tensor that backward would add.
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, seed_offset,
-                              segment_rank);
+    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
+                              seed_offset, segment_rank);
     // Inputs and the rank-R z only: masks and the is-sum are recomputed in backward.
     // The seed tensor too: backward regenerates the masks from the value this pass drew.
     ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), weight, A, B, z,
@@ -118,7 +122,8 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     ctx->saved_data["segment_rank"] = segment_rank;
     ctx->saved_data["need_x"] =
         x.requires_grad() || (x_prev.has_value() && x_prev->requires_grad());
-    ctx->saved_data["bias_dtype"] = bias_needs_grad(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
+    ctx->saved_data["bias_dtype"] =
+        bias_needs_grad(bias) ? static_cast<int64_t>(bias->scalar_type()) : -1;
     return {y, z};
   }
 
@@ -141,26 +146,34 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     at::Tensor grad_bias =
         bias_dtype >= 0 ? bias_grad(grad_y, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
-    return {need_x ? gx : at::Tensor(), (need_x && s[1].defined()) ? gxp : at::Tensor(),
-            at::Tensor(), grad_bias, gA, gB, s[6].defined() ? gze : at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {need_x ? gx : at::Tensor(),
+            (need_x && s[1].defined()) ? gxp : at::Tensor(),
+            at::Tensor(),
+            grad_bias,
+            gA,
+            gB,
+            s[6].defined() ? gze : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset,
-    int64_t segment_rank) {
+    const std::optional<at::Tensor>& z_extra, double scaling, double dropout,
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank) {
   auto out = LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout,
                                        seed, seed_offset, segment_rank);
   return {out[0], out[1]};
 }
 
 at::Tensor lora_down_autograd(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                              const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
-    int64_t seed_offset,
+                              const at::Tensor& A, double dropout,
+                              const std::optional<at::Tensor>& seed, int64_t seed_offset,
                               int64_t segment_rank) {
   return LoraDownFunction::apply(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
 }

@@ -18,38 +18,41 @@ void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& 
   const float pf = static_cast<float>(p);
   const uint32_t threshold = kernels::dropout_threshold(pf);
   const uint64_t key = kernels::dropout_key(seed, static_cast<uint64_t>(segment));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_apply_cpu",
-                                  [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    // Same arithmetic as the CUDA kernel: p rounded to float, scale in the accumulation type.
-    const acc_t scale = acc_t(1) / (acc_t(1) - static_cast<acc_t>(pf));
-    const scalar_t* xs = xc.const_data_ptr<scalar_t>();
-    const scalar_t* ps = xpc != nullptr ? xpc->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* os = out.mutable_data_ptr<scalar_t>();
-    const int64_t pairs = (n + 1) / 2;
-    at::parallel_for(0, pairs, 1 << 12, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        const uint32_t bits = kernels::dropout_pair_bits(key, static_cast<uint64_t>(g));
-        for (int64_t lane = 0; lane < 2 && 2 * g + lane < n; ++lane) {
-          const int64_t i = 2 * g + lane;
-          acc_t v = static_cast<acc_t>(xs[i]);
-          if (ps != nullptr) v += static_cast<acc_t>(ps[i]);
-          const acc_t m = kernels::dropout_keep_lane(bits, lane, threshold) ? v * scale : acc_t(0);
-          os[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(os[i]) + m : m);
-        }
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, xc.scalar_type(), "dropout_apply_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        // Same arithmetic as the CUDA kernel: p rounded to float, scale in the accumulation type.
+        const acc_t scale = acc_t(1) / (acc_t(1) - static_cast<acc_t>(pf));
+        const scalar_t* xs = xc.const_data_ptr<scalar_t>();
+        const scalar_t* ps = xpc != nullptr ? xpc->const_data_ptr<scalar_t>() : nullptr;
+        scalar_t* os = out.mutable_data_ptr<scalar_t>();
+        const int64_t pairs = (n + 1) / 2;
+        at::parallel_for(0, pairs, 1 << 12, [&](int64_t begin, int64_t end) {
+          for (int64_t g = begin; g < end; ++g) {
+            const uint32_t bits = kernels::dropout_pair_bits(key, static_cast<uint64_t>(g));
+            for (int64_t lane = 0; lane < 2 && 2 * g + lane < n; ++lane) {
+              const int64_t i = 2 * g + lane;
+              acc_t v = static_cast<acc_t>(xs[i]);
+              if (ps != nullptr) v += static_cast<acc_t>(ps[i]);
+              const acc_t m =
+                  kernels::dropout_keep_lane(bits, lane, threshold) ? v * scale : acc_t(0);
+              os[i] = static_cast<scalar_t>(accumulate ? static_cast<acc_t>(os[i]) + m : m);
+            }
+          }
+        });
+      });
 }
 
 constexpr detail::KernelSet kCpuKernels{&detail::dropout_sum_with<&dropout_apply_cpu>,
-                                         &detail::masked_accumulate_with<&dropout_apply_cpu>,
-                                         nullptr, nullptr, nullptr, nullptr, nullptr};
+                                        &detail::masked_accumulate_with<&dropout_apply_cpu>,
+                                        nullptr,
+                                        nullptr,
+                                        nullptr,
+                                        nullptr,
+                                        nullptr};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reslora, CPU, m) {
-  detail::Backend<&kCpuKernels>::register_kernels(m);
-}
+TORCH_LIBRARY_IMPL(reslora, CPU, m) { detail::Backend<&kCpuKernels>::register_kernels(m); }
 
 }  // namespace reslora

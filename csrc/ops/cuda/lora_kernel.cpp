@@ -16,16 +16,22 @@ namespace {
 
 kernels::DType to_kernel_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return kernels::DType::kFloat32;
-    case at::kDouble: return kernels::DType::kFloat64;
-    case at::kHalf: return kernels::DType::kFloat16;
-    case at::kBFloat16: return kernels::DType::kBFloat16;
-    default: TORCH_CHECK(false, "reslora: unsupported dtype for the CUDA dropout kernel: ", t);
+    case at::kFloat:
+      return kernels::DType::kFloat32;
+    case at::kDouble:
+      return kernels::DType::kFloat64;
+    case at::kHalf:
+      return kernels::DType::kFloat16;
+    case at::kBFloat16:
+      return kernels::DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "reslora: unsupported dtype for the CUDA dropout kernel: ", t);
   }
 }
 
 void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                        bool accumulate, double p, const kernels::DropoutSeed& seed, int64_t segment) {
+                        bool accumulate, double p, const kernels::DropoutSeed& seed,
+                        int64_t segment) {
   if (xc.numel() == 0) return;
   // The launch goes to the current stream of x's device, whatever device is current.
   const c10::cuda::CUDAGuard guard(xc.device());
@@ -40,8 +46,8 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
   prm.segment = static_cast<uint64_t>(segment);
   const cudaError_t err = kernels::dropout_add(prm, to_kernel_dtype(xc.scalar_type()),
                                                at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "reslora: dropout kernel launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              "reslora: dropout kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // The fused kernels take the problem when its dtype, segment rank and device allow. Without
@@ -87,15 +93,15 @@ void launch_lowrank(kernels::LowRankOp op, kernels::LowRankParams& prm, const at
   }
   const cudaError_t err = kernels::lowrank_launch(op, prm, to_kernel_dtype(like.scalar_type()),
                                                   fp.num_sms, at::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(err == cudaSuccess, "reslora: fused low-rank kernel launch failed: ",
-              cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess,
+              "reslora: fused low-rank kernel launch failed: ", cudaGetErrorString(err));
 }
 
 // The two reductions over x: down (z = drop(x [+ x_prev]) A^T, [N, R]) and grad_A
 // (dz^T drop(x [+ x_prev]), [R, d]); `operand` is A for the first and dz for the second.
 bool fused_over_x(kernels::LowRankOp op, const at::Tensor& x2, const at::Tensor& xp2,
-                  const at::Tensor& A, const at::Tensor& operand, double p, const kernels::DropoutSeed& seed,
-                  int64_t segment_rank, at::Tensor* out) {
+                  const at::Tensor& A, const at::Tensor& operand, double p,
+                  const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* out) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok) return false;
@@ -120,13 +126,13 @@ bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tens
 }
 
 bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                       const at::Tensor& A, double p, const kernels::DropoutSeed& seed, int64_t segment_rank,
-                       at::Tensor* grad_A) {
+                       const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                       int64_t segment_rank, at::Tensor* grad_A) {
   return fused_over_x(kernels::LowRankOp::kGradA, x2, xp2, A, dz, p, seed, segment_rank, grad_A);
 }
 
-bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
-                      int64_t segment_rank, at::Tensor* out) {
+bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p,
+                      const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* out) {
   const int64_t n = dz.size(0), d = A.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank, false);
   if (!fp.ok) return false;
@@ -172,8 +178,8 @@ bool fused_up_out_cuda(const at::Tensor& z2, const at::Tensor& B, double scaling
 // grad_A and the low-rank dx of a one-segment problem in one pass over x (the mask of each
 // element pair made once for both), and a second copy of the dx when grad_x_copy is given.
 bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                             const at::Tensor& A, double p, const kernels::DropoutSeed& seed, int64_t segment_rank,
-                             at::Tensor* grad_A, at::Tensor* grad_x,
+                             const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                             int64_t segment_rank, at::Tensor* grad_A, at::Tensor* grad_x,
                              at::Tensor* grad_x_copy) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
@@ -200,13 +206,14 @@ bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const a
 
 constexpr detail::KernelSet kCudaKernels{&detail::dropout_sum_with<&dropout_apply_cuda>,
                                          &detail::masked_accumulate_with<&dropout_apply_cuda>,
-                                         &fused_down_cuda, &fused_grad_A_cuda, &fused_up_dx_cuda,
-                                         &fused_up_out_cuda, &fused_grad_A_up_dx_cuda};
+                                         &fused_down_cuda,
+                                         &fused_grad_A_cuda,
+                                         &fused_up_dx_cuda,
+                                         &fused_up_out_cuda,
+                                         &fused_grad_A_up_dx_cuda};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reslora, CUDA, m) {
-  detail::Backend<&kCudaKernels>::register_kernels(m);
-}
+TORCH_LIBRARY_IMPL(reslora, CUDA, m) { detail::Backend<&kCudaKernels>::register_kernels(m); }
 
 }  // namespace reslora
