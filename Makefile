@@ -1,16 +1,20 @@
-# make test: installs what is missing, builds (CMake through setup.py), builds and runs the C++
+# make test: installs what is missing, lints, builds (CMake through setup.py), builds and runs the C++
 # example against the installed library, runs ctest and pytest.
 # make demo: the main job (see README).
 PYTHON ?= python3
 BUILD_DIR ?= build/cmake
 export PYTHON
 
-.PHONY: test deps build ctest pytest cpp-example demo study clean
+.PHONY: test deps lint build ctest pytest cpp-example demo study clean
 
-test: deps build cpp-example ctest pytest
+test: deps lint build cpp-example ctest pytest
 
 deps:
 	bash scripts/install_deps.sh
+
+# ruff (check, format) and clang-format, pinned; installed when missing, skipped offline.
+lint:
+	bash scripts/lint.sh
 
 build:
 	RESLORA_BUILD_TESTS=1 RESLORA_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pip install --no-build-isolation --no-deps -e .

@@ -62,7 +62,6 @@ class CMakeBuild(build_ext):
             shutil.copy2(built, target)
 
 
-
 def torch_requirement():
     """The torch the package is built against, as the loader checks it (same release): a build
     only loads next to that torch. Without an importable torch (an sdist, say): >= 2.4."""

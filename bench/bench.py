@@ -63,8 +63,9 @@ def peft_wrap(model, targets, dropout, fp32_adapters):
 
 
 def ours_wrap(model, targets, variant, dropout, pre_num=1):
-    cfg = reslora.ResLoRAConfig(variant=variant, r=R, lora_alpha=2 * R, lora_dropout=dropout,
-                                pre_num=pre_num, target_modules=targets)
+    cfg = reslora.ResLoRAConfig(
+        variant=variant, r=R, lora_alpha=2 * R, lora_dropout=dropout, pre_num=pre_num, target_modules=targets
+    )
     return reslora.get_reslora_model(model, cfg)
 
 
@@ -142,6 +143,7 @@ def graph_step(base, wrap, x, g, targets):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         model(x).backward(g)
+
     def step():
         graph.replay()
 
@@ -153,11 +155,23 @@ def llama(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if args.quick:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                          num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+        )
     else:
-        cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                          num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+        )
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -220,8 +234,12 @@ def bench_inference(args):
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = llama(args).eval()
     rows = []
-    for name, variant in [("frozen base", None), ("reslora is, merged", "is"),
-                          ("reslora bs, merged", "bs"), ("reslora ms, merged", "ms")]:
+    for name, variant in [
+        ("frozen base", None),
+        ("reslora is, merged", "is"),
+        ("reslora bs, merged", "bs"),
+        ("reslora ms, merged", "ms"),
+    ]:
 
         def make_step(variant=variant):
             model = copy.deepcopy(base)
@@ -247,8 +265,12 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeat", type=int, default=20)
-    ap.add_argument("--only", choices=["eager", "compiled"], default="eager",
-                    help="eager: every workload; compiled: the Llama step under torch.compile")
+    ap.add_argument(
+        "--only",
+        choices=["eager", "compiled"],
+        default="eager",
+        help="eager: every workload; compiled: the Llama step under torch.compile",
+    )
     ap.add_argument("--out", default=os.path.join("bench", "results"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -266,34 +288,50 @@ def main():
         "dtype": "bfloat16",
     }
     workloads = []
-    step_name = ("Llama training step, " + ("1024 hidden, 4 layers, batch 2 x 512" if args.quick else
-                 "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024")
-                 + ", all 7 projections, AdamW")
+    step_name = (
+        "Llama training step, "
+        + (
+            "1024 hidden, 4 layers, batch 2 x 512"
+            if args.quick
+            else "2048 hidden, 5632 MLP, 22 layers, 32 heads, 4 KV heads, batch 8 x 1024"
+        )
+        + ", all 7 projections, AdamW"
+    )
     if args.only == "compiled":
         torch._dynamo.config.cache_size_limit = 64  # one model per configuration
         workloads.append((step_name + ", under torch.compile", bench_training_step(args, True)))
     elif args.quick:
         workloads.append(("8 layers 1024x1024, 2048 tokens, fwd+bwd", bench_chain(1024, 2048, args)))
-        workloads.append(("8 layers 1024x1024, 16 tokens, fwd+bwd captured in a CUDA graph",
-                          bench_chain(1024, 16, args, graph=True)))
+        workloads.append(
+            ("8 layers 1024x1024, 16 tokens, fwd+bwd captured in a CUDA graph", bench_chain(1024, 16, args, graph=True))
+        )
     else:
         workloads.append(("8 layers 4096x4096, 8192 tokens, fwd+bwd", bench_chain(4096, 8192, args)))
         workloads.append(("8 layers 2048x2048, 8192 tokens, fwd+bwd", bench_chain(2048, 8192, args)))
         workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd", bench_chain(4096, 16, args)))
-        workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd captured in a CUDA graph",
-                          bench_chain(4096, 16, args, graph=True)))
+        workloads.append(
+            ("8 layers 4096x4096, 16 tokens, fwd+bwd captured in a CUDA graph", bench_chain(4096, 16, args, graph=True))
+        )
     if args.only == "eager":
         workloads.append((step_name, bench_training_step(args)))
-        workloads.append(("Inference forward after merge_to_lora() + merge_and_unload(), same Llama",
-                          bench_inference(args)))
+        workloads.append(
+            ("Inference forward after merge_to_lora() + merge_and_unload(), same Llama", bench_inference(args))
+        )
 
-    lines = [f"GPU: {info['gpu']} | torch {info['torch']} (CUDA {info['cuda']}) | peft {info['peft']} "
-             f"| reslora {info['reslora']['version']} (CUDA kernels: {info['reslora']['cuda_kernels']}) "
-             f"| {info['date']} | bf16, r = {R}, median of {args.repeat} after {args.warmup} warm-up", ""]
+    lines = [
+        f"GPU: {info['gpu']} | torch {info['torch']} (CUDA {info['cuda']}) | peft {info['peft']} "
+        f"| reslora {info['reslora']['version']} (CUDA kernels: {info['reslora']['cuda_kernels']}) "
+        f"| {info['date']} | bf16, r = {R}, median of {args.repeat} after {args.warmup} warm-up",
+        "",
+    ]
     for wname, rows in workloads:
         base_ms = rows[0][1]
-        lines += [f"### {wname}", "", "| configuration | time (ms) | ratio to base | peak memory (GiB) |",
-                  "|---|---|---|---|"]
+        lines += [
+            f"### {wname}",
+            "",
+            "| configuration | time (ms) | ratio to base | peak memory (GiB) |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {n} | {ms:.3f} | {ms / base_ms:.2f} | {mem:.2f} |" for n, ms, mem in rows]
         lines.append("")
     text = "\n".join(lines)
@@ -303,9 +341,17 @@ def main():
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump({"info": info, "workloads": [
-            {"name": w, "rows": [{"config": n, "ms": ms, "peak_gib": mem} for n, ms, mem in rows]}
-            for w, rows in workloads]}, f, indent=2)
+        json.dump(
+            {
+                "info": info,
+                "workloads": [
+                    {"name": w, "rows": [{"config": n, "ms": ms, "peak_gib": mem} for n, ms, mem in rows]}
+                    for w, rows in workloads
+                ],
+            },
+            f,
+            indent=2,
+        )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,12 @@ def main():
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--llama", action="store_true", help="the Llama training step of bench.py")
     ap.add_argument("--host", action="store_true", help="host issue time and host-side operators")
-    ap.add_argument("--only", action="append", default=[],
-                    help="profile only the configurations whose name contains this (repeatable)")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="profile only the configurations whose name contains this (repeatable)",
+    )
     args = ap.parse_args()
     args.quick = False
     if args.llama:
@@ -54,8 +58,9 @@ def selected(args, skip=()):
     choices = [(n, w) for n, w in bench.configs(args.dropout) if "default" not in n and n not in skip]
     for o in args.only:
         if not any(o in n for n, _ in choices):
-            raise SystemExit(f"--only {o!r} matches no configuration; the names are: "
-                             + "; ".join(n for n, _ in choices))
+            raise SystemExit(
+                f"--only {o!r} matches no configuration; the names are: " + "; ".join(n for n, _ in choices)
+            )
     return [(n, w) for n, w in choices if not args.only or any(o in n for o in args.only)]
 
 
@@ -71,8 +76,7 @@ def report(name, step, args, steps=5):
         torch.cuda.synchronize()
     total = sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1000
     print(f"\n=== {name}: {total:.3f} ms of kernels per step")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows,
-                                    max_name_column_width=90))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=90))
 
 
 def report_host(name, step, args, steps):
@@ -98,15 +102,16 @@ def report_host(name, step, args, steps):
     torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     syncs = sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
-    print(f"\n=== {name}: GPU {run[steps // 2]:.3f} ms per step, host issue {issue[steps // 2]:.3f} ms, "
-          f"host-device syncs in a step: {len(syncs)}")
+    print(
+        f"\n=== {name}: GPU {run[steps // 2]:.3f} ms per step, host issue {issue[steps // 2]:.3f} ms, "
+        f"host-device syncs in a step: {len(syncs)}"
+    )
     for s in syncs:
         print("    sync:", s)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,
-                                    max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 def profile_llama(args):

@@ -15,16 +15,25 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "python"))
-import reslora  # noqa: E402
-from hf_models import batch, make  # noqa: E402
+import reslora
+
+from hf_models import batch, make
 
 CONFIGS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", -1), ("ms", 1), ("ms", -1)]
 
 
 def model_for(variant, pre_num):
-    m = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(
-        variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=0.05,
-        target_modules=["q_proj", "v_proj", "up_proj"])).cuda()
+    m = reslora.get_reslora_model(
+        make("llama"),
+        reslora.ResLoRAConfig(
+            variant=variant,
+            pre_num=pre_num,
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.05,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+        ),
+    ).cuda()
     torch.manual_seed(1)
     for blk in m.blocks.values():
         torch.nn.init.normal_(blk.lora_B, std=0.1)
@@ -50,14 +59,19 @@ def main():
     dist.init_process_group("nccl", rank=0, world_size=1)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
     from reslora.layers import _full
 
     torch.cuda.set_device(0)
     mesh = init_device_mesh("cuda", (1,))
     scratch = tempfile.mkdtemp()  # the checkpoints (not part of the results)
-    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-           "nccl": ".".join(map(str, torch.cuda.nccl.version())), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "runs": {}}
+    out = {
+        "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "runs": {},
+    }
     for variant, pre_num in CONFIGS:
         ref = model_for(variant, pre_num)
         train(ref, ref)
@@ -71,19 +85,25 @@ def main():
             else:
                 run = torch.nn.parallel.DistributedDataParallel(model)
             train(run, model)
-            diff = max((_full(b.lora_A) - ref.blocks[n].lora_A).abs().max().item()
-                       for n, b in model.blocks.items())
+            diff = max((_full(b.lora_A) - ref.blocks[n].lora_A).abs().max().item() for n, b in model.blocks.items())
             ckpt = os.path.join(scratch, f"{engine}-{variant}{pre_num}")
             model.save_pretrained(ckpt)
             back = reslora.ResLoRAModel.from_pretrained(make("llama"), ckpt)
-            reload_diff = max((back.blocks[n].lora_A - ref.blocks[n].lora_A.cpu()).abs().max().item() for n in back.blocks)
+            reload_diff = max(
+                (back.blocks[n].lora_A - ref.blocks[n].lora_A.cpu()).abs().max().item() for n in back.blocks
+            )
             merged = None
             if not (engine == "fsdp2" and variant == "bs"):
                 model.merge_to_lora()
                 ref_m = copy.deepcopy(ref).merge_to_lora()
-                merged = max((_full(b.lora_A) - ref_m.blocks[n].lora_A).abs().max().item() for n, b in model.blocks.items())
+                merged = max(
+                    (_full(b.lora_A) - ref_m.blocks[n].lora_A).abs().max().item() for n, b in model.blocks.items()
+                )
             out["runs"][f"{engine} {variant} pre_num {pre_num}"] = {
-                "max |A - A_single|": diff, "reloaded": reload_diff, "merged": merged}
+                "max |A - A_single|": diff,
+                "reloaded": reload_diff,
+                "merged": merged,
+            }
             print(engine, variant, pre_num, diff, reload_diff, merged, flush=True)
     dist.destroy_process_group()
     with open(os.path.join(args.out, "nccl_smoke.json"), "w") as f:

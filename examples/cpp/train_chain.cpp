@@ -14,8 +14,9 @@ int main() {
   std::printf("reslora %s (torch %s)\n", info.version.c_str(), info.torch_version.c_str());
   ResLoRAChain chain("mlp.up_proj");
   for (int layer = 0; layer < 4; ++layer) {
-    chain->push_back(ResLoRALinear(torch::randn({32, 32}) * 0.2, torch::zeros({32}),
-                                   ResLoRAOptions(4).variant(Variant::kMS).lora_alpha(8).dropout(0.1)));
+    chain->push_back(
+        ResLoRALinear(torch::randn({32, 32}) * 0.2, torch::zeros({32}),
+                      ResLoRAOptions(4).variant(Variant::kMS).lora_alpha(8).dropout(0.1)));
   }
   torch::optim::AdamW opt(chain->parameters(), torch::optim::AdamWOptions(1e-2));
   const auto x = torch::randn({64, 32});

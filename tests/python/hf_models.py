@@ -8,8 +8,14 @@ transformers = __import__("pytest").importorskip("transformers")
 def _decoder(family):
     """A 3-layer decoder of a Llama-like family ("Llama", "Mistral", "Qwen2")."""
     cfg = getattr(transformers, f"{family}Config")(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return getattr(transformers, f"{family}ForCausalLM")(cfg)
 
 
@@ -31,9 +37,15 @@ def gpt2():
 
 
 def bert():
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                  num_hidden_layers=3, num_attention_heads=4,
-                                  max_position_embeddings=64, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     return transformers.BertForSequenceClassification(cfg)
 
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import reslora
+
 from seeds import S
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -18,15 +19,36 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.fl
 def case(n, d_in, d_out, R, dtype, with_prev, with_extra, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return dict(x=t(n, d_in), xp=t(n, d_in) if with_prev else None, W=t(d_out, d_in), b=t(d_out),
-                A=t(R, d_in) * 0.3, B=t(d_out, R) * 0.3, ze=t(n, R) if with_extra else None)
+    return dict(
+        x=t(n, d_in),
+        xp=t(n, d_in) if with_prev else None,
+        W=t(d_out, d_in),
+        b=t(d_out),
+        A=t(R, d_in) * 0.3,
+        B=t(d_out, R) * 0.3,
+        ze=t(n, R) if with_extra else None,
+    )
 
 
 def run(c, device, p, seg, requires_grad=True):
-    moved = {k: (None if v is None else v.to(device).requires_grad_(requires_grad and k not in ("W", "b")))
-             for k, v in c.items()}
-    y, z = ops.lora_linear(moved["x"], moved["xp"], moved["W"], moved["b"], moved["A"], moved["B"],
-                           moved["ze"], 1.7, p, S(1234, moved["x"]), 0, seg)
+    moved = {
+        k: (None if v is None else v.to(device).requires_grad_(requires_grad and k not in ("W", "b")))
+        for k, v in c.items()
+    }
+    y, z = ops.lora_linear(
+        moved["x"],
+        moved["xp"],
+        moved["W"],
+        moved["b"],
+        moved["A"],
+        moved["B"],
+        moved["ze"],
+        1.7,
+        p,
+        S(1234, moved["x"]),
+        0,
+        seg,
+    )
     gy = torch.ones_like(y)
     leaves = [moved[k] for k in ("x", "xp", "A", "B", "ze") if moved[k] is not None]
     grads = torch.autograd.grad((y * gy).sum() + z.sum(), leaves)
@@ -35,7 +57,9 @@ def run(c, device, p, seg, requires_grad=True):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-@pytest.mark.parametrize("d_in,d_out,r,segments", [(13, 7, 1, 1), (64, 40, 3, 2), (96, 33, 64, 1), (200, 72, 128, 1), (24, 24, 4, 3)])
+@pytest.mark.parametrize(
+    "d_in,d_out,r,segments", [(13, 7, 1, 1), (64, 40, 3, 2), (96, 33, 64, 1), (200, 72, 128, 1), (24, 24, 4, 3)]
+)
 @pytest.mark.parametrize("with_prev,with_extra", [(False, False), (True, False), (False, True)])
 def test_block_op_cuda_matches_cpu(dtype, p, d_in, d_out, r, segments, with_prev, with_extra):
     c = case(37, d_in, d_out, r * segments, dtype, with_prev, with_extra)
@@ -68,8 +92,8 @@ def test_empty_batch_cuda():
 def test_compile_reduce_overhead(variant):
     torch.manual_seed(0)
     blocks = nn.ModuleList(
-        reslora.ResLoRALinear(nn.Linear(32, 32), r=4, lora_alpha=8, variant=variant, pre_num=-1)
-        for _ in range(3)).cuda()
+        reslora.ResLoRALinear(nn.Linear(32, 32), r=4, lora_alpha=8, variant=variant, pre_num=-1) for _ in range(3)
+    ).cuda()
     for blk in blocks:
         nn.init.normal_(blk.lora_B, std=0.1)
     reslora.ResLoRAChain(list(blocks))
@@ -91,10 +115,16 @@ def test_compile_reduce_overhead(variant):
 
 def graph_chain(variant, dtype, dropout=0.0):
     torch.manual_seed(0)
-    blocks = nn.ModuleList(
-        reslora.ResLoRALinear(nn.Linear(64, 64, bias=False), r=8, lora_alpha=16, variant=variant,
-                              lora_dropout=dropout, pre_num=1)
-        for _ in range(3)).cuda().to(dtype)
+    blocks = (
+        nn.ModuleList(
+            reslora.ResLoRALinear(
+                nn.Linear(64, 64, bias=False), r=8, lora_alpha=16, variant=variant, lora_dropout=dropout, pre_num=1
+            )
+            for _ in range(3)
+        )
+        .cuda()
+        .to(dtype)
+    )
     for blk in blocks:
         nn.init.normal_(blk.lora_B, std=0.1)
     reslora.ResLoRAChain(list(blocks))

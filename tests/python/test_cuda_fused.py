@@ -6,6 +6,7 @@ actually run; that they are deterministic. Skipped without a GPU."""
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
+
 from seeds import S
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -16,8 +17,13 @@ SEED = 4321
 def inputs(n, d_in, d_out, R, dtype, with_prev, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return dict(x=t(n, d_in), xp=t(n, d_in) if with_prev else None, W=t(d_out, d_in) * 0.1,
-                A=t(R, d_in) * 0.1, B=t(d_out, R) * 0.1)
+    return dict(
+        x=t(n, d_in),
+        xp=t(n, d_in) if with_prev else None,
+        W=t(d_out, d_in) * 0.1,
+        A=t(R, d_in) * 0.1,
+        B=t(d_out, R) * 0.1,
+    )
 
 
 def block(c, device, dtype, p, seg):
@@ -38,14 +44,17 @@ def close(ref, out, tol):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-@pytest.mark.parametrize("n,d_in,d_out,r,segments", [
-    (300, 520, 136, 16, 1),   # rows and columns past a tile, vector loads
-    (1000, 130, 72, 8, 2),    # d_in % 8 != 0: element-wise loads; two dropout segments
-    (70, 2048, 96, 32, 1),    # many splits of the long dimension
-    (129, 64, 4100, 48, 1),   # rank 48 (three 16-wide fragments), wide output
-    (64, 256, 64, 64, 2),     # the largest fused rank
-    (20000, 72, 40, 16, 1),   # z past 1024 x 256 outputs: the split reduction's grid-stride loop
-])
+@pytest.mark.parametrize(
+    "n,d_in,d_out,r,segments",
+    [
+        (300, 520, 136, 16, 1),  # rows and columns past a tile, vector loads
+        (1000, 130, 72, 8, 2),  # d_in % 8 != 0: element-wise loads; two dropout segments
+        (70, 2048, 96, 32, 1),  # many splits of the long dimension
+        (129, 64, 4100, 48, 1),  # rank 48 (three 16-wide fragments), wide output
+        (64, 256, 64, 64, 2),  # the largest fused rank
+        (20000, 72, 40, 16, 1),  # z past 1024 x 256 outputs: the split reduction's grid-stride loop
+    ],
+)
 @pytest.mark.parametrize("with_prev", [False, True])
 def test_fused_matches_float64(dtype, p, n, d_in, d_out, r, segments, with_prev):
     c = inputs(n, d_in, d_out, r * segments, dtype, with_prev)
@@ -86,8 +95,7 @@ def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,d_out,R", [(1, 8, 1), (333, 1000, 16), (64, 130, 48), (257, 72, 64),
-                                       (2049, 2048, 16)])
+@pytest.mark.parametrize("n,d_out,R", [(1, 8, 1), (333, 1000, 16), (64, 130, 48), (257, 72, 64), (2049, 2048, 16)])
 def test_fused_up_output_matches_float64(dtype, n, d_out, R):
     """lora_up without bias: the low-rank output comes from the up kernel (up to 2^22 output
     elements; cuBLAS past that), the base GEMM adds x W^T onto it; a single row, odd widths
@@ -117,12 +125,16 @@ def test_fused_down_op_with_segments_matches_reference():
 
 # --- the fused norm statistics (record_stats_) -------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-@pytest.mark.parametrize("nx,nz,offset", [
-    (3_000_001, 4099, 0),  # many blocks, a tail past the 16-byte loads
-    (1000, 16, 1),          # a base that is not 16-byte aligned: element loads only
-    (0, 0, 0),              # empty inputs: the norms are 0
-])
+@pytest.mark.parametrize(
+    "nx,nz,offset",
+    [
+        (3_000_001, 4099, 0),  # many blocks, a tail past the 16-byte loads
+        (1000, 16, 1),  # a base that is not 16-byte aligned: element loads only
+        (0, 0, 0),  # empty inputs: the norms are 0
+    ],
+)
 def test_record_stats_cuda_matches_float64(dtype, nx, nz, offset):
     g = torch.Generator().manual_seed(nx)
     x64 = torch.randn(nx + offset, generator=g, dtype=torch.float64)

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import reslora
+
 from hf_models import TARGETS, batch, make
 
 pytest.importorskip("transformers")
@@ -26,8 +27,9 @@ BF16_CONFIGS = [("bs", -1), ("ms", -1)]
 
 def model_for(variant, pre_num, dtype=torch.float32):
     base = make("llama").to(dtype)
-    cfg = reslora.ResLoRAConfig(variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=0.1,
-                                target_modules=TARGETS["llama"])
+    cfg = reslora.ResLoRAConfig(
+        variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS["llama"]
+    )
     model = reslora.get_reslora_model(base, cfg)
     torch.manual_seed(1)
     for blk in model.blocks.values():
@@ -47,8 +49,7 @@ def adapter(model):
     """A and B of every block, gathered from their shards."""
     from reslora.layers import _full
 
-    return {n: (_full(b.lora_A).detach().clone(), _full(b.lora_B).detach().clone())
-            for n, b in model.blocks.items()}
+    return {n: (_full(b.lora_A).detach().clone(), _full(b.lora_B).detach().clone()) for n, b in model.blocks.items()}
 
 
 def worker(rank, port, engine, out, checkpointing):
@@ -58,9 +59,7 @@ def worker(rank, port, engine, out, checkpointing):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh("cpu", (WORLD,))
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -154,7 +153,9 @@ def test_data_parallel_equals_one_process(tmp_path, engine, checkpointing):
         close(adapter(back), want)
         for n, blk in back.blocks.items():
             torch.testing.assert_close(blk.x_norms, ref.blocks[n].x_norms, rtol=1e-4, atol=1e-6)
-            torch.testing.assert_close(blk.z_norms, ref.blocks[n].z_norms, rtol=1e-4, atol=1e-6, msg=lambda m: f"{tag} {n}: {m}")
+            torch.testing.assert_close(
+                blk.z_norms, ref.blocks[n].z_norms, rtol=1e-4, atol=1e-6, msg=lambda m: f"{tag} {n}: {m}"
+            )
         ref.merge_to_lora()
         back.merge_to_lora()
         close(adapter(back), adapter(ref))
@@ -184,9 +185,20 @@ def test_hf_trainer_under_torchrun_saves_adapter_checkpoints_and_resumes(tmp_pat
     script = os.path.join(os.path.dirname(__file__), "trainer_run.py")
 
     def torchrun(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-               "--master_port", str(free_port()), script, str(out), "4", *extra]
-        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",  # a free port of its own: no race with tests running beside it
+            "--nproc_per_node",
+            str(WORLD),
+            script,
+            str(out),
+            "4",
+            *extra,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-6000:]}"
 
     torchrun(tmp_path / "full")
     ckpt = tmp_path / "full" / "checkpoint-2"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import reslora
+
 from hf_models import batch, make
 
 transformers = pytest.importorskip("transformers")
@@ -32,8 +33,16 @@ def accuracy(model, data):
 
 
 def trainer_args(out, **kw):
-    base = dict(output_dir=str(out), per_device_train_batch_size=8, learning_rate=2e-2, report_to=[],
-                use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True)
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        learning_rate=2e-2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     base.update(kw)
     return transformers.TrainingArguments(**base)
 
@@ -42,12 +51,22 @@ def test_bert_classifier_trains_its_head_and_reloads_in_reslora_and_peft(tmp_pat
     data = classification_data()
     torch.manual_seed(0)
     fresh = make("bert")
-    model = reslora.get_reslora_model(copy.deepcopy(fresh), reslora.ResLoRAConfig(
-        variant="ms", pre_num=-1, r=8, lora_alpha=16, lora_dropout=0.05, task_type="SEQ_CLS",
-        target_modules=["query", "value"]))
+    model = reslora.get_reslora_model(
+        copy.deepcopy(fresh),
+        reslora.ResLoRAConfig(
+            variant="ms",
+            pre_num=-1,
+            r=8,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            task_type="SEQ_CLS",
+            target_modules=["query", "value"],
+        ),
+    )
     base_acc, _ = accuracy(fresh, data)
-    transformers.Trainer(model=model, args=trainer_args(tmp_path / "run", num_train_epochs=30),
-                         train_dataset=data).train()
+    transformers.Trainer(
+        model=model, args=trainer_args(tmp_path / "run", num_train_epochs=30), train_dataset=data
+    ).train()
     acc, out = accuracy(model, data)
     assert acc >= 0.9 > base_acc + 0.3
 
@@ -80,10 +99,15 @@ def test_trainer_checkpoints_are_adapter_sized_and_resume_exactly(tmp_path):
     targets = ["q_proj", "v_proj", "up_proj"]
 
     def run(resume=None, steps=4):
-        model = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(
-            variant="ms", pre_num=-1, r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets))
-        args = trainer_args(tmp_path / "ours", max_steps=steps, save_strategy="steps", save_steps=2,
-                            per_device_train_batch_size=2)
+        model = reslora.get_reslora_model(
+            make("llama"),
+            reslora.ResLoRAConfig(
+                variant="ms", pre_num=-1, r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets
+            ),
+        )
+        args = trainer_args(
+            tmp_path / "ours", max_steps=steps, save_strategy="steps", save_steps=2, per_device_train_batch_size=2
+        )
         transformers.Trainer(model=model, args=args, train_dataset=data).train(resume_from_checkpoint=resume)
         return model
 
@@ -99,9 +123,13 @@ def test_trainer_checkpoints_are_adapter_sized_and_resume_exactly(tmp_path):
     theirs = peft.get_peft_model(make("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        transformers.Trainer(model=theirs, args=trainer_args(tmp_path / "peft", max_steps=2, save_strategy="steps",
-                                                             save_steps=2, per_device_train_batch_size=2),
-                             train_dataset=data).train()
+        transformers.Trainer(
+            model=theirs,
+            args=trainer_args(
+                tmp_path / "peft", max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=2
+            ),
+            train_dataset=data,
+        ).train()
     ours_size = os.path.getsize(ckpt / "model.safetensors")
     peft_size = os.path.getsize(tmp_path / "peft" / "checkpoint-2" / "adapter_model.safetensors")
     base_size = sum(p.numel() * p.element_size() for p in make("llama").parameters())
@@ -125,8 +153,10 @@ def test_trainer_checkpoints_are_adapter_sized_and_resume_exactly(tmp_path):
 
 def test_trainer_save_model_writes_the_adapter(tmp_path):
     data = classification_data(n=16)
-    model = reslora.get_reslora_model(make("bert"), reslora.ResLoRAConfig(
-        variant="is", r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["query", "value"]))
+    model = reslora.get_reslora_model(
+        make("bert"),
+        reslora.ResLoRAConfig(variant="is", r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["query", "value"]),
+    )
     trainer = transformers.Trainer(model=model, args=trainer_args(tmp_path / "run", max_steps=2), train_dataset=data)
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))

@@ -9,6 +9,7 @@ from torch import nn
 
 import reslora
 from reslora import _C
+
 from hf_models import TARGETS, batch, make
 
 CASES = [("is", 1), ("ms", 1), ("ms", -1)]
@@ -34,8 +35,12 @@ def stack_model(variant, pre_num, seed=0):
     with torch.no_grad():
         for layer in base.layers:
             layer["proj"].weight.copy_(torch.eye(8) + 0.3 * torch.randn(8, 8))
-    model = reslora.get_reslora_model(base, reslora.ResLoRAConfig(
-        variant=variant, pre_num=pre_num, r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["proj"]))
+    model = reslora.get_reslora_model(
+        base,
+        reslora.ResLoRAConfig(
+            variant=variant, pre_num=pre_num, r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["proj"]
+        ),
+    )
     for blk in model.blocks.values():
         nn.init.normal_(blk.lora_B, std=0.5)
     model.train()
@@ -60,9 +65,12 @@ def test_fit_is_exact_where_inputs_are_linearly_related(variant, pre_num):
 
 
 def trained_llama(variant, pre_num, dropout=0.1):
-    model = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(
-        variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=dropout,
-        target_modules=TARGETS["llama"]))
+    model = reslora.get_reslora_model(
+        make("llama"),
+        reslora.ResLoRAConfig(
+            variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS["llama"]
+        ),
+    )
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
     for step in range(4):
@@ -144,7 +152,9 @@ def test_fit_needs_calibration_and_warns_on_few_tokens():
     model = stack_model("is", 1)
     with pytest.raises(ValueError, match=r"merge 'fit' needs calibration inputs: .*got inputs=None"):
         model.merge_to_lora(merge="fit")
-    with pytest.raises(ValueError, match=r"merge 'fit' does not apply to variant 'is'|merge 'mid' does not apply to variant 'is'"):
+    with pytest.raises(
+        ValueError, match=r"merge 'fit' does not apply to variant 'is'|merge 'mid' does not apply to variant 'is'"
+    ):
         model.merge_to_lora(merge="mid")
     with pytest.warns(UserWarning, match=r"saw 4 calibration tokens, fewer than d_in = 8"):
         model.merge_to_lora(inputs=torch.randn(4, 8), merge="fit")
@@ -166,7 +176,10 @@ def test_fit_chain_by_chain_gives_the_same_merge():
         torch.testing.assert_close(other.blocks[n].lora_A, blk.lora_A)
         torch.testing.assert_close(other.blocks[n].lora_B, blk.lora_B)
     assert other.merge_errors == pytest.approx(model.merge_errors)
-    with pytest.raises(ValueError, match=r"chains_at_once runs the calibration batches several times: give a list or a DataLoader, got a one-shot iterator"):
+    with pytest.raises(
+        ValueError,
+        match=r"chains_at_once runs the calibration batches several times: give a list or a DataLoader, got a one-shot iterator",
+    ):
         copy.deepcopy(trained_llama("is", 1)).merge_to_lora(inputs=iter(calib), merge="fit", chains_at_once=1)
     with pytest.raises(ValueError, match=r"chains_at_once must be None or an int >= 1, got 0"):
         trained_llama("is", 1).merge_to_lora(inputs=calib, merge="fit", chains_at_once=0)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import reslora
+
 from hf_models import TARGETS, batch, make
 
 transformers = pytest.importorskip("transformers")
@@ -22,8 +23,9 @@ VARIANTS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", -1), ("ms", 1), ("ms", -1)
 
 def wrapped(variant, pre_num, name="llama", dropout=0.1):
     base = make(name)
-    cfg = reslora.ResLoRAConfig(variant=variant, r=4, lora_alpha=8, pre_num=pre_num,
-                                lora_dropout=dropout, target_modules=TARGETS[name])
+    cfg = reslora.ResLoRAConfig(
+        variant=variant, r=4, lora_alpha=8, pre_num=pre_num, lora_dropout=dropout, target_modules=TARGETS[name]
+    )
     model = reslora.get_reslora_model(base, cfg)
     torch.manual_seed(1)
     for blk in model.blocks.values():
@@ -61,8 +63,7 @@ def accumulation(model):
         (model(**batch("llama", seed=i)).loss / 4).backward()
 
 
-SCENARIOS = {"two_forwards": two_forwards, "no_grad_between": no_grad_forward_between,
-             "accumulation": accumulation}
+SCENARIOS = {"two_forwards": two_forwards, "no_grad_between": no_grad_forward_between, "accumulation": accumulation}
 
 
 def run(variant, pre_num, scenario, ckpt=None):
@@ -118,9 +119,17 @@ def test_hf_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, vari
     def trained(ckpt):
         model = wrapped(variant, pre_num)
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(ckpt)), per_device_train_batch_size=2, max_steps=3,
-            learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=11,
-            gradient_checkpointing=ckpt, dataloader_drop_last=True)
+            output_dir=str(tmp_path / str(ckpt)),
+            per_device_train_batch_size=2,
+            max_steps=3,
+            learning_rate=1e-2,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=11,
+            gradient_checkpointing=ckpt,
+            dataloader_drop_last=True,
+        )
         transformers.Trainer(model=model, args=args, train_dataset=data).train()
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -130,8 +139,7 @@ def test_hf_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, vari
 def test_a_foreign_checkpoint_function_is_a_clear_error_and_reslora_checkpoint_is_right():
     def chain_and_inputs():
         torch.manual_seed(0)
-        blocks = [reslora.ResLoRALinear(nn.Linear(6, 6), r=2, variant="is", lora_dropout=0.3)
-                  for _ in range(3)]
+        blocks = [reslora.ResLoRALinear(nn.Linear(6, 6), r=2, variant="is", lora_dropout=0.3) for _ in range(3)]
         for blk in blocks:
             nn.init.normal_(blk.lora_B)
         chain = reslora.ResLoRAChain(blocks, name="c")
@@ -244,15 +252,13 @@ def test_cpp_modules_and_python_layers_give_identical_outputs_and_masks(variant,
     B = [torch.randn(10, 3, generator=g) for _ in range(4)]
     xs = [torch.randn(2, 5, 10, generator=g) for _ in range(4)]
     gy = [torch.randn(2, 5, 10, generator=g) for _ in range(4)]
-    ys_c, gA_c, gB_c = reslora._C._chain_forward_cpp(variant, pre_num, 3, 6.0, 0.4, training,
-                                                      W, A, B, xs, gy, 21)
+    ys_c, gA_c, gB_c = reslora._C._chain_forward_cpp(variant, pre_num, 3, 6.0, 0.4, training, W, A, B, xs, gy, 21)
     blocks = []
     for w, a, b in zip(W, A, B):
         base = nn.Linear(10, 10, bias=False)
         with torch.no_grad():
             base.weight.copy_(w)
-        blk = reslora.ResLoRALinear(base, r=3, lora_alpha=6.0, lora_dropout=0.4, variant=variant,
-                                    pre_num=pre_num)
+        blk = reslora.ResLoRALinear(base, r=3, lora_alpha=6.0, lora_dropout=0.4, variant=variant, pre_num=pre_num)
         with torch.no_grad():
             blk.lora_A.copy_(a)
             blk.lora_B.copy_(b)
@@ -275,9 +281,11 @@ def test_option_rules_come_from_the_core():
     """The same message from the config, the layer and the C++ core, with bool refused as int."""
     for bad in (True, 0, 2.0, "4"):
         msgs = set()
-        for make_it in (lambda: reslora.ResLoRAConfig(r=bad),
-                        lambda: reslora.ResLoRALinear(nn.Linear(4, 4), r=bad),
-                        lambda: reslora._C.validate_options("lora", bad, 16.0, 0.0, 1, 100)):
+        for make_it in (
+            lambda: reslora.ResLoRAConfig(r=bad),
+            lambda: reslora.ResLoRALinear(nn.Linear(4, 4), r=bad),
+            lambda: reslora._C.validate_options("lora", bad, 16.0, 0.0, 1, 100),
+        ):
             with pytest.raises(ValueError) as e:
                 make_it()
             msgs.add(str(e.value))
@@ -285,8 +293,9 @@ def test_option_rules_come_from_the_core():
     with pytest.raises(ValueError, match="merge 'mid' does not apply to variant 'is'"):
         reslora.ResLoRAConfig(variant="is", merge="mid")
     with pytest.raises(ValueError, match="merge 'mid' does not apply to variant 'is'"):
-        reslora.merge_chain(reslora.ResLoRAChain(
-            [reslora.ResLoRALinear(nn.Linear(2, 2), r=1, variant="is")]).blocks, "mid")
+        reslora.merge_chain(
+            reslora.ResLoRAChain([reslora.ResLoRALinear(nn.Linear(2, 2), r=1, variant="is")]).blocks, "mid"
+        )
 
 
 # --- torch.compile with dropout on --------------------------------------------------------------
@@ -353,8 +362,7 @@ def test_torch_compile_inductor_trains_with_dropout_as_eager(variant, pre_num):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("variant,pre_num", VARIANTS)
 def test_torch_compile_inductor_trains_with_dropout_as_eager_cuda(variant, pre_num):
-    (l_e, g_e), (l_c, g_c), breaks = compiled_training("llama", variant, pre_num, "inductor",
-                                                       device="cuda")
+    (l_e, g_e), (l_c, g_c), breaks = compiled_training("llama", variant, pre_num, "inductor", device="cuda")
     assert breaks == 0
     torch.testing.assert_close(l_c, l_e, rtol=1e-4, atol=1e-5)
     assert_same(g_c, g_e, tol=1e-4)

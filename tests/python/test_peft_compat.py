@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import reslora
+
 from hf_models import TARGETS, batch, make
 
 peft = pytest.importorskip("peft")
@@ -20,8 +21,9 @@ VARIANTS = [("lora", 1), ("is", 1), ("bs", -1), ("ms", -1)]
 def wrapped(name="llama", variant="is", pre_num=1):
     base = make(name)
     ref = copy.deepcopy(base)
-    model = reslora.get_reslora_model(base, reslora.ResLoRAConfig(
-        variant=variant, pre_num=pre_num, r=4, lora_alpha=8, target_modules=TARGETS[name]))
+    model = reslora.get_reslora_model(
+        base, reslora.ResLoRAConfig(variant=variant, pre_num=pre_num, r=4, lora_alpha=8, target_modules=TARGETS[name])
+    )
     torch.manual_seed(1)
     for blk in model.blocks.values():
         nn.init.normal_(blk.lora_B, std=0.2)
@@ -62,7 +64,9 @@ def test_get_base_model_and_unload():
 
 def test_attribute_errors_name_the_reslora_model():
     model, _ = wrapped()
-    with pytest.raises(AttributeError, match=r"'ResLoRAModel' object has no attribute 'nope' \(nor has the wrapped LlamaForCausalLM\)"):
+    with pytest.raises(
+        AttributeError, match=r"'ResLoRAModel' object has no attribute 'nope' \(nor has the wrapped LlamaForCausalLM\)"
+    ):
         model.nope
     for name in ("disable_adapters", "add_adapter", "set_adapter"):
         with pytest.raises(AttributeError, match=f"ResLoRAModel has no '{name}': it holds one ResLoRA adapter"):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import reslora
+
 from hf_models import batch, make
 
 peft = pytest.importorskip("peft")
@@ -18,17 +19,26 @@ peft = pytest.importorskip("peft")
 # (model, options): every option of PEFT's that reslora takes, alone or as fine-tunes combine them.
 CASES = {
     "seq_cls_head": ("bert", dict(target_modules=["query", "value"], task_type="SEQ_CLS")),
-    "modules_to_save_bias_lora_only": ("bert", dict(target_modules=["query", "value"],
-                                                    modules_to_save=["classifier"], bias="lora_only")),
+    "modules_to_save_bias_lora_only": (
+        "bert",
+        dict(target_modules=["query", "value"], modules_to_save=["classifier"], bias="lora_only"),
+    ),
     "bias_all": ("bert", dict(target_modules=["query", "value", "dense"], bias="all")),
     "exclude_list": ("llama", dict(target_modules="all-linear", exclude_modules=["q_proj", "down_proj"])),
     "exclude_regex": ("llama", dict(target_modules="all-linear", exclude_modules=r".*\.mlp\..*")),
-    "layers_to_transform": ("llama", dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2],
-                                          layers_pattern="layers")),
+    "layers_to_transform": (
+        "llama",
+        dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2], layers_pattern="layers"),
+    ),
     "layers_to_transform_int": ("llama", dict(target_modules=["up_proj"], layers_to_transform=1)),
-    "rank_alpha_pattern": ("llama", dict(target_modules=["q_proj", "v_proj", "up_proj"],
-                                         rank_pattern={"v_proj": 2, "up_proj": 6},
-                                         alpha_pattern={"up_proj": 3.0})),
+    "rank_alpha_pattern": (
+        "llama",
+        dict(
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"v_proj": 2, "up_proj": 6},
+            alpha_pattern={"up_proj": 3.0},
+        ),
+    ),
     "rslora": ("llama", dict(target_modules=["q_proj", "v_proj"], use_rslora=True)),
     "gpt2_lm_head_saved": ("gpt2", dict(target_modules=["c_attn"], modules_to_save=["lm_head"])),
 }
@@ -37,10 +47,10 @@ CASES = {
 def build(name, options, variant="lora", r=4, alpha=8.0):
     base = make(name)
     fresh = copy.deepcopy(base)
-    ours = reslora.get_reslora_model(base, reslora.ResLoRAConfig(
-        variant=variant, r=r, lora_alpha=alpha, **options))
-    theirs = peft.get_peft_model(copy.deepcopy(fresh), peft.LoraConfig(
-        r=r, lora_alpha=alpha, fan_in_fan_out=name == "gpt2", **options))
+    ours = reslora.get_reslora_model(base, reslora.ResLoRAConfig(variant=variant, r=r, lora_alpha=alpha, **options))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(fresh), peft.LoraConfig(r=r, lora_alpha=alpha, fan_in_fan_out=name == "gpt2", **options)
+    )
     return ours, theirs, fresh
 
 
@@ -100,12 +110,15 @@ def test_trained_biases_and_saved_modules_move_and_the_rest_stays():
     ours, _, fresh = build("bert", dict(target_modules=["query", "value"], task_type="SEQ_CLS", bias="lora_only"))
     step(ours, "bert")
     before = dict(fresh.named_parameters())
-    moved = {n for n, p in ours.base_model.named_parameters()
-             if n.replace(".base_layer", "").replace(".modules_to_save", "") in before
-             and not torch.equal(p, before[n.replace(".base_layer", "").replace(".modules_to_save", "")])}
-    assert moved == {f"bert.encoder.layer.{i}.attention.self.{p}.base_layer.bias"
-                     for i in range(3) for p in ("query", "value")} | {"classifier.modules_to_save.weight",
-                                                                        "classifier.modules_to_save.bias"}
+    moved = {
+        n
+        for n, p in ours.base_model.named_parameters()
+        if n.replace(".base_layer", "").replace(".modules_to_save", "") in before
+        and not torch.equal(p, before[n.replace(".base_layer", "").replace(".modules_to_save", "")])
+    }
+    assert moved == {
+        f"bert.encoder.layer.{i}.attention.self.{p}.base_layer.bias" for i in range(3) for p in ("query", "value")
+    } | {"classifier.modules_to_save.weight", "classifier.modules_to_save.bias"}
     # the original head stays as it was, and disable_adapter() runs it
     assert torch.equal(ours.base_model.classifier.original_module.weight, fresh.classifier.weight)
     with ours.disable_adapter():
@@ -121,8 +134,20 @@ def test_init_lora_weights_as_peft(init):
     ours, theirs, fresh = build("llama", dict(target_modules=["q_proj", "v_proj"], init_lora_weights=init), r=8)
     a = torch.cat([b.lora_A.flatten() for b in ours.blocks.values()])
     b = torch.cat([b.lora_B.flatten() for b in ours.blocks.values()])
-    pa = torch.cat([m.lora_A["default"].weight.flatten() for n, m in theirs.named_modules() if hasattr(m, "lora_A") and n.endswith("proj")])
-    pb = torch.cat([m.lora_B["default"].weight.flatten() for n, m in theirs.named_modules() if hasattr(m, "lora_A") and n.endswith("proj")])
+    pa = torch.cat(
+        [
+            m.lora_A["default"].weight.flatten()
+            for n, m in theirs.named_modules()
+            if hasattr(m, "lora_A") and n.endswith("proj")
+        ]
+    )
+    pb = torch.cat(
+        [
+            m.lora_B["default"].weight.flatten()
+            for n, m in theirs.named_modules()
+            if hasattr(m, "lora_A") and n.endswith("proj")
+        ]
+    )
     assert a.std().item() == pytest.approx(pa.std().item(), rel=0.15)
     assert b.abs().max().item() == pytest.approx(pb.abs().max().item(), rel=0.15, abs=1e-12)
     if init is False:  # the adapter starts non-zero
@@ -135,12 +160,18 @@ def test_init_lora_weights_as_peft(init):
 @pytest.mark.parametrize("variant,pre_num", [("is", 1), ("ms", -1), ("bs", -1)])
 def test_options_with_shortcut_variants(variant, pre_num, tmp_path):
     # The shortcut variants link blocks of one projection: rank_pattern per projection fits them
-    opts = dict(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, use_rslora=True,
-                exclude_modules=r"model\.layers\.1\.self_attn\.q_proj")
+    opts = dict(
+        target_modules=["q_proj", "v_proj"],
+        rank_pattern={"v_proj": 2},
+        use_rslora=True,
+        exclude_modules=r"model\.layers\.1\.self_attn\.q_proj",
+    )
     ours, _, fresh = build("llama", opts, variant=variant)
-    ours.base_model.model.layers  # noqa: B018
-    assert ours.chains["model.layers.*.self_attn.q_proj"] == ["model.layers.0.self_attn.q_proj",
-                                                              "model.layers.2.self_attn.q_proj"]
+    ours.base_model.model.layers
+    assert ours.chains["model.layers.*.self_attn.q_proj"] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.2.self_attn.q_proj",
+    ]
     assert {blk.r for n, blk in ours.blocks.items() if "v_proj" in n} == {2}
     step(ours, "llama")
     reference = logits(ours, "llama")
@@ -153,39 +184,73 @@ def test_options_with_shortcut_variants(variant, pre_num, tmp_path):
 
 
 def test_linked_blocks_need_one_rank():
-    with pytest.raises(ValueError, match=r"block 1 must have the head's \(r, lora_alpha, pre_num\) = \(4, 8, 1\), got \(2, 8, 1\)"):
-        reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(
-            variant="is", r=4, lora_alpha=8, target_modules=["q_proj"],
-            rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}))
+    with pytest.raises(
+        ValueError, match=r"block 1 must have the head's \(r, lora_alpha, pre_num\) = \(4, 8, 1\), got \(2, 8, 1\)"
+    ):
+        reslora.get_reslora_model(
+            make("llama"),
+            reslora.ResLoRAConfig(
+                variant="is",
+                r=4,
+                lora_alpha=8,
+                target_modules=["q_proj"],
+                rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+            ),
+        )
     # plain LoRA links nothing, so any pattern goes
-    m = reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(
-        variant="lora", r=4, lora_alpha=8, target_modules=["q_proj"],
-        rank_pattern={r"layers\.1\.self_attn\.q_proj": 2}))
+    m = reslora.get_reslora_model(
+        make("llama"),
+        reslora.ResLoRAConfig(
+            variant="lora",
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj"],
+            rank_pattern={r"layers\.1\.self_attn\.q_proj": 2},
+        ),
+    )
     assert [b.r for b in m.blocks.values()] == [4, 2, 4]
 
 
-@pytest.mark.parametrize("options,msg", [
-    (dict(modules_to_save="classifier"), r"modules_to_save must be None or a non-empty list of module names, got 'classifier'"),
-    (dict(modules_to_save=["clasifier"]), r"modules_to_save entry 'clasifier' names no module of BertForSequenceClassification"),
-    (dict(exclude_modules=123), r"exclude_modules must be a non-empty list of names, a regex string, got 123"),
-    (dict(exclude_modules="(("), r"exclude_modules must be .*not a valid regular expression"),
-    (dict(exclude_modules=["query", "value"]), r"match no nn.Linear or Conv1D layer .* \(after exclude_modules \['query', 'value'\]\)"),
-    (dict(layers_to_transform=[0, -1]), r"layers_to_transform must be a layer index >= 0 or a non-empty list of them, got \[0, -1\]"),
-    (dict(layers_to_transform=True), r"layers_to_transform must be a layer index >= 0"),
-    (dict(layers_to_transform=7), r"in layers_to_transform 7"),
-    (dict(layers_pattern="layer"), r"layers_pattern 'layer' needs layers_to_transform, got None"),
-    (dict(target_modules=".*query", layers_to_transform=1), r"layers_to_transform needs target_modules as a list of names, got the string '.\*query'"),
-    (dict(rank_pattern={"query": 0}), r"rank_pattern\['query'\] must be a rank \(int >= 1\), got 0"),
-    (dict(rank_pattern={"query": 2.5}), r"rank_pattern\['query'\] must be a rank"),
-    (dict(rank_pattern=["query"]), r"rank_pattern must be a dict of module-name patterns to a rank"),
-    (dict(alpha_pattern={"((": 2}), r"alpha_pattern key '\(\(' is not a valid regular expression"),
-    (dict(alpha_pattern={"query": -1}), r"alpha_pattern\['query'\] must be a lora_alpha > 0, got -1"),
-    (dict(task_type="CLASSIFY"), r"task_type must be None or one of \['CAUSAL_LM', .*\], got 'CLASSIFY'"),
-    (dict(bias="some"), r"bias must be one of \['none', 'all', 'lora_only'\], got 'some'"),
-    (dict(use_rslora=1), r"use_rslora must be a bool, got 1"),
-    (dict(init_lora_weights="pissa"), r"init_lora_weights must be one of \[True, False, 'gaussian'\], got 'pissa'"),
-    (dict(init_lora_weights=1), r"init_lora_weights must be one of \[True, False, 'gaussian'\], got 1"),
-])
+@pytest.mark.parametrize(
+    "options,msg",
+    [
+        (
+            dict(modules_to_save="classifier"),
+            r"modules_to_save must be None or a non-empty list of module names, got 'classifier'",
+        ),
+        (
+            dict(modules_to_save=["clasifier"]),
+            r"modules_to_save entry 'clasifier' names no module of BertForSequenceClassification",
+        ),
+        (dict(exclude_modules=123), r"exclude_modules must be a non-empty list of names, a regex string, got 123"),
+        (dict(exclude_modules="(("), r"exclude_modules must be .*not a valid regular expression"),
+        (
+            dict(exclude_modules=["query", "value"]),
+            r"match no nn.Linear or Conv1D layer .* \(after exclude_modules \['query', 'value'\]\)",
+        ),
+        (
+            dict(layers_to_transform=[0, -1]),
+            r"layers_to_transform must be a layer index >= 0 or a non-empty list of them, got \[0, -1\]",
+        ),
+        (dict(layers_to_transform=True), r"layers_to_transform must be a layer index >= 0"),
+        (dict(layers_to_transform=7), r"in layers_to_transform 7"),
+        (dict(layers_pattern="layer"), r"layers_pattern 'layer' needs layers_to_transform, got None"),
+        (
+            dict(target_modules=".*query", layers_to_transform=1),
+            r"layers_to_transform needs target_modules as a list of names, got the string '.\*query'",
+        ),
+        (dict(rank_pattern={"query": 0}), r"rank_pattern\['query'\] must be a rank \(int >= 1\), got 0"),
+        (dict(rank_pattern={"query": 2.5}), r"rank_pattern\['query'\] must be a rank"),
+        (dict(rank_pattern=["query"]), r"rank_pattern must be a dict of module-name patterns to a rank"),
+        (dict(alpha_pattern={"((": 2}), r"alpha_pattern key '\(\(' is not a valid regular expression"),
+        (dict(alpha_pattern={"query": -1}), r"alpha_pattern\['query'\] must be a lora_alpha > 0, got -1"),
+        (dict(task_type="CLASSIFY"), r"task_type must be None or one of \['CAUSAL_LM', .*\], got 'CLASSIFY'"),
+        (dict(bias="some"), r"bias must be one of \['none', 'all', 'lora_only'\], got 'some'"),
+        (dict(use_rslora=1), r"use_rslora must be a bool, got 1"),
+        (dict(init_lora_weights="pissa"), r"init_lora_weights must be one of \[True, False, 'gaussian'\], got 'pissa'"),
+        (dict(init_lora_weights=1), r"init_lora_weights must be one of \[True, False, 'gaussian'\], got 1"),
+    ],
+)
 def test_bad_options_name_the_option(options, msg):
     kw = dict(target_modules=["query", "value"])
     kw.update(options)
@@ -200,7 +265,9 @@ def test_a_checkpoint_must_describe_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"the checkpoint trains in full \['classifier'\], this model \[\]"):
         reslora.get_reslora_model(make("bert"), reslora.ResLoRAConfig(**cfg)).load_checkpoint(str(tmp_path))
     with pytest.raises(ValueError, match=r"the checkpoint has bias = 'none', this model 'all'"):
-        reslora.get_reslora_model(make("bert"), reslora.ResLoRAConfig(task_type="SEQ_CLS", bias="all", **cfg)).load_checkpoint(str(tmp_path))
+        reslora.get_reslora_model(
+            make("bert"), reslora.ResLoRAConfig(task_type="SEQ_CLS", bias="all", **cfg)
+        ).load_checkpoint(str(tmp_path))
     back = reslora.ResLoRAModel.from_pretrained(make("bert"), str(tmp_path))
     assert list(back._saved_modules) == ["classifier"]
 
@@ -212,7 +279,9 @@ def test_unload_and_merge_and_unload_keep_the_trained_head():
     want = logits(ours, "bert")
     dense = ours.merge_and_unload()
     assert dense.classifier is trained
-    assert not any(isinstance(m, (reslora.ResLoRALinear,)) or type(m).__name__ == "ModulesToSave" for m in dense.modules())
+    assert not any(
+        isinstance(m, (reslora.ResLoRALinear,)) or type(m).__name__ == "ModulesToSave" for m in dense.modules()
+    )
     torch.testing.assert_close(logits(dense, "bert"), want, rtol=1e-5, atol=1e-5)
 
 
@@ -232,9 +301,19 @@ def test_head_and_bias_training_compiles_fullgraph_as_eager(variant, pre_num):
     from torch._dynamo.utils import counters
 
     def train(compiled):
-        model = reslora.get_reslora_model(make("bert"), reslora.ResLoRAConfig(
-            variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=0.1,
-            target_modules=["query", "value"], task_type="SEQ_CLS", bias="lora_only"))
+        model = reslora.get_reslora_model(
+            make("bert"),
+            reslora.ResLoRAConfig(
+                variant=variant,
+                pre_num=pre_num,
+                r=4,
+                lora_alpha=8,
+                lora_dropout=0.1,
+                target_modules=["query", "value"],
+                task_type="SEQ_CLS",
+                bias="lora_only",
+            ),
+        )
         model.config.problem_type = "single_label_classification"
         model.train()
         run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model

@@ -2,9 +2,8 @@
 the CPU): the base module computes its own output, the ops the low-rank term, and merges go
 through a dequantized copy."""
 
-import importlib.util
-
 import copy
+import importlib.util
 import warnings
 
 import pytest
@@ -15,8 +14,10 @@ import reslora
 
 transformers = pytest.importorskip("transformers")
 
-BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"needs {m}"))
-            for b, m in (("torchao", "torchao"), ("bitsandbytes", "bitsandbytes"))]
+BACKENDS = [
+    pytest.param(b, marks=pytest.mark.skipif(importlib.util.find_spec(m) is None, reason=f"needs {m}"))
+    for b, m in (("torchao", "torchao"), ("bitsandbytes", "bitsandbytes"))
+]
 
 
 def nf4():
@@ -33,8 +34,9 @@ def quantize(lin, backend):
         return lin
     import bitsandbytes as bnb
 
-    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                          compute_dtype=torch.float32, quant_type="nf4")
+    q = bnb.nn.Linear4bit(
+        lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=torch.float32, quant_type="nf4"
+    )
     q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4")
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
@@ -48,7 +50,12 @@ def dequantized(layer):
 
 
 def is_quantized(layer, backend):
-    return isinstance(layer.weight, nf4().NF4Tensor) if backend == "torchao" else type(layer.weight).__name__ == "Params4bit"
+    return (
+        isinstance(layer.weight, nf4().NF4Tensor)
+        if backend == "torchao"
+        else type(layer.weight).__name__ == "Params4bit"
+    )
+
 
 VARIANTS = [("lora", 1), ("is", 1), ("bs", -1), ("ms", -1)]
 TARGETS = ["q_proj", "v_proj", "o_proj"]
@@ -57,9 +64,15 @@ TARGETS = ["q_proj", "v_proj", "o_proj"]
 def llama():
     # NF4 quantizes in blocks of 64 values with scalers in blocks of 256: 128 x 128 weights
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256,
-                                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-                                   max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -79,8 +92,9 @@ def quantized_and_dense(backend):
 
 
 def wrap(model, variant, pre_num, **kw):
-    cfg = reslora.ResLoRAConfig(variant=variant, pre_num=pre_num, r=4, lora_alpha=8,
-                                lora_dropout=0.1, target_modules=TARGETS, **kw)
+    cfg = reslora.ResLoRAConfig(
+        variant=variant, pre_num=pre_num, r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, **kw
+    )
     return reslora.get_reslora_model(model, cfg)
 
 

@@ -21,7 +21,7 @@ safetensors = pytest.importorskip("safetensors")
 
 # A small model saved with lora_alpha and lora_B values that say which save it is: version v has
 # lora_alpha = 8 v and lora_B filled with v, so a directory mixing two saves shows it.
-MODEL = textwrap.dedent('''
+MODEL = textwrap.dedent("""
     import torch, reslora
     from torch import nn
 
@@ -38,7 +38,7 @@ MODEL = textwrap.dedent('''
         if fmt == "peft":
             model.merge_to_lora()
         model.save_pretrained(path)
-''')
+""")
 
 
 def versions_in(path):
@@ -82,10 +82,19 @@ def crash_at(k):
                 if when == "before":
                     out = f(*a, **kw)
             return out
+
         return g
 
-    for mod, name in [(os, "fsync"), (os, "rename"), (os, "link"), (os, "mkdir"), (os, "chmod"),
-                      (shutil, "rmtree"), (st, "save_file"), (json, "dump")]:
+    for mod, name in [
+        (os, "fsync"),
+        (os, "rename"),
+        (os, "link"),
+        (os, "mkdir"),
+        (os, "chmod"),
+        (shutil, "rmtree"),
+        (st, "save_file"),
+        (json, "dump"),
+    ]:
         setattr(mod, name, crashing(getattr(mod, name)))
     saving._exchange = crashing(saving._exchange)
 
@@ -167,8 +176,7 @@ def test_peft_adapter_saves_are_whole_too_and_keep_other_files(tmp_path):
 def test_a_file_as_save_directory_is_a_clear_error(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
-    model = reslora.get_reslora_model(nn.Sequential(nn.Linear(4, 4)),
-                                      reslora.ResLoRAConfig(r=2, target_modules=["0"]))
+    model = reslora.get_reslora_model(nn.Sequential(nn.Linear(4, 4)), reslora.ResLoRAConfig(r=2, target_modules=["0"]))
     with pytest.raises(NotADirectoryError, match="save_directory must be a directory, got the file"):
         model.save_pretrained(str(f))
     assert f.read_text() == "x"

@@ -4,8 +4,7 @@ come from tests/data/spec_cases.txt, which the C++ tests read too."""
 import pytest
 import torch
 
-from spec_cases import (CASES, FORWARD_CASES, MERGE_CASES, inputs, make_case_chain, numbers,
-                        per_block, set_window, word)
+from spec_cases import CASES, FORWARD_CASES, MERGE_CASES, inputs, make_case_chain, numbers, per_block, set_window, word
 
 
 def close(got, want, tol):

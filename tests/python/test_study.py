@@ -17,15 +17,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tiny_study_runs_every_method_and_merge(tmp_path):
-    subprocess.run([sys.executable, str(ROOT / "bench" / "study.py"), "--tiny", "--device", "cpu",
-                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "study.py"), "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     res = json.loads((tmp_path / "results.json").read_text())
     for kind in ("mlm", "cls"):
         runs = res["tasks"][kind]["runs"]
-        assert {r["method"] for r in runs} == {"lora", "is", "bs pre_num 1", "bs pre_num 2", "bs pre_num -1",
-                                             "ms pre_num 1", "ms pre_num 2", "ms pre_num -1"}
+        assert {r["method"] for r in runs} == {
+            "lora",
+            "is",
+            "bs pre_num 1",
+            "bs pre_num 2",
+            "bs pre_num -1",
+            "ms pre_num 1",
+            "ms pre_num 2",
+            "ms pre_num -1",
+        }
         for r in runs:
-            want = {"is": {"input", "weight", "fit"}, "ms": {"input", "mid", "fit"}}.get(r["variant"], {"exact"} if r["variant"] == "bs" else set())
+            want = {"is": {"input", "weight", "fit"}, "ms": {"input", "mid", "fit"}}.get(
+                r["variant"], {"exact"} if r["variant"] == "bs" else set()
+            )
             assert set(r["merges"]) == want
             if r["variant"] == "bs":  # the exact merge loses nothing
                 assert abs(r["merges"]["exact"]["loss"] - r["unmerged"]["loss"]) < 1e-4
