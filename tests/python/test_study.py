@@ -45,3 +45,16 @@ def test_tiny_study_runs_every_method_and_merge(tmp_path):
                 assert abs(r["merges"]["exact"]["loss"] - r["unmerged"]["loss"]) < 1e-4
     assert (tmp_path / "results.md").read_text().startswith("# ResLoRA study")
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000 and (tmp_path / "merge_cost.png").exists()
+
+
+def test_tiny_ridge_sweep_evaluates_the_fit_at_every_ridge(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "study.py"), "--tiny", "--device", "cpu", "--tasks", "mlm"]
+    cmd += ["--methods", "is,ms pre_num -1", "--targets", "all-linear", "--ridges", "1e-4,1e-2", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    runs = json.loads((tmp_path / "results.json").read_text())["tasks"]["mlm"]["runs"]
+    assert {r["method"] for r in runs} == {"is", "ms pre_num -1"}
+    for r in runs:
+        assert set(r["fit_ridge"]) == {"0.0001", "0.01"}
+        assert r["merges"]["fit"] == r["fit_ridge"]["0.0001"]  # the default ridge is 1e-4
+    text = (tmp_path / "ridge.md").read_text()
+    assert "| is | 0.001 |" in text and "| ms pre_num -1 | 0.001 |" in text and "fit 0.01" in text
