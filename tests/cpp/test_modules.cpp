@@ -9,6 +9,7 @@
 
 #include "reslora/modules.h"
 #include "reslora/ops.h"
+#include "reslora/version.h"
 
 using reslora::MergeKind;
 using reslora::ResLoRAChain;
@@ -365,6 +366,7 @@ TEST(Modules, BadInputMessages) {
 // on the ops).
 TEST(Modules, CudaMatchesCpu) {
   if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  if (!reslora::build_info().cuda_kernels) GTEST_SKIP() << "reslora built without CUDA kernels";
   for (auto v : {Variant::kLoRA, Variant::kIS, Variant::kBS, Variant::kMS}) {
     torch::manual_seed(1);
     ResLoRAChain cpu("cpu"), gpu("gpu");

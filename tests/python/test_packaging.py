@@ -150,8 +150,15 @@ def test_a_wheel_installs_into_a_fresh_venv_and_works_there(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("reslora-*.whl")
     shutil.rmtree(build)
-    venv = tmp_path / "venv"  # a fresh venv that sees the installed torch and safetensors
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    # A fresh venv that sees torch and safetensors where they are installed (a plain directory
+    # on its path, so no other package there, such as an editable reslora, is picked up)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    import safetensors
+
+    (site,) = (venv / "lib").glob("python*/site-packages")
+    dirs = {str(Path(m.__file__).resolve().parents[1]) for m in (torch, safetensors)}
+    (site / "installed_packages.pth").write_text("\n".join(sorted(dirs)) + "\n")
     py = str(venv / "bin" / "python")
     proc = subprocess.run(
         [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(wheel)], capture_output=True, text=True
