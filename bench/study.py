@@ -473,13 +473,18 @@ def reach_step(run, target):
     return None
 
 
-def report(results, out_dir):
-    lines = [
-        f"# ResLoRA study: {results['device']}, torch {results['torch']}, {results['date']}",
+def header(title, results):
+    """A report's first lines: what ran where, how long, with which setup."""
+    return [
+        f"# {title}: {results['device']}, torch {results['torch']}, {results['date']}",
         "",
         f"Wall time {results['wall_time_s']:.0f} s. Setup: {json.dumps(results['setup'])}",
         "",
     ]
+
+
+def report(results, out_dir):
+    lines = header("ResLoRA study", results)
     for kind, tr in results["tasks"].items():
         metric = "accuracy" if kind == "cls" else "loss"
         lora = chosen(tr, "lora")
@@ -521,12 +526,7 @@ def report(results, out_dir):
 def ridge_report(results, ridges, out_dir):
     """The ridge sweep: held-out loss (accuracy for cls) added by each merge, per method, mean +-
     sd over the seeds at the chosen rate."""
-    lines = [
-        f"# Ridge sweep of the fit merge: {results['device']}, torch {results['torch']}, {results['date']}",
-        "",
-        f"Wall time {results['wall_time_s']:.0f} s. Setup: {json.dumps(results['setup'])}",
-        "",
-    ]
+    lines = header("Ridge sweep of the fit merge", results)
     for kind, tr in results["tasks"].items():
         metric = "accuracy" if kind == "cls" else "loss"
         head = " | ".join(f"fit {r:g}" for r in ridges)
