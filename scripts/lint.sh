@@ -19,7 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 PY_SOURCES=(python tests bench examples scripts setup.py)
-mapfile -t CPP_SOURCES < <(git ls-files -- 'csrc/*' 'tests/cpp/*' 'examples/cpp/*' | grep -E '\.(cpp|h|cu|cuh)$')
+mapfile -t CPP_SOURCES < <(git ls-files -- 'csrc/*' 'tests/cpp/*' 'examples/cpp/*' 'bench/*' | grep -E '\.(cpp|h|cu|cuh)$')
 status=0
 ruff check "${PY_SOURCES[@]}" || status=1
 ruff format --check "${PY_SOURCES[@]}" || status=1

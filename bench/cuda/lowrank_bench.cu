@@ -16,13 +16,13 @@
 
 using namespace reslora::kernels;
 
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
+#define CHECK(x)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (x);                                                             \
+    if (e_ != cudaSuccess) {                                                          \
       std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                \
-    }                                                                              \
+      std::exit(1);                                                                   \
+    }                                                                                 \
   } while (0)
 
 template <typename F>
@@ -113,13 +113,14 @@ int main(int argc, char** argv) {
   const auto report = [&](const char* what, float us, double moved) {
     std::printf("%-44s %8.1f us  %6.2f TB/s\n", what, us, moved / us / 1e6);
   };
-  report("store, linear 16 B", median_us([&] {
-           store_linear<<<sms * 8, 256>>>(static_cast<uint4*>(out), bytes / 16);
-         }), bytes);
+  report("store, linear 16 B",
+         median_us([&] { store_linear<<<sms * 8, 256>>>(static_cast<uint4*>(out), bytes / 16); }),
+         bytes);
   report("load, linear 16 B", median_us([&] {
            load_linear<<<sms * 8, 256>>>(static_cast<const uint4*>(x), bytes / 16,
                                          static_cast<unsigned*>(sink));
-         }), bytes);
+         }),
+         bytes);
   const int shapes[][3] = {{64, 64, 4}, {64, 64, 1}, {64, 256, 4}, {128, 128, 4}, {16, 512, 1}};
   for (const auto& s : shapes) {
     const int rows = s[0], cols = s[1], splits = s[2];
@@ -127,15 +128,17 @@ int main(int argc, char** argv) {
     char name[96];
     std::snprintf(name, sizeof name, "store tiles %dx%d, %d splits, 16 B", rows, cols, splits);
     report(name, median_us([&] {
-             store_tiles<0><<<grid, 128>>>(static_cast<__nv_bfloat16*>(out), n, d, rows, cols,
-                                           d / splits);
-           }), bytes);
+             store_tiles<0>
+                 <<<grid, 128>>>(static_cast<__nv_bfloat16*>(out), n, d, rows, cols, d / splits);
+           }),
+           bytes);
     std::snprintf(name, sizeof name, "store tiles %dx%d, %d splits, C fragments", rows, cols,
                   splits);
     report(name, median_us([&] {
-             store_tiles<1><<<grid, 128>>>(static_cast<__nv_bfloat16*>(out), n, d, rows, cols,
-                                           d / splits);
-           }), bytes);
+             store_tiles<1>
+                 <<<grid, 128>>>(static_cast<__nv_bfloat16*>(out), n, d, rows, cols, d / splits);
+           }),
+           bytes);
   }
   CHECK(cudaGetLastError());
   int64_t* seed = nullptr;  // the pass seed lives on the device, as the ops pass it
@@ -168,7 +171,8 @@ int main(int argc, char** argv) {
       LowRankParams q = prm;
       char name[96];
       std::snprintf(name, sizeof name, "%s, dropout %.2f", o.name, p);
-      report(name, median_us([&] { CHECK(lowrank_launch(o.op, q, DType::kBFloat16, sms, nullptr)); }),
+      report(name,
+             median_us([&] { CHECK(lowrank_launch(o.op, q, DType::kBFloat16, sms, nullptr)); }),
              bytes);
     }
   }
