@@ -19,7 +19,7 @@ def load():
     """Imports reslora._C, which registers torch.ops.reslora.*; raises ImportError with the
     torch / CUDA versions the build was made for and the ones found when it cannot load."""
     try:
-        from . import _C
+        from . import _C  # loading it registers the ops
     except (ImportError, OSError) as e:
         built = _build_record()
         found = f"torch {torch.__version__} (CUDA {torch.version.cuda})"
