@@ -313,6 +313,18 @@ def run(task, variant, pre_num, lr, seed, args):
                 m.merge_to_lora(inputs=calib, merge="fit", ridge=ridge)
             out["fit_ridge"][f"{ridge:g}"] = task.evaluate(m)
             del m
+    if args.sequential and variant in ("is", "ms"):  # the fit refitted in chain order
+        calib = task.calibration(args.calib_batches)
+        out["fit_sequential"] = {}
+        for sequential in (False, True):
+            m = copy.deepcopy(model)
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m.merge_to_lora(inputs=calib, merge="fit", sequential=sequential)
+            seconds = time.perf_counter() - t0
+            out["fit_sequential"][str(sequential)] = dict(task.evaluate(m), merge_time_s=seconds)
+            del m
     for merge in MERGES[variant]:
         if variant == "lora":
             continue
@@ -345,6 +357,12 @@ def main():
         help="a ridge sweep: the fit merge of is / ms evaluated at each of these relative ridges "
         "(comma-separated); writes ridge.md (with --methods: is / ms only)",
     )
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="also evaluate the fit merge of is / ms refitted in chain order "
+        "(merge_to_lora(sequential=True)) against the plain fit; writes sequential.md",
+    )
     args = ap.parse_args()
     args.ridges = [float(v) for v in args.ridges.split(",")] if args.ridges else None
     global MODEL_DIR
@@ -364,7 +382,9 @@ def main():
         (out_dir / "results.json").write_text(json.dumps(results, indent=1))
         if args.ridges:
             ridge_report(results, args.ridges, out_dir)
-        else:
+        if args.sequential:
+            sequential_report(results, out_dir)
+        if not (args.ridges or args.sequential):
             report(results, out_dir)
         return
     if args.tiny:
@@ -446,7 +466,9 @@ def main():
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     if args.ridges:
         ridge_report(results, args.ridges, out_dir)
-    else:
+    if args.sequential:
+        sequential_report(results, out_dir)
+    if not (args.ridges or args.sequential):
         report(results, out_dir)
     print(f"[study] done in {results['wall_time_s']:.0f} s: {out_dir}")
 
@@ -524,33 +546,58 @@ def report(results, out_dir):
 
 
 def ridge_report(results, ridges, out_dir):
-    """The ridge sweep: held-out loss (accuracy for cls) added by each merge, per method, mean +-
-    sd over the seeds at the chosen rate."""
-    lines = header("Ridge sweep of the fit merge", results)
+    """The ridge sweep: held-out loss (accuracy for cls) added by the fit at each ridge."""
+    columns = [("input", lambda r: r["merges"]["input"])]
+    columns += [(f"fit {x:g}", lambda r, k=f"{x:g}": r["fit_ridge"][k]) for x in ridges]
+    merge_report(results, "Ridge sweep of the fit merge", "fit_ridge", columns, out_dir / "ridge.md")
+
+
+def sequential_report(results, out_dir):
+    """The fit against the fit refitted in chain order (and the time each merge took)."""
+    columns = [
+        ("input", lambda r: r["merges"]["input"]),
+        ("fit", lambda r: r["fit_sequential"]["False"]),
+        ("fit, sequential", lambda r: r["fit_sequential"]["True"]),
+    ]
+    merge_report(
+        results,
+        "The fit merge refitted in chain order",
+        "fit_sequential",
+        columns,
+        out_dir / "sequential.md",
+        times=[("fit", "False"), ("sequential", "True")],
+    )
+
+
+def merge_report(results, title, key, columns, path, times=()):
+    """A table of what each merge adds to the held-out loss (accuracy for cls), per method, mean
+    +- sd over the seeds at the chosen rate, of the runs that hold `key`."""
+    lines = header(title, results)
     for kind, tr in results["tasks"].items():
         metric = "accuracy" if kind == "cls" else "loss"
-        head = " | ".join(f"fit {r:g}" for r in ridges)
+        head = " | ".join(name for name, _ in columns)
+        head += "".join(f" | {name} (s)" for name, _ in times)
         lines += [
             f"## {kind}: held-out {metric} unmerged, and what each merge adds to it (base model: "
             f"{tr['base'][metric]:.4f})",
             "",
-            f"| method | lr | unmerged | input | {head} |",
-            "|---|---|---|---|" + "---|" * len(ridges),
+            f"| method | lr | unmerged | {head} |",
+            "|---|---|---|" + "---|" * (len(columns) + len(times)),
         ]
         for method, lr in tr["best_lr"].items():
-            rs = [r for r in tr["runs"] if r["method"] == method and r["lr"] == lr and "fit_ridge" in r]
+            rs = [r for r in tr["runs"] if r["method"] == method and r["lr"] == lr and key in r]
             if not rs:
                 continue
             base = [r["unmerged"][metric] for r in rs]
             cells = ["{:.4f} +- {:.4f}".format(*mean_sd(base))]
-            for vals in (
-                [r["merges"]["input"][metric] for r in rs],
-                *([r["fit_ridge"][f"{x:g}"][metric] for r in rs] for x in ridges),
-            ):
+            for _, get in columns:
+                vals = [get(r)[metric] for r in rs]
                 cells.append("{:+.4f} +- {:.4f}".format(*mean_sd([v - b for v, b in zip(vals, base)])))
+            for _, t in times:
+                cells.append("{:.2f}".format(mean_sd([r[key][t]["merge_time_s"] for r in rs])[0]))
             lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + " |")
         lines.append("")
-    (out_dir / "ridge.md").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def plot(results, out_dir):

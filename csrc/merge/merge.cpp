@@ -114,10 +114,14 @@ at::Tensor fit_increment(const MergeBlock& b, int64_t n, const at::Tensor& M0, d
 }  // namespace
 
 std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant variant,
-                                  MergeKind merge, int64_t pre_num, double scaling, double ridge) {
+                                  MergeKind merge, int64_t pre_num, double scaling, double ridge,
+                                  int64_t only) {
   check_merge(variant, merge);
   TORCH_CHECK(pre_num >= -1, "reslora: pre_num must be -1 (all) or >= 0, got ", pre_num);
   const int64_t n_blocks = static_cast<int64_t>(blocks.size());
+  TORCH_CHECK_VALUE(only >= -1 && only < n_blocks,
+                    "reslora: merge_chain's only must be -1 (every block) or a block index in [0, ",
+                    n_blocks, "), got ", only);
   for (int64_t n = 0; n < n_blocks; ++n) {
     const auto& b = blocks[n];
     TORCH_CHECK(b.A.defined() && b.B.defined() && b.A.dim() == 2 && b.B.dim() == 2 &&
@@ -154,7 +158,7 @@ std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant
           at::linalg_matrix_norm(b.weight.to(b.B.dtype()) + scaling * at::mm(b.B, b.A), "fro"));
     }
   }
-  for (int64_t n = 0; n < n_blocks; ++n) {
+  for (int64_t n = only < 0 ? 0 : only; n < (only < 0 ? n_blocks : only + 1); ++n) {
     const auto& b = blocks[n];
     const int64_t k_max = reach(n, pre_num);
     switch (variant) {

@@ -21,7 +21,7 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_chain_py(
     const std::string& merge, int64_t pre_num, double scaling,
     const std::vector<std::optional<at::Tensor>>& xx,
     const std::vector<std::optional<at::Tensor>>& zx, const std::vector<int64_t>& tokens,
-    double ridge) {
+    double ridge, int64_t only) {
   const size_t n = As.size();
   TORCH_CHECK(Bs.size() == n && weights.size() == n && x_means.size() == n && z_means.size() == n,
               "reslora.merge_chain: weights, As, Bs, x_means and z_means must have one entry per "
@@ -46,7 +46,7 @@ std::vector<std::pair<at::Tensor, at::Tensor>> merge_chain_py(
   torch::NoGradGuard no_grad;
   std::vector<std::pair<at::Tensor, at::Tensor>> out;
   for (auto& p : reslora::merge_chain(blocks, reslora::parse_variant(variant),
-                                      reslora::parse_merge(merge), pre_num, scaling, ridge)) {
+                                      reslora::parse_merge(merge), pre_num, scaling, ridge, only)) {
     out.emplace_back(p.A, p.B);
   }
   return out;
@@ -182,8 +182,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("xx") = std::vector<std::optional<at::Tensor>>{},
         py::arg("zx") = std::vector<std::optional<at::Tensor>>{},
         py::arg("tokens") = std::vector<int64_t>{}, py::arg("ridge") = reslora::kDefaultRidge,
+        py::arg("only") = -1,
         "Plain LoRA pairs (A', B') of a chain by the spec's merge, in chain order (fit: with the "
-        "calibration sums xx, zx and token counts, and the relative ridge).");
+        "calibration sums xx, zx and token counts, and the relative ridge); only >= 0: the pair "
+        "of that block alone.");
   m.attr("DEFAULT_RIDGE") = reslora::kDefaultRidge;
   m.def(
       "merges_for",

@@ -669,6 +669,83 @@ class Calibration:
             zx.addmm_(pf.t(), xf)
 
 
+class SequentialCalibration(Calibration):
+    """The sums of the fit's refinement in chain order. The model runs merged (every block a
+    plain LoRA pair), and the blocks at chain position `position` add xx of the input they get
+    there and zx of the term their shortcut would add, computed from the merged model's own
+    inputs with the A of each block before the merge: is A_n x_{n-1}, ms sum_k A_{n-k} x_{n-k}.
+    original: block -> (its A before the merge, its reach, its variant). Every block points to
+    this while it runs, so the earlier inputs of a forward can be kept."""
+
+    def __init__(self, position: int, original: dict):
+        super().__init__()
+        self.position = position
+        self.original = original
+        self._inputs: dict = {}  # (id of the chain, position) -> that block's input, this forward
+
+    def next_batch(self, mask: Optional[torch.Tensor] = None) -> None:
+        super().next_batch(mask)
+        self._inputs = {}
+
+    def add(self, blk: ResLoRALinear, x: torch.Tensor, p: Optional[torch.Tensor]) -> None:
+        n, key = blk._position, id(blk._chain)
+        _, reach, variant = self.original[blk]
+        if n != self.position:
+            if n < self.position:
+                self._inputs[(key, n)] = x
+            return
+        if reach == 0:
+            return
+        links = blk._chain
+        if variant == "is":  # the block's own A on the earlier block's input
+            p = nn.functional.linear(self._inputs[(key, n - 1)], self.original[blk][0])
+        else:  # the earlier blocks' mid activations
+            p = sum(
+                nn.functional.linear(self._inputs[(key, n - j)], self.original[links.block(n, n - j)][0])
+                for j in range(1, reach + 1)
+            )
+        super().add(blk, x, p)
+
+
+def _merge_arguments(blocks: Sequence[ResLoRALinear], merge: str) -> dict:
+    """What the C++ core's merge reads of a chain's blocks, as of now: base weights (the is /
+    weight merge alone; a quantized one dequantized), A, B, the norm means, the head's variant,
+    pre_num and scaling."""
+    head = blocks[0]
+    means = [_norm_means(blk) for blk in blocks]
+    return dict(
+        weights=[_full(blk.dense_weight()) if merge == "weight" else None for blk in blocks],
+        As=[_full(blk.lora_A).detach() for blk in blocks],
+        Bs=[_full(blk.lora_B).detach() for blk in blocks],
+        x_means=[m[0] for m in means],
+        z_means=[m[1] for m in means],
+        variant=head.variant,
+        merge=merge,
+        pre_num=head.pre_num,
+        scaling=head.scaling,
+    )
+
+
+def _core_merge(
+    arguments: dict,
+    blocks: Sequence[ResLoRALinear],
+    calibration: Optional[Calibration],
+    ridge: float,
+    only: int = -1,
+) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The C++ core's merge of a chain from _merge_arguments and the calibration sums of its
+    blocks (fit); only >= 0: that block's pair alone."""
+    with torch.no_grad():
+        return _C.merge_chain(
+            **arguments,
+            xx=[calibration.xx.get(blk) for blk in blocks] if calibration else [],
+            zx=[calibration.zx.get(blk) for blk in blocks] if calibration else [],
+            tokens=[calibration.tokens.get(blk, 0) for blk in blocks] if calibration else [],
+            ridge=ridge,
+            only=only,
+        )
+
+
 def merge_chain(
     blocks: Sequence[ResLoRALinear],
     merge: Optional[str] = None,
@@ -696,20 +773,5 @@ def merge_chain(
                 stacklevel=3,
             )
     with torch.no_grad():
-        means = [_norm_means(blk) for blk in blocks]
-        return _C.merge_chain(
-            # only the is / weight merge reads the base weights (a quantized one dequantized)
-            [_full(blk.dense_weight()) if merge == "weight" else None for blk in blocks],
-            [_full(blk.lora_A).detach() for blk in blocks],
-            [_full(blk.lora_B).detach() for blk in blocks],
-            [m[0] for m in means],
-            [m[1] for m in means],
-            head.variant,
-            merge,
-            head.pre_num,
-            head.scaling,
-            xx=[calibration.xx.get(blk) for blk in blocks] if calibration else [],
-            zx=[calibration.zx.get(blk) for blk in blocks] if calibration else [],
-            tokens=[calibration.tokens.get(blk, 0) for blk in blocks] if calibration else [],
-            ridge=ridge,
-        )
+        arguments = _merge_arguments(blocks, merge)
+    return _core_merge(arguments, blocks, calibration, ridge)

@@ -22,10 +22,13 @@ from .layers import (
     Calibration,
     ResLoRAChain,
     ResLoRALinear,
+    SequentialCalibration,
     _combined_stats,
+    _core_merge,
     _distributed,
     _full,
     _is_dtensor,
+    _merge_arguments,
     _PassCheckpoint,
 )
 from .saved_modules import ModulesToSave
@@ -306,6 +309,7 @@ class ResLoRAModel(nn.Module):
         ridge: float = DEFAULT_RIDGE,
         max_tokens: Optional[int] = None,
         chains_at_once: Optional[int] = None,
+        sequential: bool = False,
     ) -> ResLoRAModel:
         """Merges the shortcuts away (in place): every block becomes a plain LoRA block.
 
@@ -316,7 +320,10 @@ class ResLoRAModel(nn.Module):
         batch leaves the padding out); ridge: relative to tr(E[x x^T]) / d_in, centred on the
         input merge. chains_at_once: fit that many chains per run over the calibration batches
         (which must then be a re-iterable collection), so that only their sums are held at once:
-        less memory, more forwards; the result is the same.
+        less memory, more forwards; the result is the same. sequential (fit): then refit the
+        blocks one chain position at a time, in order, on the inputs the merged model gives them
+        (each position's blocks see every earlier position refitted), one more run over the
+        calibration batches per position; the merged model then corrects its own drift.
 
         merge_errors then holds, per block, the relative error ||y_merged - y|| / ||y|| of its
         output, and merge_delta_errors the error on the adapter's own term,
@@ -336,6 +343,10 @@ class ResLoRAModel(nn.Module):
             isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
         ):
             raise ValueError(f"reslora: max_tokens must be None (all) or an int >= 1, got {max_tokens!r}")
+        if not isinstance(sequential, bool):
+            raise ValueError(f"reslora: sequential must be True or False, got {sequential!r}")
+        if sequential and merge != "fit":
+            raise ValueError(f"reslora: sequential=True refits the fit merge, got merge={merge!r}")
         _check_batches("inputs", inputs, many=True)
         _check_batches("eval_inputs", eval_inputs, many=False)
         sharded = any(_is_dtensor(b.lora_A) for b in self._blocks.values())
@@ -362,9 +373,10 @@ class ResLoRAModel(nn.Module):
             step = len(names) if chains_at_once is None else chains_at_once
             if isinstance(step, bool) or not isinstance(step, int) or step < 1:
                 raise ValueError(f"reslora: chains_at_once must be None or an int >= 1, got {chains_at_once!r}")
-            if step < len(names) and not isinstance(inputs, (dict, torch.Tensor)) and iter(inputs) is inputs:
+            again = "chains_at_once" if step < len(names) else "sequential=True" if sequential else None
+            if again and not isinstance(inputs, (dict, torch.Tensor)) and iter(inputs) is inputs:
                 raise ValueError(
-                    "reslora: chains_at_once runs the calibration batches several times: give a "
+                    f"reslora: {again} runs the calibration batches several times: give a "
                     f"list or a DataLoader, got a one-shot iterator ({type(inputs).__name__})"
                 )
             fitted = {}  # chain -> its merged pairs, all computed on the unmerged model
@@ -379,42 +391,81 @@ class ResLoRAModel(nn.Module):
             error_inputs = inputs
         if error_inputs is not None:
             self._capture_inputs(error_inputs)
+        # Each chain's inputs and outputs before its merge (all of them first when the sequential
+        # refit runs the model again); the merge; the outputs after, on the same inputs.
+        before = {c: self._chain_outputs(chain) for c, chain in self._chains.items()} if sequential else {}
+        if sequential:
+            fitted = self._refit_in_order(fitted, inputs, max_tokens, ridge)
         errors: Dict[str, Optional[float]] = {}
         delta_errors: Dict[str, Optional[float]] = {}
         for cname, chain in self._chains.items():
-            xs = chain.last_inputs()
-            modes = [b.training for b in chain.blocks]
-            for b in chain.blocks:
-                b.eval()
-            before = chain(xs) if xs is not None else None
-            base = [b.base_layer(x) for b, x in zip(chain.blocks, xs)] if xs is not None else None
+            xs, outs, base = before[cname] if sequential else self._chain_outputs(chain)
             if merge == "fit":
                 chain.load_pairs(fitted[cname])
             else:
                 chain.merge_to_lora(merge)
-            after = chain(xs) if xs is not None else None
-            for b, mode in zip(chain.blocks, modes):
-                b.train(mode)
+            after = self._chain_outputs(chain, xs)[1]
             for i, path in enumerate(self._chain_paths[cname]):
-                if before is None:
+                if outs is None:
                     errors[path] = delta_errors[path] = None
                     continue
-                y, num = before[i].double(), (after[i].double() - before[i].double()).norm().item()
+                y, num = outs[i].double(), (after[i].double() - outs[i].double()).norm().item()
                 for out, den in ((errors, y.norm().item()), (delta_errors, (y - base[i].double()).norm().item())):
                     out[path] = num / den if den > 0 else num
-            chain.capture = False
-            chain.reset()
         self.merge_errors = errors
         self.merge_delta_errors = delta_errors
         self._merged = True
         return self
 
+    def _chain_outputs(self, chain: ResLoRAChain, xs=None):
+        """(inputs, outputs, base outputs) of a chain's blocks in eval mode: on xs, or on the
+        inputs its last pass captured (capture then ends); (None, None, None) without inputs."""
+        if xs is None:
+            xs = chain.last_inputs()
+            chain.capture = False
+            chain.reset()
+        if xs is None:
+            return None, None, None
+        modes = [b.training for b in chain.blocks]
+        for b in chain.blocks:
+            b.eval()
+        outs = chain(xs)
+        base = [b.base_layer(x) for b, x in zip(chain.blocks, xs)]
+        for b, mode in zip(chain.blocks, modes):
+            b.train(mode)
+        return xs, outs, base
+
+    def _refit_in_order(self, fitted: dict, inputs, max_tokens: Optional[int], ridge: float) -> dict:
+        """The sequential fit: loads the fitted pairs, then refits the blocks at chain position 1,
+        2, ... in turn on the inputs the merged model gives them, the shortcut's term computed
+        there with the A of the blocks before the merge (SequentialCalibration). Returns the
+        final pairs; the chains are left merged with them."""
+        original, arguments = {}, {}
+        for cname, chain in self._chains.items():
+            arguments[cname] = args = _merge_arguments(chain.blocks, "fit")
+            args["As"], args["Bs"] = [a.clone() for a in args["As"]], [b.clone() for b in args["Bs"]]
+            for blk in chain.blocks:
+                original[blk] = (blk.lora_A.detach().clone(), blk._reach, blk.variant)
+        pairs = {c: list(p) for c, p in fitted.items()}
+        for cname, chain in self._chains.items():
+            chain.load_pairs(pairs[cname])
+        for position in range(1, max(len(c) for c in self._chains.values())):
+            cal = SequentialCalibration(position, original)
+            self._calibrate(inputs, max_tokens, list(original), cal=cal, warn=False)
+            for cname, chain in self._chains.items():
+                if position < len(chain):
+                    (pair,) = _core_merge(arguments[cname], chain.blocks, cal, ridge, only=position)
+                    chain.blocks[position].load_lora(*pair)
+                    pairs[cname][position] = pair
+        return pairs
+
     @torch.no_grad()
-    def _calibrate(self, inputs, max_tokens: Optional[int], blocks=None):
+    def _calibrate(self, inputs, max_tokens: Optional[int], blocks=None, cal=None, warn: bool = True):
         """Runs calibration batches in eval mode with the given blocks (all by default) adding to
-        the fit merge's sums; returns them and the first batch."""
+        the fit merge's sums (cal, a new Calibration by default); returns them and the first
+        batch."""
         batches = [inputs] if isinstance(inputs, (dict, torch.Tensor)) else inputs
-        cal = Calibration()
+        cal = Calibration() if cal is None else cal
         modes = {m: m.training for m in self.modules()}
         self.eval()
         for blk in self._blocks.values() if blocks is None else blocks:
@@ -437,7 +488,7 @@ class ResLoRAModel(nn.Module):
         if first is None:
             raise ValueError("reslora: merge 'fit' got no calibration batch (inputs is empty)")
         d = max(blk.in_features for blk in self._blocks.values())
-        if seen < d:
+        if warn and seen < d:
             warnings.warn(
                 f"reslora: the fit merge saw {seen} calibration tokens, fewer than d_in = {d}: "
                 "E[x x^T] is then singular and the fit leans on the ridge (the input merge); give "

@@ -242,6 +242,52 @@ TEST(Modules, FitMergeIsExactForLinearlyRelatedInputs) {
   }
 }
 
+// merge_chain(only = n) gives block n's pair of the whole chain's merge, for every merge, and
+// names the bad index.
+TEST(Modules, MergeOfOneBlockEqualsItsPairInTheChain) {
+  torch::manual_seed(5);
+  const int64_t d = 5, r = 2, n_blocks = 4;
+  std::vector<reslora::MergeBlock> blocks;
+  for (int64_t i = 0; i < n_blocks; ++i) {
+    reslora::MergeBlock b;
+    b.weight = torch::randn({d, d}, torch::kFloat64);
+    b.A = torch::randn({r, d}, torch::kFloat64);
+    b.B = torch::randn({d, r}, torch::kFloat64);
+    b.x_norm_mean = torch::rand({}, torch::kFloat64) + 0.5;
+    b.z_norm_mean = torch::rand({}, torch::kFloat64) + 0.5;
+    const auto x = torch::randn({40, d}, torch::kFloat64);
+    b.xx = x.t().mm(x);
+    b.zx = torch::randn({r, 40}, torch::kFloat64).mm(x);
+    b.tokens = 40;
+    blocks.push_back(b);
+  }
+  for (const auto& [variant, merge] :
+       std::vector<std::pair<Variant, MergeKind>>{{Variant::kIS, MergeKind::kFit},
+                                                  {Variant::kIS, MergeKind::kWeight},
+                                                  {Variant::kMS, MergeKind::kFit},
+                                                  {Variant::kMS, MergeKind::kMid},
+                                                  {Variant::kBS, MergeKind::kExact}}) {
+    for (int64_t pre_num : {int64_t(1), int64_t(-1)}) {
+      const auto all = reslora::merge_chain(blocks, variant, merge, pre_num, 1.5, 1e-3);
+      for (int64_t n = 0; n < n_blocks; ++n) {
+        const auto one = reslora::merge_chain(blocks, variant, merge, pre_num, 1.5, 1e-3, n);
+        ASSERT_EQ(one.size(), 1u);
+        EXPECT_TRUE(torch::equal(one[0].A, all[n].A)) << reslora::to_string(merge) << " " << n;
+        EXPECT_TRUE(torch::equal(one[0].B, all[n].B)) << reslora::to_string(merge) << " " << n;
+      }
+    }
+  }
+  try {
+    reslora::merge_chain(blocks, Variant::kIS, MergeKind::kFit, 1, 1.5, 1e-3, n_blocks);
+    FAIL() << "an index past the chain must throw";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("merge_chain's only must be -1 (every block) or a block "
+                                         "index in [0, 4), got 4"),
+              std::string::npos)
+        << e.what();
+  }
+}
+
 TEST(Ops, BlockOpEqualsDownThenUpWithGradients) {
   torch::manual_seed(4);
   const auto f64 = torch::kFloat64;

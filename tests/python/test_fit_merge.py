@@ -49,19 +49,107 @@ def stack_model(variant, pre_num, seed=0):
     return model
 
 
+@pytest.mark.parametrize("sequential", [False, True])
 @pytest.mark.parametrize("variant,pre_num", CASES)
-def test_fit_is_exact_where_inputs_are_linearly_related(variant, pre_num):
+def test_fit_is_exact_where_inputs_are_linearly_related(variant, pre_num, sequential):
     model = stack_model(variant, pre_num)
     calib = [torch.randn(64, 8) for _ in range(4)]
     held_out = torch.randn(32, 8)
     other = copy.deepcopy(model)
-    model.merge_to_lora(inputs=calib, merge="fit", eval_inputs=held_out, ridge=1e-10)
+    model.merge_to_lora(inputs=calib, merge="fit", eval_inputs=held_out, ridge=1e-10, sequential=sequential)
     fit_err = max(model.merge_errors.values())
     assert fit_err < 1e-3  # the float32 sums of the calibration: exact up to their rounding
     assert max(model.merge_delta_errors.values()) < 1e-2
     assert model.training  # the calibration ran in eval mode and left the mode as it was
     other.merge_to_lora(inputs=held_out, merge="input")
     assert max(other.merge_errors.values()) > 20 * fit_err  # the scalar merge is not exact here
+
+
+class TanhStack(Stack):
+    """A nonlinear stack: the merged model's inputs drift from the unmerged ones."""
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer["proj"](x))
+        return x
+
+
+def reference_sequential_fit(model, calib, variant, pre_num, ridge):
+    """The sequential fit in float64 from the spec's formulas: the fit of every block on the
+    unmerged model's inputs, then positions 1, 2, ... refitted in turn on the inputs of the
+    merged model (the shortcut's term from them, with the A before the merge)."""
+    blocks = list(model.blocks.values())
+    W = [b.base_layer.weight.double() for b in blocks]
+    A = [b.lora_A.double() for b in blocks]
+    B = [b.lora_B.double() for b in blocks]
+    xm = [b.x_norm_mean().double() for b in blocks]
+    s, X, d = blocks[0].scaling, torch.cat(calib).double(), A[0].shape[1]
+
+    def reach(n):
+        return n if pre_num < 0 else min(n, pre_num)
+
+    def term(xs, n):  # the rank-r term the shortcut adds to z_n
+        if variant == "is":
+            return xs[n - 1] @ A[n].T
+        return sum(xs[n - j] @ A[n - j].T for j in range(1, reach(n) + 1))
+
+    def run(pairs=None):  # the block inputs of the unmerged chain, or of plain LoRA pairs A'
+        xs, x = [], X
+        for n in range(len(blocks)):
+            xs.append(x)
+            if pairs is not None:
+                z = x @ pairs[n].T
+            else:
+                z = x @ A[n].T + (xs[n] @ A[n].T if variant == "is" and n == 0 else term(xs, n) if n else 0)
+            x = torch.tanh(x @ W[n].T + s * z @ B[n].T)
+        return xs
+
+    def fit(xs, n):
+        if n == 0:
+            return 2 * A[0] if variant == "is" else A[0]
+        xx, zx = xs[n].T @ xs[n], term(xs, n).T @ xs[n]
+        lam = ridge * xx.trace() / d
+        if variant == "is":
+            m0 = A[n] * xm[n - 1] / xm[n]
+        else:
+            m0 = sum(A[n - j] * xm[n - j] / xm[n] for j in range(1, reach(n) + 1))
+        return A[n] + torch.linalg.solve(xx + lam * torch.eye(d, dtype=xx.dtype), (zx + lam * m0).T).T
+
+    xs = run()
+    pairs = [fit(xs, n) for n in range(len(blocks))]
+    for n in range(1, len(blocks)):
+        pairs[n] = fit(run(pairs), n)
+    return pairs
+
+
+@pytest.mark.parametrize("variant,pre_num", CASES)
+def test_sequential_fit_equals_a_float64_reference(variant, pre_num):
+    torch.manual_seed(1)
+    base = TanhStack()
+    with torch.no_grad():
+        for layer in base.layers:
+            layer["proj"].weight.copy_(torch.eye(8) + 0.3 * torch.randn(8, 8))
+    model = reslora.get_reslora_model(
+        base,
+        reslora.ResLoRAConfig(
+            variant=variant, pre_num=pre_num, r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["proj"]
+        ),
+    )
+    for blk in model.blocks.values():
+        nn.init.normal_(blk.lora_B, std=0.5)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 8))
+    calib = [torch.randn(64, 8) for _ in range(4)]
+    want = reference_sequential_fit(model, calib, variant, pre_num, ridge=1e-3)
+    plain = copy.deepcopy(model).merge_to_lora(inputs=calib, merge="fit", ridge=1e-3)
+    model.merge_to_lora(inputs=calib, merge="fit", ridge=1e-3, sequential=True)
+    for n, blk in enumerate(model.blocks.values()):
+        torch.testing.assert_close(blk.lora_A.double(), want[n], rtol=2e-4, atol=2e-5)
+    # the refit moved the blocks after the first two (the head's and block 1's inputs are the
+    # unmerged ones: the head merges exactly)
+    last = list(model.blocks)[-1]
+    assert (model.blocks[last].lora_A - plain.blocks[last].lora_A).abs().max() > 1e-3
 
 
 def trained_llama(variant, pre_num, dropout=0.1):

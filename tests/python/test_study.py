@@ -47,14 +47,21 @@ def test_tiny_study_runs_every_method_and_merge(tmp_path):
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000 and (tmp_path / "merge_cost.png").exists()
 
 
-def test_tiny_ridge_sweep_evaluates_the_fit_at_every_ridge(tmp_path):
+def test_tiny_ridge_sweep_and_sequential_fit_evaluate_every_fit(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "study.py"), "--tiny", "--device", "cpu", "--tasks", "mlm"]
-    cmd += ["--methods", "is,ms pre_num -1", "--targets", "all-linear", "--ridges", "1e-4,1e-2", "--out", str(tmp_path)]
+    cmd += ["--methods", "is,ms pre_num -1", "--targets", "all-linear", "--ridges", "1e-4,1e-2", "--sequential"]
+    cmd += ["--out", str(tmp_path)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     runs = json.loads((tmp_path / "results.json").read_text())["tasks"]["mlm"]["runs"]
     assert {r["method"] for r in runs} == {"is", "ms pre_num -1"}
     for r in runs:
         assert set(r["fit_ridge"]) == {"0.0001", "0.01"}
         assert r["merges"]["fit"] == r["fit_ridge"]["0.0001"]  # the default ridge is 1e-4
+        seq = r["fit_sequential"]
+        assert seq["False"]["loss"] == r["merges"]["fit"]["loss"]  # the same merge, once more
+        assert seq["True"]["loss"] != seq["False"]["loss"] and seq["True"]["merge_time_s"] > 0
     text = (tmp_path / "ridge.md").read_text()
     assert "| is | 0.001 |" in text and "| ms pre_num -1 | 0.001 |" in text and "fit 0.01" in text
+    text = (tmp_path / "sequential.md").read_text()
+    assert "| method | lr | unmerged | input | fit | fit, sequential | fit (s) | sequential (s) |" in text
+    assert "| is | 0.001 |" in text and "| ms pre_num -1 | 0.001 |" in text

@@ -53,9 +53,11 @@ struct LoRAPair {
 // the block's own input, with a ridge centred on the input merge's prediction M0:
 // M = (zx + lambda M0)(xx + lambda I)^-1, A' = A_n + M, B' = B_n. Exact where p_n is a linear
 // function of x_n; never worse than input on the calibration data (up to the ridge).
+// only >= 0: the pair of that block alone (one entry; the others' sums are not read), which a
+// fit in chain order, one position at a time, needs.
 std::vector<LoRAPair> merge_chain(const std::vector<MergeBlock>& blocks, Variant variant,
                                   MergeKind merge, int64_t pre_num, double scaling,
-                                  double ridge = kDefaultRidge);
+                                  double ridge = kDefaultRidge, int64_t only = -1);
 
 // Number of predecessors block `index` reaches for `pre_num` (-1 = all).
 inline int64_t reach(int64_t index, int64_t pre_num) {
