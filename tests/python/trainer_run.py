@@ -45,7 +45,7 @@ def main(engine, out, steps, resume=None):
         output_dir=out,
         per_device_train_batch_size=2,
         max_steps=steps,
-        save_strategy="steps" if engine == "ddp" else "no",
+        save_strategy="steps",
         save_steps=2,
         report_to=[],
         use_cpu=engine == "ddp",
