@@ -3,16 +3,17 @@
 // compared with. The inputs are zeros: the times depend on the shapes, not the values. `make
 // build` builds it with the tests (build/cmake/lowrank_bench [n d r]); by hand:
 //   nvcc -std=c++17 -O3 -arch=sm_90 -Icsrc bench/cuda/lowrank_bench.cu \
-//        csrc/kernels/cuda/lora_fused.cu -o /tmp/lowrank_bench && /tmp/lowrank_bench [n d r]
+//        csrc/kernels/cuda/lowrank/*.cu -o /tmp/lowrank_bench && /tmp/lowrank_bench [n d r]
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "kernels/cuda/lora_fused.cuh"
+#include "kernels/cuda/lowrank.cuh"
 
 using namespace reslora::kernels;
 
@@ -146,34 +147,31 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&seed, sizeof(int64_t)));
   CHECK(cudaMemcpy(seed, &seed_value, sizeof(int64_t), cudaMemcpyHostToDevice));
   for (float p : {0.f, 0.05f}) {
-    LowRankParams prm;
-    prm.x = x;
-    prm.A = A;
-    prm.dz = dz;
-    prm.out = out;
-    prm.out2 = x2;
-    prm.workspace = ws;
-    prm.n = n;
-    prm.d = d;
-    prm.segment_rank = r;
-    prm.p = p;
-    prm.seed.ptr = seed;
+    const LowRankShape shape{n, d, 1, r};
+    const LowRankDropout drop{p, DropoutSeed{seed, 0}};
+    const DownArgs down{x, nullptr, A, dz, ws, shape, drop};
+    const GradAArgs grad{x, nullptr, dz, A, ws, shape, drop};
+    const UpDxArgs up_dx{dz, A, out, shape, drop};
+    const UpOutArgs up_out{dz, A, out, shape, 1.f};
+    const GradAUpDxArgs fused{grad, A, x2, nullptr};
+    const DType bf16 = DType::kBFloat16;
     const struct {
-      LowRankOp op;
       const char* name;
-    } ops[] = {{LowRankOp::kDown, "down"},
-               {LowRankOp::kGradA, "grad_A"},
-               {LowRankOp::kUpDx, "up_dx"},
-               {LowRankOp::kUpOut, "up_out"},
-               {LowRankOp::kGradAUpDx, "grad_A + up_dx in one pass"}};
+      bool dropout_too;
+      std::function<cudaError_t()> launch;
+    } ops[] = {
+        {"down", true, [&] { return lowrank_down(down, bf16, sms, nullptr); }},
+        {"grad_A", true, [&] { return lowrank_grad_A(grad, bf16, sms, nullptr); }},
+        {"up_dx", true, [&] { return lowrank_up_dx(up_dx, bf16, sms, nullptr); }},
+        {"up_out", false, [&] { return lowrank_up_out(up_out, bf16, sms, nullptr); }},
+        {"grad_A + up_dx in one pass", true,
+         [&] { return lowrank_grad_A_up_dx(fused, bf16, sms, nullptr); }},
+    };
     for (const auto& o : ops) {
-      if (o.op == LowRankOp::kUpOut && p > 0.f) continue;
-      LowRankParams q = prm;
+      if (!o.dropout_too && p > 0.f) continue;
       char name[96];
       std::snprintf(name, sizeof name, "%s, dropout %.2f", o.name, p);
-      report(name,
-             median_us([&] { CHECK(lowrank_launch(o.op, q, DType::kBFloat16, sms, nullptr)); }),
-             bytes);
+      report(name, median_us([&] { CHECK(o.launch()); }), bytes);
     }
   }
   return 0;

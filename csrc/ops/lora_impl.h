@@ -1,6 +1,20 @@
 // Backend-generic bodies of the ops. Each backend supplies its dropout kernels and, optionally,
 // fused low-rank kernels (a KernelSet); the large products go through ATen (cuBLAS on CUDA,
 // shape-only on Meta), so one body serves CPU, CUDA and Meta and the shapes cannot drift apart.
+//
+// From an op to the kernel that runs (CUDA, fp16 / bf16; the other backends stop at the KernelSet):
+//   reslora::lora_linear (schema: lora_ops.cpp; autograd: autograd/lora_autograd.cpp)
+//     -> Backend<K>::linear -> lora_linear_impl (below)
+//        z: down_z -> K.down = fused_down_cuda (cuda/lora_kernel.cpp)
+//           -> kernels::lowrank_down (kernels/cuda/lowrank/launch.cu) -> down_kernel (down.cuh)
+//        y: lora_up_impl -> K.up_out (small outputs: lowrank_up_out -> up_out_kernel, up.cuh)
+//           or cuBLAS, then the base GEMM accumulates onto it (cuBLAS)
+//   reslora::_lora_linear_backward -> Backend<K>::linear_backward -> lora_linear_backward_impl
+//        dz, dB: cuBLAS; down_grads -> K.grad_A_up_dx = fused_grad_A_up_dx_cuda
+//           -> lowrank_grad_A_up_dx -> grad_a_up_dx_kernel (grad_a.cuh), or, for several dropout
+//           segments (bs), lowrank_grad_A and lowrank_up_dx; then dx += dy W (cuBLAS)
+// Where a fused kernel does not take a problem (dtype, rank, device) it returns false and the
+// generic composition in the same function runs (the dropout kernel plus ATen products).
 #pragma once
 
 #include <optional>

@@ -1,5 +1,5 @@
 // Torch-free CUDA launcher: out (=|+=) (x [+ x_prev]) * keep(seed, offset, segment, i) / (1 - p).
-// The generic path (fp32 / fp64, ranks the fused kernels of lora_fused.cuh do not take) uses it for
+// The generic path (fp32 / fp64, ranks the fused kernels of lowrank.cuh do not take) uses it for
 // the masked input and the masked input gradient.
 // Takes raw pointers and a stream so it builds with nvcc alone (no ATen), and is tested that way.
 #pragma once

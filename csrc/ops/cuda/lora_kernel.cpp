@@ -1,14 +1,14 @@
 // CUDA backend of the reslora ops: the torch-free kernels (kernels/cuda/) launched on the current
-// stream. fp16 / bf16 take the fused low-rank kernels (lora_fused.cu: no full-size masked copy
-// of the input, ever); other dtypes and ranks the dropout kernel plus ATen products. The large
-// products go through ATen (cuBLAS). No host synchronisation, so the ops are safe to capture in
-// CUDA graphs.
+// stream. fp16 / bf16 take the fused low-rank kernels (kernels/cuda/lowrank.cuh: no full-size
+// masked copy of the input, ever), one function here per kernel entry; other dtypes and ranks
+// the dropout kernel plus ATen products. The large products go through ATen (cuBLAS). No host
+// synchronisation, so the ops are safe to capture in CUDA graphs.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../../kernels/cuda/dropout_add.cuh"
-#include "../../kernels/cuda/lora_fused.cuh"
+#include "../../kernels/cuda/lowrank.cuh"
 #include "../lora_impl.h"
 
 namespace reslora {
@@ -54,7 +54,7 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
 // dropout every segment sees the same input, so the whole rank is one segment when it fits.
 struct FusedProblem {
   bool ok = false;
-  int64_t segment_rank = 0;
+  kernels::LowRankShape shape;
   int num_sms = 0;
 };
 
@@ -63,88 +63,102 @@ FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R,
   FusedProblem fp;
   if (n == 0 || d == 0 || R == 0) return fp;
   if (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16) return fp;
-  fp.segment_rank = p == 0.0 && R <= kernels::kFusedMaxRank ? R : segment_rank;
+  const int64_t sr = p == 0.0 && R <= kernels::kFusedMaxRank ? R : segment_rank;
+  fp.shape = kernels::LowRankShape{n, d, R / sr, sr};
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
   fp.num_sms = prop->multiProcessorCount;
-  fp.ok = kernels::lowrank_supported(to_kernel_dtype(t.scalar_type()), fp.segment_rank,
-                                     R / fp.segment_rank, with_prev, prop->major);
+  fp.ok = kernels::lowrank_supported(to_kernel_dtype(t.scalar_type()), sr, R / sr, with_prev,
+                                     prop->major);
   return fp;
 }
 
-kernels::LowRankParams lowrank_params(int64_t n, int64_t d, int64_t R, const FusedProblem& fp,
-                                      double p, const kernels::DropoutSeed& seed) {
-  kernels::LowRankParams prm;
-  prm.n = n;
-  prm.d = d;
-  prm.segment_rank = fp.segment_rank;
-  prm.segments = R / fp.segment_rank;
-  prm.p = static_cast<float>(p);
-  prm.seed = seed;
-  return prm;
+kernels::LowRankDropout kernel_dropout(double p, const kernels::DropoutSeed& seed) {
+  return kernels::LowRankDropout{static_cast<float>(p), seed};
 }
 
-void launch_lowrank(kernels::LowRankOp op, kernels::LowRankParams& prm, const at::Tensor& like,
-                    const FusedProblem& fp) {
-  at::Tensor ws;
-  const size_t floats = kernels::lowrank_workspace_floats(op, prm, fp.num_sms);
-  if (floats > 0) {
-    ws = at::empty({static_cast<int64_t>(floats)}, like.options().dtype(at::kFloat));
-    prm.workspace = ws.mutable_data_ptr<float>();
-  }
-  const cudaError_t err = kernels::lowrank_launch(op, prm, to_kernel_dtype(like.scalar_type()),
-                                                  fp.num_sms, at::cuda::getCurrentCUDAStream());
+// The fp32 workspace of a reduction (kept alive by the caller until the launch is queued: the
+// caching allocator reuses it only after the stream has passed it).
+float* workspace(kernels::LowRankOp op, const FusedProblem& fp, const at::Tensor& like,
+                 at::Tensor* holder) {
+  const size_t floats = kernels::lowrank_workspace_floats(op, fp.shape, fp.num_sms);
+  *holder = at::empty({static_cast<int64_t>(floats)}, like.options().dtype(at::kFloat));
+  return holder->mutable_data_ptr<float>();
+}
+
+void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess,
               "reslora: fused low-rank kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// The two reductions over x: down (z = drop(x [+ x_prev]) A^T, [N, R]) and grad_A
-// (dz^T drop(x [+ x_prev]), [R, d]); `operand` is A for the first and dz for the second.
-bool fused_over_x(kernels::LowRankOp op, const at::Tensor& x2, const at::Tensor& xp2,
-                  const at::Tensor& A, const at::Tensor& operand, double p,
-                  const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* out) {
+at::Tensor contiguous_or_undefined(const at::Tensor& t) {
+  return t.defined() ? t.contiguous() : at::Tensor();
+}
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// z = drop_k(x2 [+ xp2]) A_k^T ([N, R]): lowrank_down.
+bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
+                     const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* z) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
-  const at::Tensor xc = x2.contiguous();
-  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
-  const at::Tensor oc = operand.contiguous();
-  const bool down = op == kernels::LowRankOp::kDown;
-  *out = down ? at::empty({n, R}, x2.options()) : at::empty({R, d}, x2.options());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
-  prm.x = xc.const_data_ptr();
-  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
-  (down ? prm.A : prm.dz) = oc.const_data_ptr();
-  prm.out = out->mutable_data_ptr();
-  launch_lowrank(op, prm, x2, fp);
+  const at::Tensor xc = x2.contiguous(), xpc = contiguous_or_undefined(xp2), Ac = A.contiguous();
+  *z = at::empty({n, R}, x2.options());
+  at::Tensor ws;
+  kernels::DownArgs a;
+  a.x = xc.const_data_ptr();
+  a.x_prev = ptr_or_null(xpc);
+  a.A = Ac.const_data_ptr();
+  a.z = z->mutable_data_ptr();
+  a.workspace = workspace(kernels::LowRankOp::kDown, fp, x2, &ws);
+  a.shape = fp.shape;
+  a.dropout = kernel_dropout(p, seed);
+  check_launch(kernels::lowrank_down(a, to_kernel_dtype(x2.scalar_type()), fp.num_sms,
+                                     at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
-bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
-                     const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* z) {
-  return fused_over_x(kernels::LowRankOp::kDown, x2, xp2, A, A, p, seed, segment_rank, z);
-}
-
+// grad_A = dz_k^T drop_k(x2 [+ xp2]) ([R, d]): lowrank_grad_A.
 bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
                        const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
                        int64_t segment_rank, at::Tensor* grad_A) {
-  return fused_over_x(kernels::LowRankOp::kGradA, x2, xp2, A, dz, p, seed, segment_rank, grad_A);
+  const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
+  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
+  if (!fp.ok) return false;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const at::Tensor xc = x2.contiguous(), xpc = contiguous_or_undefined(xp2), dzc = dz.contiguous();
+  *grad_A = at::empty({R, d}, x2.options());
+  at::Tensor ws;
+  kernels::GradAArgs a;
+  a.x = xc.const_data_ptr();
+  a.x_prev = ptr_or_null(xpc);
+  a.dz = dzc.const_data_ptr();
+  a.grad_A = grad_A->mutable_data_ptr();
+  a.workspace = workspace(kernels::LowRankOp::kGradA, fp, x2, &ws);
+  a.shape = fp.shape;
+  a.dropout = kernel_dropout(p, seed);
+  check_launch(kernels::lowrank_grad_A(a, to_kernel_dtype(x2.scalar_type()), fp.num_sms,
+                                       at::cuda::getCurrentCUDAStream()));
+  return true;
 }
 
+// The low-rank input gradient sum_k drop_k(dz_k A_k) ([N, d]): lowrank_up_dx.
 bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p,
                       const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* out) {
   const int64_t n = dz.size(0), d = A.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank, false);
   if (!fp.ok) return false;
   const c10::cuda::CUDAGuard guard(dz.device());
-  const at::Tensor dzc = dz.contiguous();
-  const at::Tensor Ac = A.contiguous();
+  const at::Tensor dzc = dz.contiguous(), Ac = A.contiguous();
   *out = at::empty({n, d}, dz.options());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
-  prm.dz = dzc.const_data_ptr();
-  prm.A = Ac.const_data_ptr();
-  prm.out = out->mutable_data_ptr();
-  launch_lowrank(kernels::LowRankOp::kUpDx, prm, dz, fp);
+  kernels::UpDxArgs a;
+  a.dz = dzc.const_data_ptr();
+  a.A = Ac.const_data_ptr();
+  a.grad_x = out->mutable_data_ptr();
+  a.shape = fp.shape;
+  a.dropout = kernel_dropout(p, seed);
+  check_launch(kernels::lowrank_up_dx(a, to_kernel_dtype(dz.scalar_type()), fp.num_sms,
+                                      at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
@@ -156,51 +170,56 @@ bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p,
 constexpr int64_t kFusedUpOutMaxElements = int64_t(1) << 22;
 
 // The forward's low-rank output y = scaling z2 B^T (one segment of the whole rank, no dropout),
-// which the base GEMM then accumulates onto.
+// which the base GEMM then accumulates onto: lowrank_up_out.
 bool fused_up_out_cuda(const at::Tensor& z2, const at::Tensor& B, double scaling, at::Tensor* y) {
   const int64_t n = z2.size(0), d = B.size(0), R = B.size(1);
   if (n * d > kFusedUpOutMaxElements) return false;
   const FusedProblem fp = fused_problem(z2, n, d, R, 0.0, R, false);
-  if (!fp.ok || fp.segment_rank != R) return false;
+  if (!fp.ok || fp.shape.segment_rank != R) return false;
   const c10::cuda::CUDAGuard guard(z2.device());
-  const at::Tensor zc = z2.contiguous();
-  const at::Tensor Bc = B.contiguous();
+  const at::Tensor zc = z2.contiguous(), Bc = B.contiguous();
   *y = at::empty({n, d}, z2.options());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, 0.0, kernels::DropoutSeed{});
-  prm.dz = zc.const_data_ptr();
-  prm.A = Bc.const_data_ptr();
-  prm.out = y->mutable_data_ptr();
-  prm.alpha = static_cast<float>(scaling);
-  launch_lowrank(kernels::LowRankOp::kUpOut, prm, z2, fp);
+  kernels::UpOutArgs a;
+  a.z = zc.const_data_ptr();
+  a.B = Bc.const_data_ptr();
+  a.y = y->mutable_data_ptr();
+  a.shape = fp.shape;
+  a.scaling = static_cast<float>(scaling);
+  check_launch(kernels::lowrank_up_out(a, to_kernel_dtype(z2.scalar_type()), fp.num_sms,
+                                       at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
 // grad_A and the low-rank dx of a one-segment problem in one pass over x (the mask of each
-// element pair made once for both), and a second copy of the dx when grad_x_copy is given.
+// element pair made once for both), and a second copy of the dx when grad_x_copy is given:
+// lowrank_grad_A_up_dx.
 bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
                              const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
                              int64_t segment_rank, at::Tensor* grad_A, at::Tensor* grad_x,
                              at::Tensor* grad_x_copy) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
   const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
-  if (!fp.ok || fp.segment_rank != R) return false;
+  if (!fp.ok || fp.shape.segment_rank != R) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
-  const at::Tensor xc = x2.contiguous();
-  const at::Tensor xpc = xp2.defined() ? xp2.contiguous() : at::Tensor();
-  const at::Tensor dzc = dz.contiguous();
-  const at::Tensor Ac = A.contiguous();
+  const at::Tensor xc = x2.contiguous(), xpc = contiguous_or_undefined(xp2);
+  const at::Tensor dzc = dz.contiguous(), Ac = A.contiguous();
   *grad_A = at::empty({R, d}, x2.options());
   *grad_x = at::empty({n, d}, x2.options());
   if (grad_x_copy != nullptr) *grad_x_copy = at::empty({n, d}, x2.options());
-  kernels::LowRankParams prm = lowrank_params(n, d, R, fp, p, seed);
-  prm.x = xc.const_data_ptr();
-  prm.x_prev = xpc.defined() ? xpc.const_data_ptr() : nullptr;
-  prm.dz = dzc.const_data_ptr();
-  prm.A = Ac.const_data_ptr();
-  prm.out = grad_A->mutable_data_ptr();
-  prm.out2 = grad_x->mutable_data_ptr();
-  prm.out2_copy = grad_x_copy != nullptr ? grad_x_copy->mutable_data_ptr() : nullptr;
-  launch_lowrank(kernels::LowRankOp::kGradAUpDx, prm, x2, fp);
+  at::Tensor ws;
+  kernels::GradAUpDxArgs a;
+  a.grad.x = xc.const_data_ptr();
+  a.grad.x_prev = ptr_or_null(xpc);
+  a.grad.dz = dzc.const_data_ptr();
+  a.grad.grad_A = grad_A->mutable_data_ptr();
+  a.grad.workspace = workspace(kernels::LowRankOp::kGradAUpDx, fp, x2, &ws);
+  a.grad.shape = fp.shape;
+  a.grad.dropout = kernel_dropout(p, seed);
+  a.A = Ac.const_data_ptr();
+  a.grad_x = grad_x->mutable_data_ptr();
+  a.grad_x_copy = grad_x_copy != nullptr ? grad_x_copy->mutable_data_ptr() : nullptr;
+  check_launch(kernels::lowrank_grad_A_up_dx(a, to_kernel_dtype(x2.scalar_type()), fp.num_sms,
+                                             at::cuda::getCurrentCUDAStream()));
   return true;
 }
 
