@@ -71,8 +71,12 @@ def launches(fn):
     return out, {e.key: e.count for e in prof.key_averages()}
 
 
-def count(calls, part):
-    return sum(v for k, v in calls.items() if part in k)
+def count(calls, kernel):
+    """Launches of the kernel named `kernel` (its whole name: up_dx_kernel is not
+    grad_a_up_dx_kernel), or of every kernel whose name holds `kernel` when it has no '_kernel'."""
+    if kernel.endswith("_kernel"):
+        return sum(v for k, v in calls.items() if f"::{kernel}<" in k or k.startswith(f"{kernel}<"))
+    return sum(v for k, v in calls.items() if kernel in k)
 
 
 @pytest.mark.parametrize("segment_rank,fused_backward", [(16, False), (32, True)])
@@ -80,14 +84,15 @@ def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
     c = inputs(500, 512, 256, 32, torch.bfloat16, True)
     first, calls = launches(lambda: block(c, "cuda", torch.bfloat16, 0.1, segment_rank))
     assert count(calls, "down_kernel") == 1, calls
+    assert count(calls, "up_out_kernel") == 1, calls  # the forward's s z B^T
     if fused_backward:  # one segment: grad_A and the low-rank dx share one pass over x
-        assert count(calls, "grad_a_up_kernel") == 1 and count(calls, "grad_a_kernel") == 0, calls
-        assert count(calls, "up_kernel") - count(calls, "grad_a_up_kernel") == 1, calls
+        assert count(calls, "grad_a_up_dx_kernel") == 1, calls
+        assert count(calls, "grad_a_kernel") == 0 and count(calls, "up_dx_kernel") == 0, calls
         # is: the pass writes the low-rank dx twice (x_prev's gradient and dx's C); no copy.
         assert count(calls, "Memcpy DtoD") == 0, calls
     else:  # two dropout segments: grad_A per segment, the up kernel sums the masked products
-        assert count(calls, "grad_a_kernel") == 1 and count(calls, "grad_a_up_kernel") == 0, calls
-        assert count(calls, "up_kernel") == 2, calls  # the forward's s z B^T and the dx
+        assert count(calls, "grad_a_kernel") == 1 and count(calls, "up_dx_kernel") == 1, calls
+        assert count(calls, "grad_a_up_dx_kernel") == 0, calls
     assert count(calls, "dropout_add_kernel") == 0, calls  # no full-size masked copy of x
     second = block(c, "cuda", torch.bfloat16, 0.1, segment_rank)
     for a, b in zip(first, second):
@@ -105,7 +110,7 @@ def test_fused_up_output_matches_float64(dtype, n, d_out, R):
     x, W, z, B = t(n, 40), t(d_out, 40), t(n, R), t(d_out, R)
     ref = ops.lora_up(x.double(), W.double(), None, z.double(), B.double(), 0.75)
     out, calls = launches(lambda: ops.lora_up(x.cuda(), W.cuda(), None, z.cuda(), B.cuda(), 0.75))
-    assert count(calls, "up_kernel") == (1 if n * d_out <= 1 << 22 else 0), calls
+    assert count(calls, "up_out_kernel") == (1 if n * d_out <= 1 << 22 else 0), calls
     close([ref], [out], 2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 

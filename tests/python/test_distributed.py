@@ -199,8 +199,9 @@ def assert_resumed_run_equals_the_full_one(tmp_path, engine, nproc, exact):
     ckpt = tmp_path / "full" / "checkpoint-2"
     weights = [f for f in os.listdir(ckpt) if f.startswith(("model", "pytorch_model"))]
     assert weights, sorted(os.listdir(ckpt))
-    for f in weights:  # the adapter, not the model
-        assert os.path.getsize(ckpt / f) < 30_000, (f, os.path.getsize(ckpt / f))
+    model_bytes = sum(p.numel() * p.element_size() for p in make("llama").parameters())  # 109 kB
+    for f in weights:  # the adapter (17 kB of tensors), not the model
+        assert os.path.getsize(ckpt / f) < model_bytes / 2, (f, os.path.getsize(ckpt / f))
     trainer_torchrun(engine, nproc, tmp_path / "resumed", str(ckpt))
     from safetensors.torch import load_file
 
