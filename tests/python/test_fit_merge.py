@@ -29,9 +29,10 @@ class Stack(nn.Module):
         return x
 
 
-def stack_model(variant, pre_num, seed=0):
+def stack_model(variant, pre_num, seed=0, stack=None):
+    """The stack (Stack by default) wrapped, B random, three training forwards done."""
     torch.manual_seed(seed)
-    base = Stack()
+    base = (stack or Stack)()
     with torch.no_grad():
         for layer in base.layers:
             layer["proj"].weight.copy_(torch.eye(8) + 0.3 * torch.randn(8, 8))
@@ -124,22 +125,7 @@ def reference_sequential_fit(model, calib, variant, pre_num, ridge):
 
 @pytest.mark.parametrize("variant,pre_num", CASES)
 def test_sequential_fit_equals_a_float64_reference(variant, pre_num):
-    torch.manual_seed(1)
-    base = TanhStack()
-    with torch.no_grad():
-        for layer in base.layers:
-            layer["proj"].weight.copy_(torch.eye(8) + 0.3 * torch.randn(8, 8))
-    model = reslora.get_reslora_model(
-        base,
-        reslora.ResLoRAConfig(
-            variant=variant, pre_num=pre_num, r=2, lora_alpha=4, lora_dropout=0.1, target_modules=["proj"]
-        ),
-    )
-    for blk in model.blocks.values():
-        nn.init.normal_(blk.lora_B, std=0.5)
-    model.train()
-    for _ in range(3):
-        model(torch.randn(16, 8))
+    model = stack_model(variant, pre_num, seed=1, stack=TanhStack)
     calib = [torch.randn(64, 8) for _ in range(4)]
     want = reference_sequential_fit(model, calib, variant, pre_num, ridge=1e-3)
     plain = copy.deepcopy(model).merge_to_lora(inputs=calib, merge="fit", ridge=1e-3)
