@@ -379,13 +379,7 @@ def main():
         results = dict(parts[0], tasks=tasks, wall_time_s=sum(part.get("wall_time_s", 0) for part in parts))
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-        if args.ridges:
-            ridge_report(results, args.ridges, out_dir)
-        if args.sequential:
-            sequential_report(results, out_dir)
-        if not (args.ridges or args.sequential):
-            report(results, out_dir)
+        write_results(results, args, out_dir)
         return
     if args.tiny:
         cfg = dict(
@@ -463,6 +457,16 @@ def main():
         base = task.evaluate(task.fresh())
         results["tasks"][kind] = {"base": base, "best_lr": best, "runs": runs, "sizes": task.sizes}
     results["wall_time_s"] = time.time() - started
+    write_results(results, args, out_dir)
+    print(f"[study] done in {results['wall_time_s']:.0f} s: {out_dir}")
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def write_results(results, args, out_dir):
+    """results.json and the reports the run asked for: the ridge sweep's, the sequential fit's,
+    or (neither asked) the study's."""
     (out_dir / "results.json").write_text(json.dumps(results, indent=1))
     if args.ridges:
         ridge_report(results, args.ridges, out_dir)
@@ -470,10 +474,6 @@ def main():
         sequential_report(results, out_dir)
     if not (args.ridges or args.sequential):
         report(results, out_dir)
-    print(f"[study] done in {results['wall_time_s']:.0f} s: {out_dir}")
-
-
-# --- report ----------------------------------------------------------------------------------
 
 
 def chosen(task_res, method):
