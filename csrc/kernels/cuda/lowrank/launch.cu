@@ -32,6 +32,18 @@ void set_paths(Problem* pb, std::initializer_list<const void*> full, const void*
   pb->wide_rank = R % 8 == 0 && s.segment_rank % 8 == 0 && aligned(rank_operand, 16);
 }
 
+// The Problem of an op: its sizes and dropout, and whether x_prev is given.
+Problem problem_of(LowRankOp op, const LowRankShape& shape, const LowRankDropout& dropout,
+                   const void* x_prev) {
+  Problem pb;
+  pb.op = op;
+  pb.shape = shape;
+  pb.p = dropout.p;
+  pb.seed = dropout.seed;
+  pb.with_prev = x_prev != nullptr;
+  return pb;
+}
+
 cudaError_t run(const Problem& pb, DType dtype, int num_sms, cudaStream_t stream) {
   switch (dtype) {
     case DType::kFloat16:
@@ -76,12 +88,7 @@ size_t lowrank_workspace_floats(LowRankOp op, const LowRankShape& shape, int num
 
 cudaError_t lowrank_down(const DownArgs& a, DType dtype, int num_sms, cudaStream_t stream) {
   if (!shape_ok(a.shape) || a.workspace == nullptr) return cudaErrorInvalidValue;
-  Problem pb;
-  pb.op = LowRankOp::kDown;
-  pb.shape = a.shape;
-  pb.p = a.dropout.p;
-  pb.seed = a.dropout.seed;
-  pb.with_prev = a.x_prev != nullptr;
+  Problem pb = problem_of(LowRankOp::kDown, a.shape, a.dropout, a.x_prev);
   pb.down = &a;
   set_paths(&pb, {a.x, a.x_prev, a.A, a.z}, nullptr);
   return run(pb, dtype, num_sms, stream);
@@ -89,12 +96,7 @@ cudaError_t lowrank_down(const DownArgs& a, DType dtype, int num_sms, cudaStream
 
 cudaError_t lowrank_grad_A(const GradAArgs& a, DType dtype, int num_sms, cudaStream_t stream) {
   if (!shape_ok(a.shape) || a.workspace == nullptr) return cudaErrorInvalidValue;
-  Problem pb;
-  pb.op = LowRankOp::kGradA;
-  pb.shape = a.shape;
-  pb.p = a.dropout.p;
-  pb.seed = a.dropout.seed;
-  pb.with_prev = a.x_prev != nullptr;
+  Problem pb = problem_of(LowRankOp::kGradA, a.shape, a.dropout, a.x_prev);
   pb.grad_A = &a;
   set_paths(&pb, {a.x, a.x_prev, a.grad_A}, a.dz);
   return run(pb, dtype, num_sms, stream);
@@ -105,12 +107,7 @@ cudaError_t lowrank_grad_A_up_dx(const GradAUpDxArgs& a, DType dtype, int num_sm
   const GradAArgs& g = a.grad;
   if (!shape_ok(g.shape) || g.workspace == nullptr || g.shape.segments != 1 || a.grad_x == nullptr)
     return cudaErrorInvalidValue;
-  Problem pb;
-  pb.op = LowRankOp::kGradAUpDx;
-  pb.shape = g.shape;
-  pb.p = g.dropout.p;
-  pb.seed = g.dropout.seed;
-  pb.with_prev = g.x_prev != nullptr;
+  Problem pb = problem_of(LowRankOp::kGradAUpDx, g.shape, g.dropout, g.x_prev);
   pb.grad_A_up_dx = &a;
   set_paths(&pb, {g.x, g.x_prev, g.grad_A, a.A, a.grad_x, a.grad_x_copy}, g.dz);
   return run(pb, dtype, num_sms, stream);
@@ -118,11 +115,7 @@ cudaError_t lowrank_grad_A_up_dx(const GradAUpDxArgs& a, DType dtype, int num_sm
 
 cudaError_t lowrank_up_dx(const UpDxArgs& a, DType dtype, int num_sms, cudaStream_t stream) {
   if (!shape_ok(a.shape)) return cudaErrorInvalidValue;
-  Problem pb;
-  pb.op = LowRankOp::kUpDx;
-  pb.shape = a.shape;
-  pb.p = a.dropout.p;
-  pb.seed = a.dropout.seed;
+  Problem pb = problem_of(LowRankOp::kUpDx, a.shape, a.dropout, nullptr);
   pb.up_dx = &a;
   set_paths(&pb, {a.A, a.grad_x}, a.dz);
   return run(pb, dtype, num_sms, stream);
@@ -130,9 +123,7 @@ cudaError_t lowrank_up_dx(const UpDxArgs& a, DType dtype, int num_sms, cudaStrea
 
 cudaError_t lowrank_up_out(const UpOutArgs& a, DType dtype, int num_sms, cudaStream_t stream) {
   if (!shape_ok(a.shape) || a.shape.segments != 1) return cudaErrorInvalidValue;
-  Problem pb;
-  pb.op = LowRankOp::kUpOut;
-  pb.shape = a.shape;
+  Problem pb = problem_of(LowRankOp::kUpOut, a.shape, LowRankDropout{}, nullptr);
   pb.alpha = a.scaling;
   pb.up_out = &a;
   set_paths(&pb, {a.B, a.y}, a.z);
