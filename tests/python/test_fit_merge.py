@@ -170,6 +170,35 @@ def test_fit_is_never_worse_than_input_on_the_calibration_data(variant, pre_num)
         assert d >= by_fit.merge_errors[path]
 
 
+def test_sequential_fit_on_a_trained_hf_model_with_padding():
+    # Llama trained with dropout on, calibration batches with padding: the refit keeps the
+    # heads (their inputs are the unmerged ones), moves the later blocks, and the merged model
+    # stays far closer to the trained one than the input merge on the calibration data.
+    model = trained_llama("ms", -1)
+    ids = batch("llama", seed=70, n=8, t=16)["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[:2, 10:] = 0
+    calib = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": batch("llama", seed=71, n=8, t=16)["input_ids"]}]
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits.double()
+    plain = copy.deepcopy(model).merge_to_lora(inputs=calib, merge="fit")
+    by_input = copy.deepcopy(model).merge_to_lora(merge="input")
+    model.merge_to_lora(inputs=calib, merge="fit", sequential=True)
+    assert model.training is False and all(e is not None for e in model.merge_errors.values())
+    heads = {paths[0] for paths in model.chains.values()}
+    moved = 0
+    for name, blk in model.blocks.items():
+        diff = (blk.lora_A - plain.blocks[name].lora_A).abs().max().item()
+        if name in heads:
+            assert diff == 0, name
+        moved += diff > 1e-6
+    assert moved > 0
+    with torch.no_grad():
+        err = lambda m: ((m(input_ids=ids, attention_mask=mask).logits.double() - want).norm() / want.norm()).item()  # noqa: E731
+        assert err(model) < 0.7 * err(by_input)
+
+
 def test_fit_shares_one_input_sum_and_leaves_padding_out():
     model = trained_llama("is", 1)
     ids = batch("llama", seed=5, n=2, t=12)["input_ids"]
