@@ -7,10 +7,15 @@
 //     -> Backend<K>::linear -> lora_linear_impl (below)
 //        z: down_z -> K.down = fused_down_cuda (cuda/lora_kernel.cpp)
 //           -> kernels::lowrank_down (kernels/cuda/lowrank/launch.cu) -> down_kernel (down.cuh)
-//        y: lora_up_impl -> K.up_out (small outputs: lowrank_up_out -> up_out_kernel, up.cuh)
-//           or cuBLAS, then the base GEMM accumulates onto it (cuBLAS)
+//        y: lora_up_impl -> K.linear_out = fused_linear_out_cuda: on Hopper one GEMM
+//           y = [x | s z (| 1)] [W | B (| b)]^T (kernels::extra_k_gemm, extra_k/mainloop.cuh);
+//           else K.up_out (small outputs: lowrank_up_out -> up_out_kernel, up.cuh) or cuBLAS,
+//           then the base GEMM accumulates onto it (cuBLAS)
 //   reslora::_lora_linear_backward -> Backend<K>::linear_backward -> lora_linear_backward_impl
-//        dz, dB: cuBLAS; down_grads -> K.grad_A_up_dx = fused_grad_A_up_dx_cuda
+//        dz, dB: cuBLAS; without dropout, on Hopper, dx = [dy | dz] [W ; A] in one GEMM
+//           (K.grad_x = fused_grad_x_cuda -> extra_k_gemm) and grad_A by lowrank_grad_A (or,
+//           for is, with x_prev's gradient by lowrank_grad_A_up_dx); else down_grads ->
+//           K.grad_A_up_dx = fused_grad_A_up_dx_cuda
 //           -> lowrank_grad_A_up_dx -> grad_a_up_dx_kernel (grad_a.cuh), or, for several dropout
 //           segments (bs), lowrank_grad_A and lowrank_up_dx; then dx += dy W (cuBLAS)
 // Where a fused kernel does not take a problem (dtype, rank, device) it returns false and the
@@ -65,6 +70,16 @@ using FusedGradAUpDxFn = bool (*)(const at::Tensor& dz, const at::Tensor& x2, co
                                   int64_t segment_rank, at::Tensor* grad_A, at::Tensor* grad_x,
                                   at::Tensor* grad_x_copy);
 
+// One GEMM with the low-rank product inside its K loop (the output written once, never read
+// back); false when the backend has none for the problem.
+//   linear_out: *y = x2 W^T + b + scaling zt2 B^T      ([N, d_out]; bias may be undefined)
+//   grad_x:     *dx = dy W + dz A                       ([N, d_in]; the no-dropout input gradient)
+using FusedLinearOutFn = bool (*)(const at::Tensor& x2, const at::Tensor& weight,
+                                  const at::Tensor& bias, const at::Tensor& zt2,
+                                  const at::Tensor& B, double scaling, at::Tensor* y);
+using FusedGradXFn = bool (*)(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dz,
+                              const at::Tensor& A, at::Tensor* dx);
+
 // A backend's dropout kernel: out (=|+=) drop(xc [+ xpc]) over contiguous tensors of one shape.
 using DropoutApplyFn = void (*)(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
                                 bool accumulate, double p, const kernels::DropoutSeed& seed,
@@ -95,6 +110,8 @@ struct KernelSet {
   FusedUpDxFn up_dx;
   FusedUpOutFn up_out;
   FusedGradAUpDxFn grad_A_up_dx;
+  FusedLinearOutFn linear_out;
+  FusedGradXFn grad_x;
 };
 
 inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
@@ -223,10 +240,13 @@ inline at::Tensor lora_up_impl(const at::Tensor& x, const at::Tensor& weight,
   check_up("lora_up", x, weight, bias, z, B, scaling);
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
   const at::Tensor z2 = z.reshape({-1, B.size(1)});
+  at::Tensor y;
+  if (k.linear_out != nullptr &&
+      k.linear_out(x2, weight, bias.has_value() ? *bias : at::Tensor(), z2, B, scaling, &y))
+    return y.view(with_last(x.sizes(), weight.size(0)));
   // The low-rank term (and bias) first, then the base GEMM accumulates onto it (beta = 1): the
   // full-size output is written by the small product and read once by the large one, whose
   // epilogue hides that read behind its arithmetic.
-  at::Tensor y;
   if (bias.has_value()) {
     y = at::addmm(*bias, z2, B.t(), /*beta=*/1, /*alpha=*/scaling);
   } else if (k.up_out == nullptr || !k.up_out(z2, B, scaling, &y)) {
@@ -332,10 +352,19 @@ inline LinearGrads lora_linear_backward_impl(
   // is: x_prev gets the low-rank part alone and x that plus dy W; the low-rank pass writes the
   // part twice (to x_prev's gradient and to dx), which costs less than the copy of C that an
   // out-of-place GEMM onto it makes.
-  DownGrads low = down_grads(dz, x2, xp2, A, dropout, seed, segment_rank, compute_grad_x,
-                             /*copy=*/compute_grad_x && xp2.defined(), k);
+  // Without dropout dx = dy W + dz A is one GEMM where the backend has it (the low-rank product
+  // inside its K loop), and only x_prev's gradient (is) is written by the low-rank pass.
+  at::Tensor dx_fused;
+  const bool fused_dx = compute_grad_x && dropout == 0.0 && k.grad_x != nullptr &&
+                        k.grad_x(g, weight, dz, A, &dx_fused);
+  DownGrads low = down_grads(dz, x2, xp2, A, dropout, seed, segment_rank,
+                             compute_grad_x && (!fused_dx || xp2.defined()),
+                             /*copy=*/compute_grad_x && !fused_dx && xp2.defined(), k);
   at::Tensor grad_A = low.grad_A, dx, dxp;
-  if (compute_grad_x) {
+  if (fused_dx) {
+    dx = dx_fused;
+    if (xp2.defined()) dxp = low.grad_x;
+  } else if (compute_grad_x) {
     // The base GEMM accumulates onto the low-rank part (beta = 1): no full-size sum afterwards.
     dx = xp2.defined() ? low.grad_x_copy : low.grad_x;
     dx.addmm_(g, weight);

@@ -259,6 +259,7 @@ PYBIND11_MODULE(_C, m) {
     d["torch_version"] = b.torch_version;
     d["cuda_version"] = b.cuda_version;
     d["cuda_kernels"] = b.cuda_kernels;
+    d["extra_k_gemm"] = b.extra_k_gemm;
     return d;
   });
 }

@@ -13,7 +13,8 @@ __version__ = _C.build_info()["version"]
 
 
 def build_info():
-    """What the compiled core was built with: version, torch_version, cuda_version, cuda_kernels."""
+    """What the compiled core was built with: version, torch_version, cuda_version, cuda_kernels,
+    extra_k_gemm (the Hopper GEMM with the low-rank product inside it)."""
     return dict(_C.build_info())
 
 

@@ -49,6 +49,8 @@ constexpr detail::KernelSet kCpuKernels{&detail::dropout_sum_with<&dropout_apply
                                         nullptr,
                                         nullptr,
                                         nullptr,
+                                        nullptr,
+                                        nullptr,
                                         nullptr};
 
 }  // namespace

@@ -3,11 +3,14 @@
 // masked copy of the input, ever), one function here per kernel entry; other dtypes and ranks
 // the dropout kernel plus ATen products. The large products go through ATen (cuBLAS). No host
 // synchronisation, so the ops are safe to capture in CUDA graphs.
+#include <vector>
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../../kernels/cuda/dropout_add.cuh"
+#include "../../kernels/cuda/extra_k_gemm.cuh"
 #include "../../kernels/cuda/lowrank.cuh"
 #include "../lora_impl.h"
 
@@ -223,13 +226,111 @@ bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const a
   return true;
 }
 
+// The extra-K GEMM's operands padded to a rank the kernel takes (a multiple of 8, for TMA's
+// 16-byte rows): t [rows, r] -> [rows, r2] with `fill` (if defined, [rows, 1]) in column r and
+// zeros after. Only the small low-rank operands are ever padded.
+at::Tensor padded_rank(const at::Tensor& t, int64_t r2, const at::Tensor& fill) {
+  const int64_t r = t.size(1);
+  if (r2 == r && !fill.defined()) return t.contiguous();
+  std::vector<at::Tensor> parts{t};
+  if (fill.defined()) parts.push_back(fill);
+  const int64_t used = r + (fill.defined() ? 1 : 0);
+  if (r2 > used) parts.push_back(at::zeros({t.size(0), r2 - used}, t.options()));
+  return at::cat(parts, 1);
+}
+
+int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
+
+bool hopper(const at::Tensor& t) {
+  return kernels::extra_k_gemm_built() &&
+         at::cuda::getDeviceProperties(t.device().index())->major == 9;
+}
+
+bool half_or_bf16(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+cudaError_t run_extra_k(kernels::ExtraKGemmArgs& a, const at::Tensor& like) {
+  return kernels::extra_k_gemm(a, to_kernel_dtype(like.scalar_type()),
+                               at::cuda::getCurrentCUDAStream());
+}
+
+// y = x2 W^T + b + scaling zt2 B^T as one GEMM, [x2 | zt2 (| 1)] [W | scaling B (| b)]^T: the
+// base product and the low-rank one share the accumulator and y is written once. Takes
+// contiguous x2 and W only (a copy of x would cost more than the pass it saves).
+bool fused_linear_out_cuda(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
+                           const at::Tensor& zt2, const at::Tensor& B, double scaling,
+                           at::Tensor* y) {
+  if (!half_or_bf16(x2) || !x2.is_contiguous() || !weight.is_contiguous() || !hopper(x2))
+    return false;
+  const int64_t n = x2.size(0), d_in = x2.size(1), d_out = weight.size(0), R = B.size(1);
+  const bool with_bias = bias.defined();
+  const int64_t r2 = round_up8(R + (with_bias ? 1 : 0));
+  kernels::ExtraKGemmArgs a;
+  a.m = n;
+  a.n = d_out;
+  a.k = d_in;
+  a.r = r2;
+  a.layout = kernels::WeightLayout::kNK;
+  // Shapes and the large operands' alignment first, so nothing is made for a problem it refuses.
+  a.x = x2.const_data_ptr();
+  a.w = weight.const_data_ptr();
+  a.z = a.v = a.x;
+  a.out = const_cast<void*>(a.x);
+  if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(x2.scalar_type()), 9)) return false;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const at::Tensor ones = with_bias ? at::ones({n, 1}, zt2.options()) : at::Tensor();
+  const at::Tensor z = padded_rank(zt2, r2, ones);
+  const at::Tensor v = padded_rank(B * scaling, r2, with_bias ? bias.reshape({d_out, 1}) : bias);
+  *y = at::empty({n, d_out}, x2.options());
+  a.z = z.const_data_ptr();
+  a.v = v.const_data_ptr();
+  a.out = y->mutable_data_ptr();
+  if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(x2.scalar_type()), 9)) return false;
+  check_launch(run_extra_k(a, x2));
+  return true;
+}
+
+// dx = dy W + dz A as one GEMM, [dy | dz] [W ; A]: the input gradient without dropout.
+bool fused_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dz,
+                       const at::Tensor& A, at::Tensor* dx) {
+  if (!half_or_bf16(dy) || !dy.is_contiguous() || !weight.is_contiguous() || !hopper(dy))
+    return false;
+  const int64_t n = dy.size(0), d_out = weight.size(0), d_in = weight.size(1), R = A.size(0);
+  const int64_t r2 = round_up8(R);
+  kernels::ExtraKGemmArgs a;
+  a.m = n;
+  a.n = d_in;
+  a.k = d_out;
+  a.r = r2;
+  a.layout = kernels::WeightLayout::kKN;
+  a.x = dy.const_data_ptr();
+  a.w = weight.const_data_ptr();
+  a.z = a.v = a.x;
+  a.out = const_cast<void*>(a.x);
+  if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(dy.scalar_type()), 9)) return false;
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const at::Tensor z = padded_rank(dz, r2, at::Tensor());
+  const at::Tensor v =
+      r2 == R ? A.contiguous() : at::cat({A, at::zeros({r2 - R, d_in}, A.options())}, 0);
+  *dx = at::empty({n, d_in}, dy.options());
+  a.z = z.const_data_ptr();
+  a.v = v.const_data_ptr();
+  a.out = dx->mutable_data_ptr();
+  if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(dy.scalar_type()), 9)) return false;
+  check_launch(run_extra_k(a, dy));
+  return true;
+}
+
 constexpr detail::KernelSet kCudaKernels{&detail::dropout_sum_with<&dropout_apply_cuda>,
                                          &detail::masked_accumulate_with<&dropout_apply_cuda>,
                                          &fused_down_cuda,
                                          &fused_grad_A_cuda,
                                          &fused_up_dx_cuda,
                                          &fused_up_out_cuda,
-                                         &fused_grad_A_up_dx_cuda};
+                                         &fused_grad_A_up_dx_cuda,
+                                         &fused_linear_out_cuda,
+                                         &fused_grad_x_cuda};
 
 }  // namespace
 

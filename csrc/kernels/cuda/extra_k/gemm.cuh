@@ -1,0 +1,120 @@
+// The extra-K GEMM of one dtype and weight layout: CUTLASS 3 kernel types and the launch.
+// Included by the per-dtype instance files only (compiled for sm_90a).
+#pragma once
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+#include "../extra_k_gemm.cuh"
+#include "mainloop.cuh"
+
+namespace reslora {
+namespace kernels {
+namespace extra_k {
+
+template <WeightLayout L>
+struct LayoutOf;
+// kNK: B is (N, K) with K contiguous, which CUTLASS calls column-major B (K x N).
+template <>
+struct LayoutOf<WeightLayout::kNK> {
+  using type = cutlass::layout::ColumnMajor;
+};
+// kKN: B is (K, N) with N contiguous: row-major B.
+template <>
+struct LayoutOf<WeightLayout::kKN> {
+  using type = cutlass::layout::RowMajor;
+};
+
+// The packed stride of an (a, b, 1) operand whose unit-stride mode is the static one of S.
+template <class S>
+S packed(int a, int b) {
+  S s{};
+  if constexpr (cute::is_static_v<cute::remove_cvref_t<decltype(cute::get<0>(s))>>) {
+    cute::get<1>(s) = static_cast<int64_t>(a);
+  } else {
+    cute::get<0>(s) = static_cast<int64_t>(b);
+  }
+  cute::get<2>(s) = static_cast<int64_t>(a) * b;
+  return s;
+}
+
+template <class T, WeightLayout L>
+struct Gemm {
+  using LayoutX = cutlass::layout::RowMajor;
+  using LayoutW = typename LayoutOf<L>::type;
+  using LayoutOut = cutlass::layout::RowMajor;
+  static constexpr int kAlign = 8;  // 16 bytes of fp16 / bf16
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, void, LayoutOut, kAlign, T,
+      LayoutOut, kAlign, cutlass::epilogue::TmaWarpSpecializedCooperative>::CollectiveOp;
+
+  using BaseMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, LayoutX, kAlign, T, LayoutW, kAlign,
+      float, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
+  using Mainloop = ExtraKMainloop<BaseMainloop>;
+
+  using Kernel =
+      cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using StrideX = typename Kernel::StrideA;
+  using StrideW = typename Kernel::StrideB;
+  using StrideOut = typename Kernel::StrideD;
+
+  static typename Kernel::Arguments arguments(const ExtraKGemmArgs& a) {
+    const int M = static_cast<int>(a.m), N = static_cast<int>(a.n), K = static_cast<int>(a.k),
+              R = static_cast<int>(a.r);
+    typename Kernel::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+    args.problem_shape = {M, N, Mainloop::padded_k(K, R), 1};
+    args.mainloop = {static_cast<const T*>(a.x),
+                     packed<StrideX>(M, K),
+                     static_cast<const T*>(a.w),
+                     packed<StrideW>(N, K),
+                     static_cast<const T*>(a.z),
+                     packed<StrideX>(M, R),
+                     static_cast<const T*>(a.v),
+                     packed<StrideW>(N, R),
+                     K,
+                     R};
+    args.epilogue.thread.alpha = 1.f;
+    args.epilogue.thread.beta = 0.f;
+    args.epilogue.ptr_C = nullptr;
+    args.epilogue.ptr_D = static_cast<T*>(a.out);
+    args.epilogue.dD = packed<StrideOut>(M, N);
+    return args;
+  }
+
+  static cudaError_t run(const ExtraKGemmArgs& a, cudaStream_t stream) {
+    const typename Kernel::Arguments args = arguments(a);
+    Device gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+    // The persistent scheduler without split-K needs no workspace.
+    if (Device::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
+    if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess)
+      return cudaErrorInvalidValue;
+    if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+    return cudaGetLastError();
+  }
+};
+
+// Both layouts of one dtype; instances_<dtype>.cu instantiates it.
+template <class T>
+cudaError_t run_typed(const ExtraKGemmArgs& a, cudaStream_t stream) {
+  return a.layout == WeightLayout::kNK ? Gemm<T, WeightLayout::kNK>::run(a, stream)
+                                       : Gemm<T, WeightLayout::kKN>::run(a, stream);
+}
+
+}  // namespace extra_k
+}  // namespace kernels
+}  // namespace reslora

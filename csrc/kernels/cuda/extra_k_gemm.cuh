@@ -1,0 +1,54 @@
+// Torch-free GEMM with the low-rank term as extra K (Hopper, CUTLASS: TMA + WGMMA, warp-
+// specialised persistent mainloop).
+//
+//   out[m, n] = sum_k x[m, k] w(k, n) + sum_j z[m, j] v(j, n)         (fp32 accumulation)
+//
+// one GEMM whose K loop runs over the tiles of x / w and then over those of z / v: the low-rank
+// product is added inside the accumulator, so the output is written once and never read back.
+// The forward of a block is out = [x | s z (| 1)] [W | B (| b)]^T (kNK: w and v stored [N, K]
+// row-major, as nn.Linear keeps its weight); the input gradient without dropout is
+// dx = [dy | dz] [W ; A] (kKN: w and v stored [K, N] row-major).
+//
+// Sources (extra_k/): mainloop.cuh (the two-source producer on top of CUTLASS's mainloop),
+// gemm.cuh (the kernel types and the launch), instances_bf16.cu / instances_f16.cu.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+#include "dropout_add.cuh"
+
+namespace reslora {
+namespace kernels {
+
+enum class WeightLayout {
+  kNK,  // w: [N, K], v: [N, R]  (out = x w^T + z v^T)
+  kKN,  // w: [K, N], v: [R, N]  (out = x w + z v)
+};
+
+// Every matrix is row-major and contiguous.
+struct ExtraKGemmArgs {
+  const void* x = nullptr;  // [M, K]
+  const void* w = nullptr;  // [N, K] (kNK) or [K, N] (kKN)
+  const void* z = nullptr;  // [M, R]
+  const void* v = nullptr;  // [N, R] (kNK) or [R, N] (kKN)
+  void* out = nullptr;      // [M, N], written
+  int64_t m = 0, n = 0, k = 0, r = 0;
+  WeightLayout layout = WeightLayout::kNK;
+};
+
+// True when this build has the kernel and it takes the problem: fp16 / bf16, compute capability
+// 9.0, K, N and R multiples of 8 (the 16-byte rows TMA needs), every pointer 16-byte aligned,
+// M, N, K, R > 0 and within 32 bits.
+bool extra_k_gemm_supported(const ExtraKGemmArgs& args, DType dtype, int device_major);
+
+// True when the CUDA sources were compiled with the kernel (CUTLASS found, sm_90a).
+bool extra_k_gemm_built();
+
+// Launch on `stream` (no host synchronisation). cudaErrorInvalidValue for what it does not take.
+cudaError_t extra_k_gemm(const ExtraKGemmArgs& args, DType dtype, cudaStream_t stream);
+
+}  // namespace kernels
+}  // namespace reslora
