@@ -1,10 +1,13 @@
 # Finds CUTLASS's headers for the Hopper extra-K GEMM (kernels/cuda/extra_k/) and sets
 # RESLORA_CUTLASS_INCLUDE_DIR, or leaves it empty (the generic path then serves every GPU).
-# RESLORA_CUTLASS_DIR names a CUTLASS include folder; else the nvidia-cutlass Python package of
+# RESLORA_CUTLASS_DIR (a CMake or environment variable) names a CUTLASS include folder; else the nvidia-cutlass Python package of
 # the build's interpreter (pinned in pyproject.toml / scripts/install_deps.sh) provides them.
 set(RESLORA_CUTLASS_DIR "" CACHE PATH "CUTLASS include folder (holding cutlass/ and cute/)")
 set(RESLORA_CUTLASS_INCLUDE_DIR "")
 set(_dir "${RESLORA_CUTLASS_DIR}")
+if(NOT _dir AND DEFINED ENV{RESLORA_CUTLASS_DIR})
+  set(_dir "$ENV{RESLORA_CUTLASS_DIR}")
+endif()
 if(NOT _dir)
   find_package(Python3 QUIET COMPONENTS Interpreter)
   if(Python3_EXECUTABLE)
