@@ -255,6 +255,14 @@ cudaError_t run_extra_k(kernels::ExtraKGemmArgs& a, const at::Tensor& like) {
                                at::cuda::getCurrentCUDAStream());
 }
 
+// A problem CUTLASS's own checks refuse (cudaErrorInvalidValue, nothing queued) takes the generic
+// path; any other failure is an error.
+bool launched(cudaError_t err) {
+  if (err == cudaErrorInvalidValue) return false;
+  check_launch(err);
+  return true;
+}
+
 // y = x2 W^T + b + scaling zt2 B^T as one GEMM, [x2 | zt2 (| 1)] [W | scaling B (| b)]^T: the
 // base product and the low-rank one share the accumulator and y is written once. Takes
 // contiguous x2 and W only (a copy of x would cost more than the pass it saves).
@@ -287,8 +295,7 @@ bool fused_linear_out_cuda(const at::Tensor& x2, const at::Tensor& weight, const
   a.v = v.const_data_ptr();
   a.out = y->mutable_data_ptr();
   if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(x2.scalar_type()), 9)) return false;
-  check_launch(run_extra_k(a, x2));
-  return true;
+  return launched(run_extra_k(a, x2));
 }
 
 // dx = dy W + dz A as one GEMM, [dy | dz] [W ; A]: the input gradient without dropout.
@@ -318,8 +325,7 @@ bool fused_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at:
   a.v = v.const_data_ptr();
   a.out = dx->mutable_data_ptr();
   if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(dy.scalar_type()), 9)) return false;
-  check_launch(run_extra_k(a, dy));
-  return true;
+  return launched(run_extra_k(a, dy));
 }
 
 constexpr detail::KernelSet kCudaKernels{&detail::dropout_sum_with<&dropout_apply_cuda>,
