@@ -18,6 +18,8 @@ if(NOT RESLORA_CUDA STREQUAL "OFF")
       set(CMAKE_CUDA_ARCHITECTURES 80 90)
     endif()
   endif()
+  # Kept apart: a CUDA torch's CMake package rewrites CMAKE_CUDA_ARCHITECTURES when it is found.
+  set(RESLORA_CUDA_ARCHS "${CMAKE_CUDA_ARCHITECTURES}")
   include(CheckLanguage)
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
