@@ -79,6 +79,9 @@ def configs(dropout):
         (f"reslora is, dropout {dropout}", lambda m, t: ours_wrap(m, t, "is", dropout)),
         (f"reslora bs pre_num 1, dropout {dropout}", lambda m, t: ours_wrap(m, t, "bs", dropout)),
         (f"reslora ms, dropout {dropout}", lambda m, t: ours_wrap(m, t, "ms", dropout)),
+        # Without dropout the input gradient is one GEMM too (dy W + dz A, on Hopper).
+        ("reslora lora, dropout 0", lambda m, t: ours_wrap(m, t, "lora", 0.0)),
+        ("reslora ms, dropout 0", lambda m, t: ours_wrap(m, t, "ms", 0.0)),
     ]
 
 

@@ -135,8 +135,10 @@ def linear_block(c, device, dtype, p, bias, z_extra, scaling=0.75):
     y, z = ops.lora_linear(
         m["x"], m["xp"], m["W"], b, m["A"], m["B"], ze, scaling, p, S(SEED, m["x"]), 0, m["A"].shape[0]
     )
-    gy = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y).to(device, dtype)
-    gz = torch.linspace(1, -1, z.numel(), dtype=torch.float64).view_as(z).to(device, dtype)
+    # Random upstream gradients: a smooth one makes the bias gradient (a column sum) cancel.
+    g = torch.Generator().manual_seed(3)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(device, dtype)
+    gz = torch.randn(z.shape, generator=g, dtype=torch.float64).to(device, dtype)
     leaves = [t for t in (m["x"], m["xp"], m["A"], m["B"], b, ze) if t is not None]
     return [y, z, *torch.autograd.grad((y * gy).sum() + (z * gz).sum(), leaves)]
 
