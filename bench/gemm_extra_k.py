@@ -16,13 +16,34 @@ from bench import timed
 SHAPES = [("q / o", 2048, 2048), ("k / v", 256, 2048), ("gate / up", 5632, 2048), ("down", 2048, 5632)]
 
 
+def row(name, d_out, d_in, args):
+    dev, dt, s = "cuda", torch.bfloat16, 2.0
+    x = torch.randn(args.tokens, d_in, device=dev, dtype=dt)
+    W = torch.randn(d_out, d_in, device=dev, dtype=dt) * 0.02
+    z = torch.randn(args.tokens, args.rank, device=dev, dtype=dt)
+    B = torch.randn(d_out, args.rank, device=dev, dtype=dt) * 0.02
+
+    def composed():
+        y = torch.mm(z, B.t()).mul_(s)
+        return y.addmm_(x, W.t())
+
+    base = timed(lambda: torch.mm(x, W.t()), 10, 50)[0]
+    comp = timed(composed, 10, 50)[0]
+    fused = timed(lambda: torch.ops.reslora.lora_up(x, W, None, z, B, s), 10, 50)[0]
+    ref = x.double() @ W.double().t() + s * z.double() @ B.double().t()
+    err = (torch.ops.reslora.lora_up(x, W, None, z, B, s).double() - ref).abs().max().item()
+    assert err <= 2e-2 * ref.abs().max().item(), (name, err)
+    return (
+        f"| {name} ({d_out} x {d_in}) | {base * 1e3:.1f} | {comp * 1e3:.1f} | {fused * 1e3:.1f} | {fused / base:.3f} |"
+    )
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", default=os.path.join("bench", "results"))
     args = ap.parse_args()
-    dev, dt, s = "cuda", torch.bfloat16, 2.0
     lines = [
         f"GPU: {torch.cuda.get_device_name()} | torch {torch.__version__} | reslora {reslora.build_info()} | "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} | bf16, {args.tokens} tokens, "
@@ -31,25 +52,7 @@ def main():
         "| projection (d_out x d_in) | x W^T (cuBLAS) | s z B^T, then x W^T onto it | extra-K GEMM | extra-K / x W^T |",
         "|---|---|---|---|---|",
     ]
-    for name, d_out, d_in in SHAPES:
-        x = torch.randn(args.tokens, d_in, device=dev, dtype=dt)
-        W = torch.randn(d_out, d_in, device=dev, dtype=dt) * 0.02
-        z = torch.randn(args.tokens, args.rank, device=dev, dtype=dt)
-        B = torch.randn(d_out, args.rank, device=dev, dtype=dt) * 0.02
-
-        def composed():
-            y = torch.mm(z, B.t()).mul_(s)
-            return y.addmm_(x, W.t())
-
-        base = timed(lambda: torch.mm(x, W.t()), 10, 50)[0]
-        comp = timed(composed, 10, 50)[0]
-        fused = timed(lambda: torch.ops.reslora.lora_up(x, W, None, z, B, s), 10, 50)[0]
-        ref = x.double() @ W.double().t() + s * z.double() @ B.double().t()
-        err = (torch.ops.reslora.lora_up(x, W, None, z, B, s).double() - ref).abs().max().item()
-        assert err <= 2e-2 * ref.abs().max().item(), (name, err)
-        lines.append(
-            f"| {name} ({d_out} x {d_in}) | {base * 1e3:.1f} | {comp * 1e3:.1f} | {fused * 1e3:.1f} | {fused / base:.3f} |"
-        )
+    lines += [row(name, d_out, d_in, args) for name, d_out, d_in in SHAPES]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)
