@@ -15,12 +15,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ops = torch.ops.reslora
 SEED = 4321
 # The Hopper GEMM with the low-rank product as extra K tiles (CUTLASS): it takes x W^T + s z B^T
-# (and dy W + dz A without dropout) when the widths are multiples of 8.
+# (and dy W + dz A without dropout) when the widths are multiples of 8 and the output has enough
+# 128 x 256 tiles to fill a quarter of the GPU (the shapes below stay clear of that limit).
 HOPPER = bool(reslora.build_info()["extra_k_gemm"]) and torch.cuda.get_device_capability()[0] == 9
-
-
-def extra_k(*widths):
-    return HOPPER and all(w % 8 == 0 for w in widths)
 
 
 def inputs(n, d_in, d_out, R, dtype, with_prev, seed=0):
@@ -93,9 +90,9 @@ def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
     c = inputs(500, 512, 256, 32, torch.bfloat16, True)
     first, calls = launches(lambda: block(c, "cuda", torch.bfloat16, 0.1, segment_rank))
     assert count(calls, "down_kernel") == 1, calls
-    # The forward's s z B^T: inside the base GEMM on Hopper, else the up kernel.
-    assert count(calls, "up_out_kernel") == (0 if HOPPER else 1), calls
-    assert count(calls, "ExtraKMainloop") == (1 if HOPPER else 0), calls  # dropout: dx unfused
+    # The forward's s z B^T: the up kernel (four output tiles: too few for the extra-K GEMM).
+    assert count(calls, "up_out_kernel") == 1, calls
+    assert count(calls, "ExtraKMainloop") == 0, calls
     if fused_backward:  # one segment: grad_A and the low-rank dx share one pass over x
         assert count(calls, "grad_a_up_dx_kernel") == 1, calls
         assert count(calls, "grad_a_kernel") == 0 and count(calls, "up_dx_kernel") == 0, calls
@@ -113,15 +110,16 @@ def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d_out,R", [(1, 8, 1), (333, 1000, 16), (64, 130, 48), (257, 72, 64), (2049, 2048, 16)])
 def test_fused_up_output_matches_float64(dtype, n, d_out, R):
-    """lora_up without bias: one extra-K GEMM on Hopper; elsewhere the low-rank output comes from
-    the up kernel (up to 2^22 output elements; cuBLAS past that), the base GEMM adds x W^T onto
-    it; a single row, odd widths (element-wise path) and every fragment count."""
+    """lora_up without bias: the low-rank output comes from the up kernel (up to 2^22 output
+    elements; cuBLAS past that), the base GEMM adds x W^T onto it; a single row, odd widths
+    (element-wise path) and every fragment count. On Hopper the 2049 x 2048 case (136 tiles) is
+    one extra-K GEMM instead."""
     g = torch.Generator().manual_seed(n)
     t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
     x, W, z, B = t(n, 40), t(d_out, 40), t(n, R), t(d_out, R)
     ref = ops.lora_up(x.double(), W.double(), None, z.double(), B.double(), 0.75)
     out, calls = launches(lambda: ops.lora_up(x.cuda(), W.cuda(), None, z.cuda(), B.cuda(), 0.75))
-    fused = extra_k(40, d_out)
+    fused = HOPPER and n == 2049
     assert count(calls, "ExtraKMainloop") == int(fused), calls
     assert count(calls, "up_out_kernel") == (1 if n * d_out <= 1 << 22 and not fused else 0), calls
     close([ref], [out], 2e-2 if dtype == torch.bfloat16 else 4e-3)
@@ -150,11 +148,11 @@ def linear_block(c, device, dtype, p, bias, z_extra, scaling=0.75):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize(
     "n,d_in,d_out,r",
-    [(300, 520, 136, 16), (129, 64, 264, 3), (1000, 1032, 72, 72), (5, 8, 8, 1), (2048, 256, 512, 128)],
+    [(2100, 520, 1032, 16), (1100, 1032, 2056, 3), (4500, 264, 136, 72), (2048, 520, 1024, 128)],
 )
 def test_extra_k_gemm_block_matches_float64(dtype, p, variant, bias, n, d_in, d_out, r):
-    """The block whose products run as extra-K GEMMs on Hopper against float64: ragged tiles, ranks
-    padded to 8 (1, 3) or over one K tile (72, 128), the bias as the extra K's ones column, the is
+    """The block whose products run as extra-K GEMMs on Hopper against float64: ragged tiles (M, N
+    and K past a tile), ranks padded to 8 (3) or over one K tile (72, 128), the bias as the extra K's ones column, the is
     sum, ms's z_extra, dropout on (the forward fused, dx unfused) and off (dx fused too)."""
     c = inputs(n, d_in, d_out, r, dtype, variant == "is", seed=n + r)
     g = torch.Generator().manual_seed(7)
@@ -172,24 +170,26 @@ def test_extra_k_gemm_block_matches_float64(dtype, p, variant, bias, n, d_in, d_
 
 @pytest.mark.skipif(not HOPPER, reason="the extra-K GEMM runs on Hopper builds with CUTLASS")
 def test_extra_k_gemm_leaves_what_it_does_not_take_to_the_generic_path():
-    """Widths not multiples of 8, non-contiguous x and fp32 take cuBLAS and the low-rank kernels,
-    with the same results against float64."""
-    for n, d_in, d_out, dtype in [
-        (64, 130, 72, torch.bfloat16),
-        (64, 128, 70, torch.bfloat16),
-        (64, 64, 64, torch.float32),
-    ]:
+    """Widths not multiples of 8, too few output tiles (a few tokens, a narrow output), fp32 and
+    a non-contiguous x take cuBLAS and the low-rank kernels, with the same results against
+    float64."""
+    cases = [
+        (4096, 130, 1032, torch.bfloat16),
+        (4096, 1024, 1030, torch.bfloat16),
+        (16, 4096, 4096, torch.bfloat16),
+        (300, 520, 136, torch.float16),
+        (4096, 1024, 1024, torch.float32),
+    ]
+    for n, d_in, d_out, dtype in cases:
         c = inputs(n, d_in, d_out, 16, dtype, False)
         ref = linear_block(c, "cpu", torch.float64, 0.0, None, None)
         out, calls = launches(lambda: linear_block(c, "cuda", dtype, 0.0, None, None))
-        assert count(calls, "ExtraKMainloop") == 0, calls
-        close(ref, out, 2e-2 if dtype == torch.bfloat16 else 1e-4)
-    x = torch.randn(96, 64, dtype=torch.bfloat16, device="cuda")[:, :48]  # rows 128 bytes apart
-    W = torch.randn(64, 48, dtype=torch.bfloat16, device="cuda")
-    A, B = (
-        torch.randn(16, 48, dtype=torch.bfloat16, device="cuda"),
-        torch.randn(64, 16, dtype=torch.bfloat16, device="cuda"),
-    )
+        assert count(calls, "ExtraKMainloop") == 0, (n, d_in, d_out, calls)
+        close(ref, out, 2e-2 if dtype == torch.bfloat16 else 4e-3)
+    x = torch.randn(8192, 1024, dtype=torch.bfloat16, device="cuda")[:, :1000]  # rows 2048 bytes apart
+    W = torch.randn(2048, 1000, dtype=torch.bfloat16, device="cuda") * 0.05
+    A = torch.randn(16, 1000, dtype=torch.bfloat16, device="cuda") * 0.05
+    B = torch.randn(2048, 16, dtype=torch.bfloat16, device="cuda") * 0.05
     (y, _), calls = launches(lambda: ops.lora_linear(x, None, W, None, A, B, None, 0.5, 0.0, None, 0, 16))
     assert count(calls, "ExtraKMainloop") == 0, calls
     want = x.double() @ W.double().T + 0.5 * (x.double() @ A.double().T).bfloat16().double() @ B.double().T

@@ -39,6 +39,18 @@ struct ExtraKGemmArgs {
   WeightLayout layout = WeightLayout::kNK;
 };
 
+// The output tile of one CTA (M x N): the kernel's TileShape.
+constexpr int64_t kExtraKTileM = 128;
+constexpr int64_t kExtraKTileN = 256;
+
+// Output tiles of an M x N problem. Below about a quarter of the GPU's multiprocessors the
+// persistent kernel leaves most of them idle while cuBLAS splits K: measured on the H200
+// (bench/results/), 16 tokens x 4096 (16 tiles) took 1.5 times the generic path, while the
+// Llama step's k / v projection, 8192 x 256 (64 tiles), gained.
+inline int64_t extra_k_gemm_tiles(int64_t m, int64_t n) {
+  return ((m + kExtraKTileM - 1) / kExtraKTileM) * ((n + kExtraKTileN - 1) / kExtraKTileN);
+}
+
 // True when this build has the kernel and it takes the problem: fp16 / bf16, compute capability
 // 9.0, K, N and R multiples of 8 (the 16-byte rows TMA needs), every pointer 16-byte aligned,
 // M, N, K, R > 0 and within 32 bits.

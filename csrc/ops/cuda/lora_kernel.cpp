@@ -241,9 +241,12 @@ at::Tensor padded_rank(const at::Tensor& t, int64_t r2, const at::Tensor& fill) 
 
 int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
-bool hopper(const at::Tensor& t) {
-  return kernels::extra_k_gemm_built() &&
-         at::cuda::getDeviceProperties(t.device().index())->major == 9;
+// Hopper, and enough output tiles to keep the GPU busy (kernels::extra_k_gemm_tiles): small
+// problems (decoding, a few tokens) keep the generic path.
+bool extra_k_takes(const at::Tensor& t, int64_t m, int64_t n) {
+  if (!kernels::extra_k_gemm_built()) return false;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
+  return prop->major == 9 && 4 * kernels::extra_k_gemm_tiles(m, n) >= prop->multiProcessorCount;
 }
 
 bool half_or_bf16(const at::Tensor& t) {
@@ -269,9 +272,9 @@ bool launched(cudaError_t err) {
 bool fused_linear_out_cuda(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
                            const at::Tensor& zt2, const at::Tensor& B, double scaling,
                            at::Tensor* y) {
-  if (!half_or_bf16(x2) || !x2.is_contiguous() || !weight.is_contiguous() || !hopper(x2))
-    return false;
+  if (!half_or_bf16(x2) || !x2.is_contiguous() || !weight.is_contiguous()) return false;
   const int64_t n = x2.size(0), d_in = x2.size(1), d_out = weight.size(0), R = B.size(1);
+  if (!extra_k_takes(x2, n, d_out)) return false;
   const bool with_bias = bias.defined();
   const int64_t r2 = round_up8(R + (with_bias ? 1 : 0));
   kernels::ExtraKGemmArgs a;
@@ -301,9 +304,9 @@ bool fused_linear_out_cuda(const at::Tensor& x2, const at::Tensor& weight, const
 // dx = dy W + dz A as one GEMM, [dy | dz] [W ; A]: the input gradient without dropout.
 bool fused_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dz,
                        const at::Tensor& A, at::Tensor* dx) {
-  if (!half_or_bf16(dy) || !dy.is_contiguous() || !weight.is_contiguous() || !hopper(dy))
-    return false;
+  if (!half_or_bf16(dy) || !dy.is_contiguous() || !weight.is_contiguous()) return false;
   const int64_t n = dy.size(0), d_out = weight.size(0), d_in = weight.size(1), R = A.size(0);
+  if (!extra_k_takes(dy, n, d_in)) return false;
   const int64_t r2 = round_up8(R);
   kernels::ExtraKGemmArgs a;
   a.m = n;

@@ -48,7 +48,7 @@ struct Gemm {
   using LayoutW = typename LayoutOf<L>::type;
   using LayoutOut = cutlass::layout::RowMajor;
   static constexpr int kAlign = 8;  // 16 bytes of fp16 / bf16
-  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using TileShape = cute::Shape<cute::Int<kExtraKTileM>, cute::Int<kExtraKTileN>, cute::_64>;
   using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
