@@ -1,6 +1,9 @@
 """Every op against a plain PyTorch reference, gradcheck, opcheck, shapes, dtypes, dropout,
 torch.compile, and the messages of bad input."""
 
+import json
+import pathlib
+
 import pytest
 import torch
 from torch import nn
@@ -342,6 +345,10 @@ def test_build_info():
     info = reslora.build_info()
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["cuda_kernels"] == ("CUDA" in torch._C._dispatch_dump("reslora::lora_down"))
+    # The Hopper extra-K GEMM exists only inside the CUDA backend; the loader's record agrees.
+    assert isinstance(info["extra_k_gemm"], bool) and (info["cuda_kernels"] or not info["extra_k_gemm"])
+    record = json.loads((pathlib.Path(reslora.__file__).parent / "build_info.json").read_text())
+    assert bool(record["extra_k_gemm"]) == info["extra_k_gemm"]
 
 
 # --- the fused block op ------------------------------------------------------------------------
