@@ -114,6 +114,11 @@ struct KernelSet {
   FusedGradXFn grad_x;
 };
 
+// The kernel set of a backend with dropout kernels only: every product takes the generic path.
+constexpr KernelSet dropout_only(DropoutSumFn sum, MaskedAccumulateFn accumulate) {
+  return KernelSet{sum, accumulate, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+}
+
 inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
   out.back() = last;

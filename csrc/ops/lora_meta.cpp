@@ -15,15 +15,8 @@ at::Tensor dropout_sum_meta(const at::Tensor& x, const at::Tensor* /*x_prev*/, d
 void masked_accumulate_meta(at::Tensor&, const at::Tensor&, double, const kernels::DropoutSeed&,
                             int64_t) {}
 
-constexpr detail::KernelSet kMetaKernels{&dropout_sum_meta,
-                                         &masked_accumulate_meta,
-                                         nullptr,
-                                         nullptr,
-                                         nullptr,
-                                         nullptr,
-                                         nullptr,
-                                         nullptr,
-                                         nullptr};
+constexpr detail::KernelSet kMetaKernels =
+    detail::dropout_only(&dropout_sum_meta, &masked_accumulate_meta);
 
 }  // namespace
 

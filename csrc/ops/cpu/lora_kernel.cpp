@@ -43,15 +43,9 @@ void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& 
       });
 }
 
-constexpr detail::KernelSet kCpuKernels{&detail::dropout_sum_with<&dropout_apply_cpu>,
-                                        &detail::masked_accumulate_with<&dropout_apply_cpu>,
-                                        nullptr,
-                                        nullptr,
-                                        nullptr,
-                                        nullptr,
-                                        nullptr,
-                                        nullptr,
-                                        nullptr};
+constexpr detail::KernelSet kCpuKernels =
+    detail::dropout_only(&detail::dropout_sum_with<&dropout_apply_cpu>,
+                         &detail::masked_accumulate_with<&dropout_apply_cpu>);
 
 }  // namespace
 

@@ -258,6 +258,22 @@ cudaError_t run_extra_k(kernels::ExtraKGemmArgs& a, const at::Tensor& like) {
                                at::cuda::getCurrentCUDAStream());
 }
 
+// The extra-K problem out[M, N] = x [K wide] w + (rank r2), its shapes and the large operands'
+// pointers checked first, so nothing small is made for a problem the kernel refuses.
+bool extra_k_args(const at::Tensor& x, const at::Tensor& weight, int64_t n, int64_t k, int64_t r2,
+                  kernels::WeightLayout layout, kernels::ExtraKGemmArgs* a) {
+  a->m = x.size(0);
+  a->n = n;
+  a->k = k;
+  a->r = r2;
+  a->layout = layout;
+  a->x = x.const_data_ptr();
+  a->w = weight.const_data_ptr();
+  a->z = a->v = a->x;  // stand-ins until the small operands exist
+  a->out = const_cast<void*>(a->x);
+  return kernels::extra_k_gemm_supported(*a, to_kernel_dtype(x.scalar_type()), 9);
+}
+
 // A problem CUTLASS's own checks refuse (cudaErrorInvalidValue, nothing queued) takes the generic
 // path; any other failure is an error.
 bool launched(cudaError_t err) {
@@ -278,17 +294,7 @@ bool fused_linear_out_cuda(const at::Tensor& x2, const at::Tensor& weight, const
   const bool with_bias = bias.defined();
   const int64_t r2 = round_up8(R + (with_bias ? 1 : 0));
   kernels::ExtraKGemmArgs a;
-  a.m = n;
-  a.n = d_out;
-  a.k = d_in;
-  a.r = r2;
-  a.layout = kernels::WeightLayout::kNK;
-  // Shapes and the large operands' alignment first, so nothing is made for a problem it refuses.
-  a.x = x2.const_data_ptr();
-  a.w = weight.const_data_ptr();
-  a.z = a.v = a.x;
-  a.out = const_cast<void*>(a.x);
-  if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(x2.scalar_type()), 9)) return false;
+  if (!extra_k_args(x2, weight, d_out, d_in, r2, kernels::WeightLayout::kNK, &a)) return false;
   const c10::cuda::CUDAGuard guard(x2.device());
   const at::Tensor ones = with_bias ? at::ones({n, 1}, zt2.options()) : at::Tensor();
   const at::Tensor z = padded_rank(zt2, r2, ones);
@@ -309,16 +315,7 @@ bool fused_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at:
   if (!extra_k_takes(dy, n, d_in)) return false;
   const int64_t r2 = round_up8(R);
   kernels::ExtraKGemmArgs a;
-  a.m = n;
-  a.n = d_in;
-  a.k = d_out;
-  a.r = r2;
-  a.layout = kernels::WeightLayout::kKN;
-  a.x = dy.const_data_ptr();
-  a.w = weight.const_data_ptr();
-  a.z = a.v = a.x;
-  a.out = const_cast<void*>(a.x);
-  if (!kernels::extra_k_gemm_supported(a, to_kernel_dtype(dy.scalar_type()), 9)) return false;
+  if (!extra_k_args(dy, weight, d_in, d_out, r2, kernels::WeightLayout::kKN, &a)) return false;
   const c10::cuda::CUDAGuard guard(dy.device());
   const at::Tensor z = padded_rank(dz, r2, at::Tensor());
   const at::Tensor v =
