@@ -26,8 +26,9 @@ if(_dir AND EXISTS "${_dir}/cutlass/version.h" AND EXISTS "${_dir}/cute/tensor.h
   string(REGEX REPLACE ".*MAJOR ([0-9]+).*MINOR ([0-9]+).*PATCH ([0-9]+).*" "\\1.\\2.\\3"
     RESLORA_CUTLASS_VERSION "${_v}")
   message(STATUS "reslora: CUTLASS ${RESLORA_CUTLASS_VERSION} at ${_dir}")
-elseif(RESLORA_CUTLASS_DIR)
-  message(FATAL_ERROR "RESLORA_CUTLASS_DIR=${RESLORA_CUTLASS_DIR} holds no cutlass/ and cute/ headers")
+elseif(RESLORA_CUTLASS_DIR OR DEFINED ENV{RESLORA_CUTLASS_DIR})
+  message(FATAL_ERROR "RESLORA_CUTLASS_DIR must name a folder holding cutlass/version.h and "
+    "cute/tensor.hpp, got '${_dir}'")
 else()
   message(STATUS "reslora: CUTLASS not found (pip install nvidia-cutlass==4.2.0.0): no extra-K GEMM")
 endif()
