@@ -113,12 +113,22 @@ def test_compile_reduce_overhead(variant):
     torch.testing.assert_close(out, eager)
 
 
-def graph_chain(variant, dtype, dropout=0.0):
+# (tokens, width) of the graph-captured chains: small (the generic path), and large enough for
+# the Hopper extra-K GEMM in bf16 (4096 x 1024 is 128 output tiles).
+GRAPH_SIZES = [(40, 64), (4096, 1024)]
+
+
+def graph_chain(variant, dtype, dropout=0.0, width=64):
     torch.manual_seed(0)
     blocks = (
         nn.ModuleList(
             reslora.ResLoRALinear(
-                nn.Linear(64, 64, bias=False), r=8, lora_alpha=16, variant=variant, lora_dropout=dropout, pre_num=1
+                nn.Linear(width, width, bias=False),
+                r=8,
+                lora_alpha=16,
+                variant=variant,
+                lora_dropout=dropout,
+                pre_num=1,
             )
             for _ in range(3)
         )
@@ -137,14 +147,16 @@ def chain_loss(blocks, x):
     return x.float().square().sum()
 
 
+@pytest.mark.parametrize("size", GRAPH_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["lora", "is", "bs", "ms"])
-def test_training_step_in_cuda_graph(variant, dtype):
+def test_training_step_in_cuda_graph(variant, dtype, size):
     """Forward and backward captured once with torch.cuda.graph and replayed on new inputs give
     the gradients of eager steps (no host syncs, everything on the current stream)."""
-    blocks = graph_chain(variant, dtype)
+    tokens, width = size
+    blocks = graph_chain(variant, dtype, width=width)
     params = [p for p in blocks.parameters() if p.requires_grad]
-    static_x = torch.randn(40, 64, device="cuda", dtype=dtype, requires_grad=True)
+    static_x = torch.randn(tokens, width, device="cuda", dtype=dtype, requires_grad=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up (allocates .grad) off the capturing stream
@@ -158,7 +170,7 @@ def test_training_step_in_cuda_graph(variant, dtype):
         chain_loss(blocks, static_x).backward()
     static_grads = [p.grad for p in params + [static_x]]
     for _ in range(2):
-        new_x = torch.randn(40, 64, device="cuda", dtype=dtype)
+        new_x = torch.randn(tokens, width, device="cuda", dtype=dtype)
         with torch.no_grad():
             static_x.copy_(new_x)
         graph.replay()
@@ -168,15 +180,17 @@ def test_training_step_in_cuda_graph(variant, dtype):
             torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("size", GRAPH_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["lora", "is", "bs", "ms"])
-def test_training_step_with_dropout_in_cuda_graph_draws_fresh_masks(variant, dtype):
+def test_training_step_with_dropout_in_cuda_graph_draws_fresh_masks(variant, dtype, size):
     """The pass seed is drawn on the device inside the graph: every replay draws new masks (two
     replays on one input differ), and each replay equals an eager step from the generator state
     it started from."""
-    blocks = graph_chain(variant, dtype, dropout=0.3)
+    tokens, width = size
+    blocks = graph_chain(variant, dtype, dropout=0.3, width=width)
     params = [p for p in blocks.parameters() if p.requires_grad]
-    static_x = torch.randn(40, 64, device="cuda", dtype=dtype, requires_grad=True)
+    static_x = torch.randn(tokens, width, device="cuda", dtype=dtype, requires_grad=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
