@@ -13,7 +13,13 @@ import torch
 import reslora
 from bench import timed
 
-SHAPES = [("q / o", 2048, 2048), ("k / v", 256, 2048), ("gate / up", 5632, 2048), ("down", 2048, 5632)]
+SHAPES = [
+    ("q / o", 2048, 2048),
+    ("k / v", 256, 2048),
+    ("gate / up", 5632, 2048),
+    ("down", 2048, 5632),
+    ("4096 chain", 4096, 4096),
+]
 
 
 def row(name, d_out, d_in, args):
@@ -38,6 +44,14 @@ def row(name, d_out, d_in, args):
     )
 
 
+def grad_x_row(name, d_out, d_in, args):
+    """cuBLAS's dy W, the base product of the input gradient (build/cmake/extra_k_bench times the
+    extra-K GEMM's [dy | dz] [W ; A] on the same shapes)."""
+    dy = torch.randn(args.tokens, d_out, device="cuda", dtype=torch.bfloat16)
+    W = torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) * 0.02
+    return f"| {name} ({d_out} x {d_in}) | {timed(lambda: torch.mm(dy, W), 10, 50)[0] * 1e3:.1f} |"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=8192)
@@ -53,6 +67,8 @@ def main():
         "|---|---|---|---|---|",
     ]
     lines += [row(name, d_out, d_in, args) for name, d_out, d_in in SHAPES]
+    lines += ["", "| input gradient (d_out x d_in) | dy W (cuBLAS) |", "|---|---|"]
+    lines += [grad_x_row(name, d_out, d_in, args) for name, d_out, d_in in SHAPES]
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(args.out, exist_ok=True)

@@ -116,8 +116,15 @@ struct DeviceBuf {
 
 // out = x w(^T) + z v(^T) for one problem; fills `bits` with the output and, with `check`,
 // returns the worst error over the tolerance (<= 1 passes).
+struct ExtraKSchedule {
+  reslora::kernels::ExtraKTile tile = reslora::kernels::ExtraKTile::k128x256;
+  reslora::kernels::ExtraKRaster raster = reslora::kernels::ExtraKRaster::kHeuristic;
+  int swizzle = 1;
+};
+
 double extra_k_case(int64_t m, int64_t n, int64_t k, int64_t r, reslora::kernels::WeightLayout lay,
-                    reslora::kernels::DType t, std::vector<uint16_t>* bits, bool check = true) {
+                    reslora::kernels::DType t, ExtraKSchedule sched, std::vector<uint16_t>* bits,
+                    bool check = true) {
   using reslora::kernels::WeightLayout;
   std::mt19937 gen(static_cast<uint32_t>(m * 131 + n * 7 + k + r));
   std::uniform_real_distribution<float> u(-1.f, 1.f);
@@ -152,6 +159,9 @@ double extra_k_case(int64_t m, int64_t n, int64_t k, int64_t r, reslora::kernels
   a.k = k;
   a.r = r;
   a.layout = lay;
+  a.tile = sched.tile;
+  a.raster = sched.raster;
+  a.swizzle = sched.swizzle;
   EXPECT_TRUE(reslora::kernels::extra_k_gemm_supported(a, t, 9));
   EXPECT_EQ(reslora::kernels::extra_k_gemm(a, t, nullptr), cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -197,15 +207,26 @@ TEST(ExtraKGemmCuda, MatchesFloat64Product) {
                         {8, 8, 8, 8},
                         {520, 264, 1032, 72},
                         {129, 8, 64, 128}};
+  // Both tiles; the wide one also along M and along N with tiles grouped in fours (the schedule
+  // changes which CTA computes a tile, never its sum).
+  using reslora::kernels::ExtraKRaster;
+  using reslora::kernels::ExtraKTile;
+  const ExtraKSchedule schedules[] = {{ExtraKTile::k128x256, ExtraKRaster::kHeuristic, 1},
+                                      {ExtraKTile::k128x128, ExtraKRaster::kHeuristic, 1},
+                                      {ExtraKTile::k128x256, ExtraKRaster::kAlongM, 4},
+                                      {ExtraKTile::k128x128, ExtraKRaster::kAlongN, 2}};
   for (DType t : {DType::kBFloat16, DType::kFloat16}) {
     for (WeightLayout lay : {WeightLayout::kNK, WeightLayout::kKN}) {
-      for (const Case& c : cases) {
-        std::vector<uint16_t> first, second;
-        EXPECT_LE(extra_k_case(c.m, c.n, c.k, c.r, lay, t, &first), 1.0)
-            << c.m << "x" << c.n << "x" << c.k << " r " << c.r << " layout " << int(lay)
-            << " dtype " << int(t);
-        extra_k_case(c.m, c.n, c.k, c.r, lay, t, &second, /*check=*/false);
-        EXPECT_EQ(first, second) << "not deterministic";
+      for (const ExtraKSchedule& sc : schedules) {
+        for (const Case& c : cases) {
+          std::vector<uint16_t> first, second;
+          EXPECT_LE(extra_k_case(c.m, c.n, c.k, c.r, lay, t, sc, &first), 1.0)
+              << c.m << "x" << c.n << "x" << c.k << " r " << c.r << " layout " << int(lay)
+              << " dtype " << int(t) << " tile " << int(sc.tile) << " raster " << int(sc.raster)
+              << " swizzle " << sc.swizzle;
+          extra_k_case(c.m, c.n, c.k, c.r, lay, t, sc, &second, /*check=*/false);
+          EXPECT_EQ(first, second) << "not deterministic";
+        }
       }
     }
   }
@@ -232,8 +253,25 @@ TEST(ExtraKGemmCuda, RefusesWhatItDoesNotTake) {
   a.z = buf + 2;  // misaligned
   EXPECT_FALSE(reslora::kernels::extra_k_gemm_supported(a, DType::kBFloat16, 9));
   a.z = buf;
+  a.swizzle = 3;  // CUTLASS groups tiles by powers of two
+  EXPECT_FALSE(reslora::kernels::extra_k_gemm_supported(a, DType::kBFloat16, 9));
+  a.swizzle = 1;
   a.m = 0;
   EXPECT_FALSE(reslora::kernels::extra_k_gemm_supported(a, DType::kBFloat16, 9));
+}
+
+TEST(ExtraKGemmCuda, TileRule) {
+  using reslora::kernels::ExtraKTile;
+  // The H200's 132 multiprocessors: the Llama step's q / o output (8192 x 2048, 512 wide tiles)
+  // keeps the wide tile; k / v (8192 x 256, 64 wide tiles) takes the narrow one; 16 tokens x
+  // 4096 (16 wide tiles) is not worth the kernel.
+  EXPECT_EQ(reslora::kernels::extra_k_gemm_tiles(8192, 2048), 512);
+  EXPECT_EQ(reslora::kernels::extra_k_gemm_tiles(8192, 256, ExtraKTile::k128x128), 128);
+  EXPECT_EQ(reslora::kernels::extra_k_gemm_tiles(129, 257), 4);
+  EXPECT_EQ(reslora::kernels::extra_k_gemm_tile(8192, 2048, 132), ExtraKTile::k128x256);
+  EXPECT_EQ(reslora::kernels::extra_k_gemm_tile(8192, 256, 132), ExtraKTile::k128x128);
+  EXPECT_TRUE(reslora::kernels::extra_k_gemm_pays(8192, 256, 132));
+  EXPECT_FALSE(reslora::kernels::extra_k_gemm_pays(16, 4096, 132));
 }
 
 }  // namespace

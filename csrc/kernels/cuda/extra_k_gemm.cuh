@@ -10,7 +10,7 @@
 // dx = [dy | dz] [W ; A] (kKN: w and v stored [K, N] row-major).
 //
 // Sources (extra_k/): mainloop.cuh (the two-source producer on top of CUTLASS's mainloop),
-// gemm.cuh (the kernel types and the launch), instances_bf16.cu / instances_f16.cu.
+// gemm.cuh (the kernel types and the launch), instances_<dtype>_<tile>.cu.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +28,15 @@ enum class WeightLayout {
   kKN,  // w: [K, N], v: [R, N]  (out = x w + z v)
 };
 
+// The output tile of one CTA (M x N; K tiles of 64, a cluster of two CTAs along M). The wide tile
+// is the one cuBLAS picks for these products on Hopper; the narrow one doubles the tiles of a
+// narrow output (the k / v projections of grouped-query attention, N = 256).
+enum class ExtraKTile { k128x256, k128x128 };
+
+// The order the persistent CTAs walk the output tiles in (CUTLASS's raster order): kHeuristic
+// walks along the shorter side.
+enum class ExtraKRaster { kHeuristic, kAlongM, kAlongN };
+
 // Every matrix is row-major and contiguous.
 struct ExtraKGemmArgs {
   const void* x = nullptr;  // [M, K]
@@ -37,18 +46,32 @@ struct ExtraKGemmArgs {
   void* out = nullptr;      // [M, N], written
   int64_t m = 0, n = 0, k = 0, r = 0;
   WeightLayout layout = WeightLayout::kNK;
+  ExtraKTile tile = ExtraKTile::k128x256;
+  ExtraKRaster raster = ExtraKRaster::kHeuristic;
+  int swizzle = 1;  // tiles grouped 1, 2, 4 or 8 at a time along the raster (L2 reuse)
 };
 
-// The output tile of one CTA (M x N): the kernel's TileShape.
-constexpr int64_t kExtraKTileM = 128;
-constexpr int64_t kExtraKTileN = 256;
+inline int64_t extra_k_tile_m(ExtraKTile) { return 128; }
+inline int64_t extra_k_tile_n(ExtraKTile t) { return t == ExtraKTile::k128x256 ? 256 : 128; }
 
-// Output tiles of an M x N problem. Below about a quarter of the GPU's multiprocessors the
-// persistent kernel leaves most of them idle while cuBLAS splits K: measured on the H200
-// (bench/results/), 16 tokens x 4096 (16 tiles) took 1.5 times the generic path, while the
+// Output tiles of an M x N problem.
+inline int64_t extra_k_gemm_tiles(int64_t m, int64_t n, ExtraKTile t = ExtraKTile::k128x256) {
+  const int64_t tm = extra_k_tile_m(t), tn = extra_k_tile_n(t);
+  return ((m + tm - 1) / tm) * ((n + tn - 1) / tn);
+}
+
+// The tile for an M x N problem on a GPU of `sm_count` multiprocessors: the wide one unless its
+// tiles leave more than half of them idle.
+inline ExtraKTile extra_k_gemm_tile(int64_t m, int64_t n, int sm_count) {
+  return 2 * extra_k_gemm_tiles(m, n) >= sm_count ? ExtraKTile::k128x256 : ExtraKTile::k128x128;
+}
+
+// Whether the extra-K GEMM pays on a GPU of `sm_count` multiprocessors: below about a quarter of
+// them in wide tiles the persistent kernel leaves most idle while cuBLAS splits K. Measured on the
+// H200 (bench/results/): 16 tokens x 4096 (16 tiles) took 1.5 times the generic path, while the
 // Llama step's k / v projection, 8192 x 256 (64 tiles), gained.
-inline int64_t extra_k_gemm_tiles(int64_t m, int64_t n) {
-  return ((m + kExtraKTileM - 1) / kExtraKTileM) * ((n + kExtraKTileN - 1) / kExtraKTileN);
+inline bool extra_k_gemm_pays(int64_t m, int64_t n, int sm_count) {
+  return 4 * extra_k_gemm_tiles(m, n) >= sm_count;
 }
 
 // True when this build has the kernel and it takes the problem: fp16 / bf16, compute capability

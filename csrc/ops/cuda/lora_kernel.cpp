@@ -241,12 +241,12 @@ at::Tensor padded_rank(const at::Tensor& t, int64_t r2, const at::Tensor& fill) 
 
 int64_t round_up8(int64_t v) { return (v + 7) / 8 * 8; }
 
-// Hopper, and enough output tiles to keep the GPU busy (kernels::extra_k_gemm_tiles): small
+// Hopper, and enough output tiles to keep the GPU busy (kernels::extra_k_gemm_pays): small
 // problems (decoding, a few tokens) keep the generic path.
 bool extra_k_takes(const at::Tensor& t, int64_t m, int64_t n) {
   if (!kernels::extra_k_gemm_built()) return false;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
-  return prop->major == 9 && 4 * kernels::extra_k_gemm_tiles(m, n) >= prop->multiProcessorCount;
+  return prop->major == 9 && kernels::extra_k_gemm_pays(m, n, prop->multiProcessorCount);
 }
 
 bool half_or_bf16(const at::Tensor& t) {
@@ -267,6 +267,8 @@ bool extra_k_args(const at::Tensor& x, const at::Tensor& weight, int64_t n, int6
   a->k = k;
   a->r = r2;
   a->layout = layout;
+  a->tile = kernels::extra_k_gemm_tile(
+      a->m, n, at::cuda::getDeviceProperties(x.device().index())->multiProcessorCount);
   a->x = x.const_data_ptr();
   a->w = weight.const_data_ptr();
   a->z = a->v = a->x;  // stand-ins until the small operands exist

@@ -42,13 +42,28 @@ S packed(int a, int b) {
   return s;
 }
 
-template <class T, WeightLayout L>
+template <ExtraKTile Tile>
+struct TileOf {
+  using type = cute::Shape<cute::_128, cute::_256, cute::_64>;
+};
+template <>
+struct TileOf<ExtraKTile::k128x128> {
+  using type = cute::Shape<cute::_128, cute::_128, cute::_64>;
+};
+
+inline cutlass::gemm::kernel::detail::RasterOrderOptions raster_of(ExtraKRaster r) {
+  using O = cutlass::gemm::kernel::detail::RasterOrderOptions;
+  return r == ExtraKRaster::kAlongM ? O::AlongM
+                                    : (r == ExtraKRaster::kAlongN ? O::AlongN : O::Heuristic);
+}
+
+template <class T, WeightLayout L, ExtraKTile Tile>
 struct Gemm {
   using LayoutX = cutlass::layout::RowMajor;
   using LayoutW = typename LayoutOf<L>::type;
   using LayoutOut = cutlass::layout::RowMajor;
   static constexpr int kAlign = 8;  // 16 bytes of fp16 / bf16
-  using TileShape = cute::Shape<cute::Int<kExtraKTileM>, cute::Int<kExtraKTileN>, cute::_64>;
+  using TileShape = typename TileOf<Tile>::type;
   using ClusterShape = cute::Shape<cute::_2, cute::_1, cute::_1>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -92,6 +107,8 @@ struct Gemm {
     args.epilogue.ptr_C = nullptr;
     args.epilogue.ptr_D = static_cast<T*>(a.out);
     args.epilogue.dD = packed<StrideOut>(M, N);
+    args.scheduler.raster_order = raster_of(a.raster);
+    args.scheduler.max_swizzle_size = a.swizzle;
     return args;
   }
 
@@ -108,11 +125,11 @@ struct Gemm {
   }
 };
 
-// Both layouts of one dtype; instances_<dtype>.cu instantiates it.
-template <class T>
-cudaError_t run_typed(const ExtraKGemmArgs& a, cudaStream_t stream) {
-  return a.layout == WeightLayout::kNK ? Gemm<T, WeightLayout::kNK>::run(a, stream)
-                                       : Gemm<T, WeightLayout::kKN>::run(a, stream);
+// Both layouts of one dtype and tile; instances_<dtype>_<tile>.cu instantiates it.
+template <class T, ExtraKTile Tile>
+cudaError_t run_tile(const ExtraKGemmArgs& a, cudaStream_t stream) {
+  return a.layout == WeightLayout::kNK ? Gemm<T, WeightLayout::kNK, Tile>::run(a, stream)
+                                       : Gemm<T, WeightLayout::kKN, Tile>::run(a, stream);
 }
 
 }  // namespace extra_k

@@ -1,0 +1,154 @@
+// Times the Hopper extra-K GEMM alone (CUDA events, median of repeats) on the Llama step's and
+// the 4096 chain's products, bf16, for every schedule it is built with: the two output tiles,
+// the three raster orders and tile groups of 1, 2, 4 and 8. Prints, per product, the schedule
+// the op picks (extra_k_gemm_tile, heuristic raster, groups of 1) and the fastest three, in us
+// and TFLOP/s of the base product 2 M N K. The inputs are zeros: the times depend on the shapes.
+// `make build` builds it with the tests (build/cmake/extra_k_bench [tokens rank]); it needs an
+// sm_90 build with CUTLASS to run. bench/gemm_extra_k.py times cuBLAS on the same products.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/extra_k_gemm.cuh"
+
+using namespace reslora::kernels;
+
+#define CHECK(x)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (x);                                                             \
+    if (e_ != cudaSuccess) {                                                          \
+      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
+      std::exit(1);                                                                   \
+    }                                                                                 \
+  } while (0)
+
+namespace {
+
+float median_us(const ExtraKGemmArgs& a, int repeat = 30) {
+  cudaEvent_t s, e;
+  CHECK(cudaEventCreate(&s));
+  CHECK(cudaEventCreate(&e));
+  for (int i = 0; i < 3; ++i) CHECK(extra_k_gemm(a, DType::kBFloat16, nullptr));
+  std::vector<float> t;
+  for (int i = 0; i < repeat; ++i) {
+    CHECK(cudaEventRecord(s));
+    CHECK(extra_k_gemm(a, DType::kBFloat16, nullptr));
+    CHECK(cudaEventRecord(e));
+    CHECK(cudaEventSynchronize(e));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, s, e));
+    t.push_back(ms * 1000.f);
+  }
+  CHECK(cudaEventDestroy(s));
+  CHECK(cudaEventDestroy(e));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+const char* tile_name(ExtraKTile t) { return t == ExtraKTile::k128x256 ? "128x256" : "128x128"; }
+const char* raster_name(ExtraKRaster r) {
+  return r == ExtraKRaster::kAlongM ? "along M"
+                                    : (r == ExtraKRaster::kAlongN ? "along N" : "heur.");
+}
+
+struct Product {
+  const char* name;
+  int64_t n, k;
+  WeightLayout layout;
+};
+
+struct Timed {
+  ExtraKTile tile;
+  ExtraKRaster raster;
+  int swizzle;
+  float us;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t m = argc > 1 ? std::atoll(argv[1]) : 8192;
+  const int64_t r = argc > 2 ? std::atoll(argv[2]) : 16;
+  int dev = 0, sms = 0, major = 0;
+  CHECK(cudaGetDevice(&dev));
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  if (!extra_k_gemm_built() || major != 9) {
+    std::printf("the extra-K GEMM runs on compute capability 9.0 builds with CUTLASS\n");
+    return 0;
+  }
+  // Forward: y = [x | s z] [W | s B]^T (kNK); input gradient: dx = [dy | dz] [W ; A] (kKN).
+  const Product products[] = {
+      {"fwd q / o 2048 x 2048", 2048, 2048, WeightLayout::kNK},
+      {"fwd k / v 256 x 2048", 256, 2048, WeightLayout::kNK},
+      {"fwd gate / up 5632 x 2048", 5632, 2048, WeightLayout::kNK},
+      {"fwd down 2048 x 5632", 2048, 5632, WeightLayout::kNK},
+      {"fwd 4096 x 4096", 4096, 4096, WeightLayout::kNK},
+      {"dx q / o", 2048, 2048, WeightLayout::kKN},
+      {"dx k / v", 2048, 256, WeightLayout::kKN},
+      {"dx gate / up", 2048, 5632, WeightLayout::kKN},
+      {"dx down", 5632, 2048, WeightLayout::kKN},
+      {"dx 4096 x 4096", 4096, 4096, WeightLayout::kKN},
+  };
+  int64_t big = 0;
+  for (const Product& p : products) big = std::max({big, m * p.k, p.n * p.k, m * p.n});
+  void *x, *w, *z, *v, *out;
+  CHECK(cudaMalloc(&x, big * 2));
+  CHECK(cudaMalloc(&w, big * 2));
+  CHECK(cudaMalloc(&out, big * 2));
+  CHECK(cudaMalloc(&z, std::max<int64_t>(m, 8192) * r * 2));
+  CHECK(cudaMalloc(&v, 8192 * r * 2));
+  for (void* p : {x, w, out}) CHECK(cudaMemset(p, 0, big * 2));
+  CHECK(cudaMemset(z, 0, std::max<int64_t>(m, 8192) * r * 2));
+  CHECK(cudaMemset(v, 0, 8192 * r * 2));
+
+  std::printf("%lld tokens, r = %lld, bf16, %d multiprocessors; median of 30, us (TFLOP/s)\n\n",
+              static_cast<long long>(m), static_cast<long long>(r), sms);
+  std::printf("| product | op's schedule | us | fastest | us | 2nd | us | 3rd | us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  for (const Product& p : products) {
+    ExtraKGemmArgs a;
+    a.x = x;
+    a.w = w;
+    a.z = z;
+    a.v = v;
+    a.out = out;
+    a.m = m;
+    a.n = p.n;
+    a.k = p.k;
+    a.r = r;
+    a.layout = p.layout;
+    const double flop = 2.0 * m * p.n * p.k;
+    auto cell = [&](const Timed& t) {
+      return std::string(tile_name(t.tile)) + ", " + raster_name(t.raster) + ", " +
+             std::to_string(t.swizzle);
+    };
+    auto us = [&](const Timed& t) {
+      char b[64];
+      std::snprintf(b, sizeof b, "%.1f (%.0f)", t.us, flop / t.us * 1e-6);
+      return std::string(b);
+    };
+    a.tile = extra_k_gemm_tile(m, p.n, sms);
+    const Timed picked{a.tile, a.raster, a.swizzle, median_us(a)};
+    std::vector<Timed> all;
+    for (ExtraKTile tile : {ExtraKTile::k128x256, ExtraKTile::k128x128})
+      for (ExtraKRaster ra :
+           {ExtraKRaster::kHeuristic, ExtraKRaster::kAlongM, ExtraKRaster::kAlongN})
+        for (int sw : {1, 2, 4, 8}) {
+          a.tile = tile;
+          a.raster = ra;
+          a.swizzle = sw;
+          all.push_back({tile, ra, sw, median_us(a)});
+        }
+    std::sort(all.begin(), all.end(), [](const Timed& l, const Timed& rr) { return l.us < rr.us; });
+    std::printf("| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", p.name, cell(picked).c_str(),
+                us(picked).c_str(), cell(all[0]).c_str(), us(all[0]).c_str(), cell(all[1]).c_str(),
+                us(all[1]).c_str(), cell(all[2]).c_str(), us(all[2]).c_str());
+  }
+  for (void* p : {x, w, z, v, out}) CHECK(cudaFree(p));
+  return 0;
+}
