@@ -2,6 +2,8 @@
 // Included by the per-dtype instance files only (compiled for sm_90a).
 #pragma once
 
+#include <atomic>
+
 #include <cute/tensor.hpp>
 #include <cutlass/cutlass.h>
 #include <cutlass/epilogue/collective/collective_builder.hpp>
@@ -112,15 +114,35 @@ struct Gemm {
     return args;
   }
 
+  // Once per device: the kernel's dynamic shared memory limit raised and the multiprocessor
+  // count read, so that a launch costs the host only the TMA descriptors and the launch itself.
+  static cudaError_t device_sm_count(int* sm_count) {
+    constexpr int kDevices = 64;
+    static std::atomic<int> cached[kDevices];
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    if (dev < kDevices && (*sm_count = cached[dev].load(std::memory_order_acquire)) > 0)
+      return cudaSuccess;
+    err = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(Kernel::SharedStorageSize));
+    if (err != cudaSuccess) return err;
+    err = cudaDeviceGetAttribute(sm_count, cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+    if (dev < kDevices) cached[dev].store(*sm_count, std::memory_order_release);
+    return cudaSuccess;
+  }
+
   static cudaError_t run(const ExtraKGemmArgs& a, cudaStream_t stream) {
-    const typename Kernel::Arguments args = arguments(a);
-    Device gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
+    typename Kernel::Arguments args = arguments(a);
+    if (Device::can_implement(args) != cutlass::Status::kSuccess) return cudaErrorInvalidValue;
     // The persistent scheduler without split-K needs no workspace.
     if (Device::get_workspace_size(args) != 0) return cudaErrorInvalidValue;
-    if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess)
-      return cudaErrorInvalidValue;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
+    cudaError_t err = device_sm_count(&args.hw_info.sm_count);
+    if (err != cudaSuccess) return err;
+    typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+    if (Device::run(params, stream) != cutlass::Status::kSuccess) return cudaErrorLaunchFailure;
     return cudaGetLastError();
   }
 };
