@@ -194,6 +194,7 @@ def bench_training_step(args, compiled=False):
     for name, wrap in chosen:
         step = lambda wrap=wrap: training_step(base, wrap, ids, targets, compiled)  # noqa: E731
         rows.append((name, *measure(step, args)))
+        print(f"  {name}: {rows[-1][1]:.3f} ms", flush=True)
     return rows
 
 
