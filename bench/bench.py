@@ -1,6 +1,6 @@
 """Benchmark: frozen base vs PEFT LoRA vs reslora (lora / is / bs / ms), in one process.
 
-    python bench/bench.py [--quick] [--only eager|compiled] [--out bench/results]
+    python bench/bench.py [--quick] [--only eager|compiled] [--config NAME ...] [--out bench/results]
 
 Layer chains (8 stacked d x d linear layers, bf16, forward + backward to the input; at 16
 tokens also captured in a CUDA graph and replayed) and a Llama training step (AdamW on the
@@ -191,6 +191,8 @@ def bench_training_step(args, compiled=False):
     for p in base.parameters():
         p.requires_grad_(False)
     chosen = [(n, w) for n, w in configs(0.05) if not (compiled and "default" in n)]
+    if args.config:  # the frozen base always: the ratios are to it
+        chosen = [(n, w) for n, w in chosen if w is None or any(c in n for c in args.config)]
     for name, wrap in chosen:
         step = lambda wrap=wrap: training_step(base, wrap, ids, targets, compiled)  # noqa: E731
         rows.append((name, *measure(step, args)))
@@ -276,6 +278,12 @@ def main():
         help="eager: every workload; compiled: the Llama step under torch.compile",
     )
     ap.add_argument("--out", default=os.path.join("bench", "results"))
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="Llama step: only the configurations whose name contains this (repeatable; the base always)",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
