@@ -17,17 +17,9 @@
 #include <cuda_runtime.h>
 
 #include "kernels/cuda/extra_k_gemm.cuh"
+#include "timing.cuh"
 
 using namespace reslora::kernels;
-
-#define CHECK(x)                                                                      \
-  do {                                                                                \
-    cudaError_t e_ = (x);                                                             \
-    if (e_ != cudaSuccess) {                                                          \
-      std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 namespace {
 
@@ -52,25 +44,8 @@ float issue_us(const ExtraKGemmArgs& a) {
   return std::chrono::duration<float, std::micro>(t1 - t0).count() / 200;
 }
 
-float median_us(const ExtraKGemmArgs& a, int repeat = 30) {
-  cudaEvent_t s, e;
-  CHECK(cudaEventCreate(&s));
-  CHECK(cudaEventCreate(&e));
-  for (int i = 0; i < 3; ++i) CHECK(extra_k_gemm(a, DType::kBFloat16, nullptr));
-  std::vector<float> t;
-  for (int i = 0; i < repeat; ++i) {
-    CHECK(cudaEventRecord(s));
-    CHECK(extra_k_gemm(a, DType::kBFloat16, nullptr));
-    CHECK(cudaEventRecord(e));
-    CHECK(cudaEventSynchronize(e));
-    float ms = 0;
-    CHECK(cudaEventElapsedTime(&ms, s, e));
-    t.push_back(ms * 1000.f);
-  }
-  CHECK(cudaEventDestroy(s));
-  CHECK(cudaEventDestroy(e));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+float median_us(const ExtraKGemmArgs& a) {
+  return ::median_us([&] { CHECK(extra_k_gemm(a, DType::kBFloat16, nullptr)); });
 }
 
 const char* tile_name(ExtraKTile t) { return t == ExtraKTile::k128x256 ? "128x256" : "128x128"; }

@@ -45,6 +45,8 @@ def test_sdist_holds_everything_a_build_needs(tmp_path):
         "csrc/kernels/cuda/extra_k/mainloop.cuh",
         "csrc/kernels/cuda/extra_k/instances_bf16_128x256.cu",
         "csrc/kernels/cuda/extra_k/instances_f16_128x128.cu",
+        "bench/cuda/extra_k_bench.cu",
+        "bench/cuda/timing.cuh",
         "csrc/include/reslora/rules.h",
         "csrc/python/bindings.cpp",
         "tests/data/spec_cases.txt",
