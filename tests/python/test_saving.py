@@ -138,7 +138,14 @@ def test_saves_killed_at_random_moments(tmp_path):
     path = str(tmp_path / "ckpt")
     ns = {}
     exec(MODEL, ns)
-    ns["save"](path, 1)
+    # The kills land within a few saves' time of the child's start: timed here, since a save's
+    # fsyncs take from milliseconds to tens of them with the disk and the machine's load.
+    times = []
+    for version in (2, 1, 2, 1, 2, 1):
+        start = time.perf_counter()
+        ns["save"](path, version)
+        times.append(time.perf_counter() - start)
+    save_s = sorted(times)[len(times) // 2]
     rng = random.Random(0)
     found, kills, midway = [], 120, 0
     for _ in range(kills):
@@ -157,7 +164,7 @@ def test_saves_killed_at_random_moments(tmp_path):
         os.close(ready_w)
         os.read(ready_r, 1)
         os.close(ready_r)
-        time.sleep(rng.uniform(0.0, 0.04))  # a save takes about 10 ms here
+        time.sleep(rng.uniform(0.0, 4 * save_s))  # within the child's first four saves
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         midway += bool(leftovers(str(tmp_path)))  # the kill came inside a save
