@@ -192,6 +192,10 @@ def bench_training_step(args, compiled=False):
         p.requires_grad_(False)
     chosen = [(n, w) for n, w in configs(0.05) if not (compiled and "default" in n)]
     if args.config:  # the frozen base always: the ratios are to it
+        names = [n for n, _ in chosen]
+        for c in args.config:
+            if not any(c in n for n in names):
+                raise SystemExit(f"--config {c!r} names no configuration of this run; expected part of one of {names}")
         chosen = [(n, w) for n, w in chosen if w is None or any(c in n for c in args.config)]
     for name, wrap in chosen:
         step = lambda wrap=wrap: training_step(base, wrap, ids, targets, compiled)  # noqa: E731
