@@ -85,17 +85,39 @@ def configs(dropout):
     ]
 
 
-def bench_chain(d, tokens, args, graph=False):
+class UpDown(nn.Module):
+    """d -> hidden -> d: two linear layers, up and down, as in a transformer MLP (without its
+    activation, so that the chain is its GEMMs alone)."""
+
+    def __init__(self, d, hidden):
+        super().__init__()
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down(self.up(x))
+
+
+def chain(d, hidden=None, layers=8):
+    """The frozen bf16 chain of `layers` linear layers: d x d, or with hidden alternately
+    d -> hidden and hidden -> d (layers / 2 UpDown pairs: two chains, up and down), and the
+    names of its target modules."""
+    if hidden is None:
+        base = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(layers)])
+        targets = [str(i) for i in range(layers)]
+    else:
+        base = nn.Sequential(*[UpDown(d, hidden) for _ in range(layers // 2)])
+        targets = ["up", "down"]
+    return base.cuda().bfloat16().requires_grad_(False), targets
+
+
+def bench_chain(d, tokens, args, graph=False, hidden=None):
     """The 8-layer chain for every configuration; graph: each step captured once in a CUDA graph
     and replayed (what is left when the host's issue time is taken out)."""
-    layers = 8
     torch.manual_seed(0)
-    base = nn.Sequential(*[nn.Linear(d, d, bias=False) for _ in range(layers)]).cuda().bfloat16()
-    for p in base.parameters():
-        p.requires_grad_(False)
+    base, targets = chain(d, hidden)
     x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
-    targets = [str(i) for i in range(layers)]
     rows = []
     make = graph_step if graph else chain_step
     for name, wrap in graph_configs() if graph else configs(0.05):
@@ -319,10 +341,22 @@ def main():
     elif args.quick:
         workloads.append(("8 layers 1024x1024, 2048 tokens, fwd+bwd", bench_chain(1024, 2048, args)))
         workloads.append(
+            (
+                "8 layers alternately 1024x2816 and 2816x1024, 2048 tokens, fwd+bwd",
+                bench_chain(1024, 2048, args, hidden=2816),
+            )
+        )
+        workloads.append(
             ("8 layers 1024x1024, 16 tokens, fwd+bwd captured in a CUDA graph", bench_chain(1024, 16, args, graph=True))
         )
     else:
         workloads.append(("8 layers 4096x4096, 8192 tokens, fwd+bwd", bench_chain(4096, 8192, args)))
+        workloads.append(
+            (
+                "8 layers alternately 4096x11008 and 11008x4096 (4 up / down pairs), 8192 tokens, fwd+bwd",
+                bench_chain(4096, 8192, args, hidden=11008),
+            )
+        )
         workloads.append(("8 layers 2048x2048, 8192 tokens, fwd+bwd", bench_chain(2048, 8192, args)))
         workloads.append(("8 layers 4096x4096, 16 tokens, fwd+bwd", bench_chain(4096, 16, args)))
         workloads.append(

@@ -1,7 +1,7 @@
 """Per-kernel breakdown of one configuration of the benchmark (torch.profiler, CUDA time).
 
-    python bench/kernel_profile.py [--llama] [--host] [--d 4096] [--tokens 8192] [--dropout 0.05]
-                                   [--rows 25] [--only NAME ...]
+    python bench/kernel_profile.py [--llama] [--host] [--d 4096] [--hidden H] [--tokens 8192]
+                                   [--dropout 0.05] [--rows 25] [--only NAME ...]
 
 Profiles the 8-layer chain of bench.py (or, with --llama, its Llama training step) for the frozen
 base, PEFT LoRA and each reslora variant and prints, per configuration, the kernels that take
@@ -16,7 +16,6 @@ import time
 import warnings
 
 import torch
-from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 import bench
@@ -25,6 +24,7 @@ import bench
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=None, help="the chain alternates d x hidden and hidden x d")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--rows", type=int, default=25)
@@ -40,13 +40,10 @@ def main():
     args.quick = False
     if args.llama:
         return profile_llama(args)
-    layers = 8
     torch.manual_seed(0)
-    base = nn.Sequential(*[nn.Linear(args.d, args.d, bias=False) for _ in range(layers)])
-    base = base.cuda().bfloat16().requires_grad_(False)
+    base, targets = bench.chain(args.d, args.hidden)
     x = torch.randn(args.tokens, args.d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn_like(x)
-    targets = [str(i) for i in range(layers)]
     for name, wrap in selected(args):
         step = bench.chain_step(base, wrap, x, g, targets)
         report(name, step, args)

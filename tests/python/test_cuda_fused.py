@@ -168,6 +168,28 @@ def test_extra_k_gemm_block_matches_float64(dtype, p, variant, bias, n, d_in, d_
         assert torch.equal(a, b2)  # no split-K: deterministic
 
 
+def wide_tiles(m, n):
+    """128 x 256 output tiles of an m x n product."""
+    return -(-m // 128) * -(-n // 256)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the extra-K GEMM runs on Hopper builds with CUTLASS")
+@pytest.mark.parametrize("n,d_in,d_out", [(4500, 264, 136), (2048, 520, 1024), (8192, 1024, 2048)])
+def test_extra_k_gemm_runs_the_tile_its_rule_picks(n, d_in, d_out):
+    """Each product (y = x W^T + s z B^T, and dx = dy W + dz A without dropout) launches the
+    128 x 128 tile when the 128 x 256 tiles would leave more than half of the multiprocessors
+    idle, the 128 x 256 tile otherwise: the kernel's symbol names its tile. The cases take the
+    narrow tile in the forward only, in both products, and in neither (on an H100 / H200)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    products = [(n, d_out), (n, d_in)]  # the forward's output, dx
+    narrow = sum(2 * wide_tiles(m, k) < sms for m, k in products)
+    c = inputs(n, d_in, d_out, 16, torch.bfloat16, False)
+    _, calls = launches(lambda: linear_block(c, "cuda", torch.bfloat16, 0.0, None, None))
+    assert count(calls, "ExtraKMainloop") == 2, calls
+    assert count(calls, "TileName128x128") == narrow, calls
+    assert count(calls, "TileName128x256") == 2 - narrow, calls
+
+
 @pytest.mark.skipif(not HOPPER, reason="the extra-K GEMM runs on Hopper builds with CUTLASS")
 def test_extra_k_gemm_leaves_what_it_does_not_take_to_the_generic_path():
     """Widths not multiples of 8, too few output tiles (a few tokens, a narrow output), fp32 and

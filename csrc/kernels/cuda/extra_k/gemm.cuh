@@ -44,13 +44,19 @@ S packed(int a, int b) {
   return s;
 }
 
+// The tags that name each tile in the kernel's symbol (see ExtraKMainloop).
+struct TileName128x256;
+struct TileName128x128;
+
 template <ExtraKTile Tile>
 struct TileOf {
   using type = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using name = TileName128x256;
 };
 template <>
 struct TileOf<ExtraKTile::k128x128> {
   using type = cute::Shape<cute::_128, cute::_128, cute::_64>;
+  using name = TileName128x128;
 };
 
 inline cutlass::gemm::kernel::detail::RasterOrderOptions raster_of(ExtraKRaster r) {
@@ -79,7 +85,7 @@ struct Gemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
           sizeof(typename Epilogue::SharedStorage))>,
       cutlass::gemm::KernelTmaWarpSpecializedCooperative>::CollectiveOp;
-  using Mainloop = ExtraKMainloop<BaseMainloop>;
+  using Mainloop = ExtraKMainloop<BaseMainloop, typename TileOf<Tile>::name>;
 
   using Kernel =
       cutlass::gemm::kernel::GemmUniversal<cute::Shape<int, int, int, int>, Mainloop, Epilogue>;

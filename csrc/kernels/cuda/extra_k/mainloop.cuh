@@ -13,7 +13,9 @@ namespace reslora {
 namespace kernels {
 namespace extra_k {
 
-template <class Base>
+// Name: a tag type naming the output tile (TileName128x256, ...). It changes nothing in the
+// code; it puts the tile into the kernel's symbol, so that a profile says which tile ran.
+template <class Base, class Name>
 struct ExtraKMainloop : Base {
   using typename Base::DispatchPolicy;
   using typename Base::ElementA;
