@@ -1,11 +1,12 @@
 // Times the Hopper extra-K GEMM alone (CUDA events, median of repeats) on the Llama step's and
-// the 4096 chain's products, bf16, for every schedule it is built with: the two output tiles,
-// the three raster orders and tile groups of 1, 2, 4 and 8. Prints, per product, the schedule
-// the op picks (extra_k_gemm_tile, heuristic raster, groups of 1) and the fastest three, in us
-// and TFLOP/s of the base product 2 M N K, and the host's time to issue one launch. The inputs
-// are uniform in [-0.1, 0.1) (zeros would draw less power and run faster than real data).
-// `make build` builds it with the tests (build/cmake/extra_k_bench [tokens rank]); it needs an
-// sm_90 build with CUTLASS to run. bench/gemm_extra_k.py times cuBLAS on the same products.
+// the 4096 and 4096 x 11008 chains' products, bf16, for every schedule it is built with: the
+// two output tiles, the three raster orders and tile groups of 1, 2, 4 and 8. Prints, per
+// product, the schedule the op picks (extra_k_gemm_tile, heuristic raster, groups of 1) and the
+// fastest three, in us and TFLOP/s of the base product 2 M N K, and the host's time to issue one
+// launch. The inputs are uniform in [-0.1, 0.1) (zeros would draw less power and run faster than
+// real data). `make build` builds it with the tests (build/cmake/extra_k_bench [tokens rank]); it
+// needs an sm_90 build with CUTLASS to run. bench/gemm_extra_k.py times cuBLAS on the same
+// products.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -48,7 +49,10 @@ float median_us(const ExtraKGemmArgs& a) {
   return ::median_us([&] { CHECK(extra_k_gemm(a, DType::kBFloat16, nullptr)); });
 }
 
-const char* tile_name(ExtraKTile t) { return t == ExtraKTile::k128x256 ? "128x256" : "128x128"; }
+const char* tile_name(ExtraKTile t) {
+  return t == ExtraKTile::k128x256 ? "128x256"
+                                   : (t == ExtraKTile::k128x128 ? "128x128" : "256x128");
+}
 const char* raster_name(ExtraKRaster r) {
   return r == ExtraKRaster::kAlongM ? "along M"
                                     : (r == ExtraKRaster::kAlongN ? "along N" : "heur.");
@@ -92,19 +96,26 @@ int main(int argc, char** argv) {
       {"dx gate / up", 2048, 5632, WeightLayout::kKN},
       {"dx down", 5632, 2048, WeightLayout::kKN},
       {"dx 4096 x 4096", 4096, 4096, WeightLayout::kKN},
+      {"fwd MLP up 11008 x 4096", 11008, 4096, WeightLayout::kNK},
+      {"fwd MLP down 4096 x 11008", 4096, 11008, WeightLayout::kNK},
+      {"dx MLP up", 4096, 11008, WeightLayout::kKN},
+      {"dx MLP down", 11008, 4096, WeightLayout::kKN},
   };
-  int64_t big = 0;
-  for (const Product& p : products) big = std::max({big, m * p.k, p.n * p.k, m * p.n});
+  int64_t big = 0, wide = 8192;  // the largest operand; the widest N (the rows of v)
+  for (const Product& p : products) {
+    big = std::max({big, m * p.k, p.n * p.k, m * p.n});
+    wide = std::max(wide, p.n);
+  }
   void *x, *w, *z, *v, *out;
   CHECK(cudaMalloc(&x, big * 2));
   CHECK(cudaMalloc(&w, big * 2));
   CHECK(cudaMalloc(&out, big * 2));
   CHECK(cudaMalloc(&z, std::max<int64_t>(m, 8192) * r * 2));
-  CHECK(cudaMalloc(&v, 8192 * r * 2));
+  CHECK(cudaMalloc(&v, wide * r * 2));
   uint32_t seed = 1;
   for (void* p : {x, w}) fill_uniform<<<1024, 256>>>(static_cast<__nv_bfloat16*>(p), big, seed++);
   fill_uniform<<<1024, 256>>>(static_cast<__nv_bfloat16*>(z), std::max<int64_t>(m, 8192) * r, 3);
-  fill_uniform<<<1024, 256>>>(static_cast<__nv_bfloat16*>(v), 8192 * r, 4);
+  fill_uniform<<<1024, 256>>>(static_cast<__nv_bfloat16*>(v), wide * r, 4);
   CHECK(cudaGetLastError());
 
   std::printf("%lld tokens, r = %lld, bf16, %d multiprocessors; median of 30, us (TFLOP/s)\n\n",
