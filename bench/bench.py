@@ -2,7 +2,8 @@
 
     python bench/bench.py [--quick] [--only eager|compiled] [--config NAME ...] [--out bench/results]
 
-Layer chains (8 stacked d x d linear layers, bf16, forward + backward to the input; at 16
+Layer chains (8 stacked d x d linear layers, or alternately d x hidden and hidden x d as a
+transformer MLP's up and down projections; bf16, forward + backward to the input; at 16
 tokens also captured in a CUDA graph and replayed) and a Llama training step (AdamW on the
 adapters), eager; with --only compiled, the Llama training step under torch.compile (the whole
 model, fullgraph, default inductor mode) for the base, PEFT LoRA and every variant. Times are
