@@ -3,6 +3,7 @@ in the C++ core; this file only links blocks and holds parameters."""
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 import weakref
@@ -334,7 +335,8 @@ def _dequantize(layer: nn.Module) -> torch.Tensor:
     if type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None:  # bitsandbytes
         import bitsandbytes as bnb
 
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(_compute_dtype(layer))
+        data, state = _bnb_standard_layout(w)
+        return bnb.functional.dequantize_4bit(data, state).to(_compute_dtype(layer))
     if getattr(type(w), "dequantize", torch.Tensor.dequantize) is not torch.Tensor.dequantize:
         # torchao's affine quantized tensors, among others
         return w.dequantize()
@@ -342,6 +344,27 @@ def _dequantize(layer: nn.Module) -> torch.Tensor:
         f"reslora: cannot dequantize a base weight of type {type(w).__name__}: the is 'weight' "
         "merge and merge_and_unload() need it dense (the other merges and the PEFT export do not)"
     )
+
+
+def _bnb_standard_layout(w) -> Tuple[torch.Tensor, object]:
+    """A bitsandbytes 4-bit weight's data and quant state in the layout dequantize_4bit reads.
+
+    bitsandbytes >= 0.49 repacks a Linear4bit's weight in place for its CPU kernel at the first
+    eval-mode forward without grad, on CPUs with AVX512-BF16 (quant_state.packing_format_for_cpu);
+    dequantize_4bit does not read that layout and returns values unrelated to the weight. The
+    standard layout is rebuilt here on copies, so the layer keeps the layout its kernel uses."""
+    state = w.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return w.data, state
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+    except ImportError as e:
+        raise RuntimeError(
+            "reslora: this bitsandbytes 4-bit weight is in bitsandbytes' CPU-packed layout "
+            "(quant_state.packing_format_for_cpu=True) and this bitsandbytes has no inverse of it; "
+            "call the layer's state_dict() (which restores the standard layout) or move it to CUDA first"
+        ) from e
+    return unpack(w.data.clone(), copy.deepcopy(state))
 
 
 def _requantize(layer: nn.Module, dense: torch.Tensor) -> nn.Parameter:

@@ -194,3 +194,21 @@ def test_a_base_that_cannot_be_dequantized_is_named():
     assert blk._opaque and blk.lora_A.dtype == torch.float32
     with pytest.raises(ValueError, match=r"cannot dequantize a base weight of type Packed"):
         blk.dense_weight()
+
+
+def test_a_bitsandbytes_weight_in_the_cpu_packed_layout_dequantizes_to_its_values():
+    # bitsandbytes >= 0.49 repacks a Linear4bit's weight in place at its first eval-mode forward
+    # on CPUs with AVX512-BF16; a merge after evaluation must still read the weight's values
+    bnb = pytest.importorskip("bitsandbytes")
+    pack = getattr(bnb.functional, "_convert_weight_packed_for_cpu", None)
+    if pack is None:
+        pytest.skip("this bitsandbytes has no CPU-packed 4-bit layout")
+    torch.manual_seed(0)
+    layer = quantize(nn.Linear(128, 256), "bitsandbytes")
+    before = dequantized(layer).clone()
+    w = layer.weight
+    w.data, w.quant_state = pack(w.data, w.quant_state)
+    assert w.quant_state.packing_format_for_cpu
+    # the packed layout keeps the block scales in bf16: the values agree to bf16's rounding
+    torch.testing.assert_close(dequantized(layer), before, rtol=1e-2, atol=1e-3)
+    assert layer.weight.quant_state.packing_format_for_cpu  # the layer keeps its kernel's layout
