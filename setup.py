@@ -43,10 +43,14 @@ class CMakeBuild(build_ext):
         build_dir = Path(os.environ.get("RESLORA_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
         tests = os.environ.get("RESLORA_BUILD_TESTS", "0") not in ("0", "", "OFF", "off")
+        # The libraries are built in the build tree's own folder and copied to where the package
+        # needs them (the source package for an editable install, the wheel's folder otherwise):
+        # the editable install, a wheel and the C++ tests share one configuration and one build.
+        out_dir = build_dir / "reslora"
         args = [
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython3_EXECUTABLE={sys.executable}",
-            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('RESLORA_BUILD_TYPE', 'Release')}",
             f"-DRESLORA_BUILD_TESTS={'ON' if tests else 'OFF'}",
             f"-DRESLORA_CUDA={os.environ.get('RESLORA_CUDA', 'AUTO')}",
@@ -56,10 +60,15 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
         subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
         subprocess.check_call(["cmake", "--build", str(build_dir), "--parallel", jobs])
-        built = extdir / target.name
-        if built != target:
+        extdir.mkdir(parents=True, exist_ok=True)
+        for name in (target.name, *_SIBLINGS):
+            # by a rename, so that a process that has the old library loaded keeps it intact
+            tmp = extdir / f".{name}.tmp"
+            shutil.copy2(out_dir / name, tmp)
+            os.replace(tmp, extdir / name)
+        if extdir / target.name != target:
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(built, target)
+            shutil.copy2(extdir / target.name, target)
 
 
 def torch_requirement():
@@ -72,24 +81,12 @@ def torch_requirement():
     return f"torch=={torch.__version__.split('+')[0]}"
 
 
+# Name, version, description, license and the optional dependency groups are in pyproject.toml.
 setup(
-    name="reslora",
-    version="0.1.0",
-    description="ResLoRA (LoRA with residual shortcuts) as PyTorch custom ops and C++/CUDA kernels",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    license="MIT",
-    classifiers=[
-        "License :: OSI Approved :: MIT License",
-        "Programming Language :: C++",
-        "Programming Language :: Python :: 3",
-        "Topic :: Scientific/Engineering :: Artificial Intelligence",
-    ],
     package_dir={"": "python"},
     packages=["reslora"],
     ext_modules=[CMakeExtension("reslora._C")],
     cmdclass={"build_ext": CMakeBuild},
-    python_requires=">=3.9",
     # safetensors: the checkpoint and adapter files; transformers / peft only where used.
     install_requires=[torch_requirement(), "safetensors"],
     package_data={"reslora": list(_SIBLINGS)},

@@ -60,7 +60,7 @@ def main():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from reslora.layers import _full
+    from reslora.compat import full as _full
 
     torch.cuda.set_device(0)
     mesh = init_device_mesh("cuda", (1,))

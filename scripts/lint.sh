@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-RUFF_VERSION=0.17.6
-CLANG_FORMAT_VERSION=21.1.8
+RUFF_VERSION=$(grep "^ruff==" tests/constraints.txt | cut -d= -f3)  # pinned with the test environment
+CLANG_FORMAT_VERSION=$(grep "^clang-format==" tests/constraints.txt | cut -d= -f3)
 
 need=()
 [ "$(ruff --version 2>/dev/null)" = "ruff $RUFF_VERSION" ] || need+=("ruff==$RUFF_VERSION")

@@ -5,8 +5,11 @@ from ._lib import load as _load
 
 _C = _load()
 
+from .block import ResLoRALinear  # noqa: E402
+from .chain import ResLoRAChain  # noqa: E402
+from .checkpointing import checkpoint  # noqa: E402
 from .config import ResLoRAConfig  # noqa: E402
-from .layers import ResLoRAChain, ResLoRALinear, checkpoint, merge_chain  # noqa: E402
+from .merging import merge_chain  # noqa: E402
 from .model import ResLoRAModel, get_reslora_model  # noqa: E402
 
 __version__ = _C.build_info()["version"]

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Tuple
+import warnings
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import saving
+from . import export, saving
+from .compat import full, is_distributed
+from .merging import combined_stats
 
 CHECKPOINT_FILE = "reslora_model.safetensors"
 CHECKPOINT_CONFIG = "reslora_config.json"
@@ -91,12 +94,152 @@ def read(d: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     return decode(tensors[EXTRA_STATE], path), tensors
 
 
-def write(d: str, state: Dict[str, torch.Tensor], config_dict: dict) -> None:
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    saving.write_checkpoint(
-        d,
-        {
-            CHECKPOINT_FILE: saving.safetensors_writer(tensors, {"format": "pt", "reslora_format": FORMAT}),
-            CHECKPOINT_CONFIG: saving.json_writer(config_dict),
-        },
-    )
+# --- a ResLoRAModel's checkpoint -------------------------------------------------------------
+
+
+def adapter_state_names(model) -> list:
+    """The entries of the state dict (relative to the wrapped model) that the adapter owns."""
+    out = []
+    for name in model.blocks:
+        out += [f"{name}.{k}" for k in ("lora_A", "lora_B", "x_norms", "z_norms", "stats_count")]
+    for name, wrapper in model.saved_modules.items():
+        out += [f"{name}.modules_to_save.{k}" for k in wrapper.modules_to_save.state_dict()]
+    return out + list(model.trained_biases)
+
+
+def describe(model) -> dict:
+    """The adapter's description: what a checkpoint must match to load into the model."""
+    return {
+        "reslora_format": FORMAT,
+        "config": model.reslora_config.to_dict(),
+        "chains": model.chains,
+        "modules_to_save": sorted(model.saved_modules),
+        "biases": list(model.trained_biases),
+        "merged": model.merged,
+        # the merge statistics: of the whole batch, or of this rank's share (a state dict
+        # taken on one rank of a data-parallel run, as the HF Trainer's checkpoints are)
+        "statistics": "rank" if is_distributed() else "whole batch",
+    }
+
+
+def check_description(model, state) -> None:
+    """A state dict's description (its _extra_state) must describe the model's adapter."""
+    saved = decode(state, "the state dict")
+    mine = describe(model)
+    for key in STRUCTURE:
+        a, b = saved["config"].get(key), mine["config"][key]
+        if a != b:
+            raise ValueError(f"reslora: the checkpoint has {key} = {a!r}, this model {b!r}")
+    for key, what in (
+        ("chains", "links blocks as"),
+        ("modules_to_save", "trains in full"),
+        ("biases", "trains the biases"),
+        ("merged", "has merged ="),
+    ):
+        if saved[key] != mine[key]:
+            raise ValueError(f"reslora: the checkpoint {what} {saved[key]}, this model {mine[key]}")
+
+
+def save(model, save_directory, format: Optional[str] = None, **kwargs) -> None:
+    """ResLoRAModel.save_pretrained's work (its docstring says what it writes)."""
+    if not isinstance(save_directory, (str, os.PathLike)):
+        raise TypeError(
+            f"reslora: save_directory must be a path (str or os.PathLike), got {type(save_directory).__name__}"
+        )
+    unknown = set(kwargs) - {"state_dict", "safe_serialization", "is_main_process"}
+    if unknown:
+        raise TypeError(f"reslora: save_pretrained got unexpected keyword arguments {sorted(unknown)}")
+    distributed = is_distributed()
+    if not kwargs.get("is_main_process", True) and not distributed:
+        return
+    fmt = format or ("peft" if model.merged else "reslora")
+    if fmt not in ("peft", "reslora"):
+        raise ValueError(f"reslora: format must be 'peft' or 'reslora', got {format!r}")
+    if fmt == "peft" and not model.merged:
+        raise RuntimeError(
+            "reslora: a PEFT LoRA adapter can only be saved after merge_to_lora(): the "
+            "shortcuts have no PEFT equivalent"
+        )
+    if fmt == "reslora" and model.merged:
+        raise RuntimeError(
+            "reslora: the model is merged and has no shortcuts left; save it as a PEFT adapter (format='peft')"
+        )
+    if fmt == "peft":
+        tensors, config = export.peft_adapter(model)
+        files = {export.ADAPTER_CONFIG: saving.json_writer(config)}
+        name, meta = export.ADAPTER_FILE, {"format": "pt"}
+    else:
+        tensors = model.state_dict()
+        files = {CHECKPOINT_CONFIG: saving.json_writer(model.reslora_config.to_dict())}
+        name, meta = CHECKPOINT_FILE, {"format": "pt", "reslora_format": FORMAT}
+        for path, blk in model.blocks.items():  # the whole batch's statistics (collective)
+            x, z = combined_stats(blk)
+            tensors[f"base_model.{path}.x_norms"], tensors[f"base_model.{path}.z_norms"] = x, z
+        tensors[EXTRA_STATE] = encode({**describe(model), "statistics": "whole batch"})
+    # sharded parameters (FSDP2) gathered: collective, like the statistics
+    tensors = {k: full(v).detach().contiguous() for k, v in tensors.items()}
+    if not distributed or torch.distributed.get_rank() == 0:
+        files[name] = saving.safetensors_writer(tensors, meta)
+        saving.write_checkpoint(save_directory, files)
+    if distributed:
+        torch.distributed.barrier()  # the others wait for rank 0's complete save
+
+
+@torch.no_grad()
+def load_into(model, description: dict, tensors: Dict[str, torch.Tensor]) -> None:
+    """Loads a checkpoint's state dict into the model, its merge statistics spread over the ranks
+    of a process group as the merge combines them."""
+    model.load_state_dict(tensors)
+    whole = description.get("statistics", "whole batch") == "whole batch"
+    if whole and is_distributed():
+        # Whole-batch norms spread evenly over the ranks: combined again at the merge
+        # (root of the summed squares), they give back the saved values.
+        share = torch.distributed.get_world_size() ** -0.5
+        for blk in model.blocks.values():
+            blk.x_norms.mul_(share)
+            blk.z_norms.mul_(share)
+    elif not whole and not is_distributed() and model.reslora_config.variant in ("is", "ms"):
+        warnings.warn(
+            "reslora: the checkpoint holds one rank's merge statistics (a state dict taken on "
+            "one rank of a data-parallel run, such as an HF Trainer checkpoint): an is / ms "
+            "merge from it here sees that rank's share of each batch, not the whole batch; "
+            "save_pretrained() under the process group stores the whole batch's",
+            stacklevel=4,
+        )
+
+
+# --- the state-dict hooks of a ResLoRAModel ----------------------------------------------------
+
+
+def adapter_state_only(module, state_dict, prefix, local_metadata) -> None:
+    """The state dict holds what the adapter owns: checkpoints (the HF Trainer's among them) are
+    adapter-sized, and the frozen base comes from where it always comes from."""
+    keep = {prefix + "base_model." + n for n in adapter_state_names(module)}
+    base = prefix + "base_model."
+    for k in [k for k in state_dict if k.startswith(base) and k not in keep]:
+        del state_dict[k]
+
+
+def check_loaded_state(module, state_dict, prefix, *args) -> None:
+    """Before anything is copied: the state dict must describe this adapter, and its entries must
+    have this adapter's shapes (a clear error, not torch's list of size mismatches)."""
+    module.__dict__["_load_prefix"] = prefix
+    if prefix + EXTRA_STATE in state_dict:
+        check_description(module, state_dict[prefix + EXTRA_STATE])
+    own = module.base_model.state_dict(keep_vars=True)
+    for n in adapter_state_names(module):
+        t = state_dict.get(prefix + "base_model." + n)
+        if t is not None and tuple(t.shape) != tuple(own[n].shape):
+            raise ValueError(
+                f"reslora: checkpoint tensor {n!r} must have shape {list(own[n].shape)}, got {list(t.shape)}"
+            )
+
+
+def ignore_missing_base_keys(module, incompatible_keys) -> None:
+    """A state dict without the base's entries is complete: only the adapter's may be missing."""
+    prefix = module.__dict__.pop("_load_prefix", "")
+    keep = {prefix + "base_model." + n for n in adapter_state_names(module)}
+    base = prefix + "base_model."
+    incompatible_keys.missing_keys[:] = [
+        k for k in incompatible_keys.missing_keys if not k.startswith(base) or k in keep
+    ]

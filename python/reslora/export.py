@@ -49,15 +49,15 @@ def peft_adapter(owner) -> Tuple[Dict[str, torch.Tensor], dict]:
     for name, blk in blocks.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = blk.lora_A.detach()
         tensors[f"base_model.model.{name}.lora_B.weight"] = blk.lora_B.detach()
-        conv1d |= blk._transposed
-    for path in owner._trained_biases:
+        conv1d |= blk.transposed
+    for path in owner.trained_biases:
         tensors[f"base_model.model.{path}"] = owner.base_model.get_parameter(path).detach()
-    for name, wrapper in owner._saved_modules.items():
+    for name, wrapper in owner.saved_modules.items():
         for k, t in wrapper.modules_to_save.state_dict().items():
             tensors[f"base_model.model.{name}.{k}"] = t.detach()
-    if owner._saved_modules:
+    if owner.saved_modules:
         warnings.warn(
-            f"reslora: the adapter holds the fully trained modules {sorted(owner._saved_modules)} "
+            f"reslora: the adapter holds the fully trained modules {sorted(owner.saved_modules)} "
             "(modules_to_save): PEFT loads them, but some serving engines (vLLM among them) refuse "
             "LoRA adapters with modules_to_save; serve a merged model (merge_and_unload()) there",
             stacklevel=3,
@@ -82,6 +82,6 @@ def peft_adapter(owner) -> Tuple[Dict[str, torch.Tensor], dict]:
         "use_dora": False,
         "rank_pattern": {n: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-        "modules_to_save": sorted(owner._saved_modules) or None,
+        "modules_to_save": sorted(owner.saved_modules) or None,
     }
     return tensors, config

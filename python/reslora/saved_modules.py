@@ -22,11 +22,11 @@ class ModulesToSave(nn.Module):
             p.requires_grad_(False)
         for p in self.modules_to_save.parameters():
             p.requires_grad_(True)
-        self._disabled = False
+        self.disabled = False
 
     @property
     def active(self) -> nn.Module:
-        return self.original_module if self._disabled else self.modules_to_save
+        return self.original_module if self.disabled else self.modules_to_save
 
     def forward(self, *args, **kwargs):
         return self.active(*args, **kwargs)

@@ -11,7 +11,7 @@ import reslora
 
 from seeds import S
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.gpu
 ops = torch.ops.reslora
 SEED = 4321
 # The Hopper GEMM with the low-rank product as extra K tiles (CUTLASS): it takes x W^T + s z B^T

@@ -17,7 +17,10 @@ import reslora
 from hf_models import TARGETS, batch, make
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed"),
+]
 
 WORLD = 2
 STEPS = 3
@@ -47,13 +50,13 @@ def optimizer(model):
 
 def adapter(model):
     """A and B of every block, gathered from their shards."""
-    from reslora.layers import _full
+    from reslora.compat import full as _full
 
     return {n: (_full(b.lora_A).detach().clone(), _full(b.lora_B).detach().clone()) for n, b in model.blocks.items()}
 
 
 def worker(rank, port, engine, out, checkpointing):
-    from reslora.layers import _is_dtensor
+    from reslora.compat import is_dtensor as _is_dtensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -224,7 +227,7 @@ def test_hf_trainer_under_torchrun_saves_adapter_checkpoints_and_resumes(tmp_pat
     assert_resumed_run_equals_the_full_one(tmp_path, "ddp", WORLD, exact=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate's FSDP2 needs CUDA")
+@pytest.mark.gpu  # accelerate's FSDP2 needs CUDA
 def test_hf_trainer_with_accelerates_fsdp2_saves_adapter_checkpoints_and_resumes(tmp_path):
     # the Trainer's own fsdp arguments (accelerate's FSDP2, each decoder layer sharded and
     # resharded after its forward), on the GPUs there are (one is enough for the code path)

@@ -47,6 +47,7 @@ def trainer_args(out, **kw):
     return transformers.TrainingArguments(**base)
 
 
+@pytest.mark.slow
 def test_bert_classifier_trains_its_head_and_reloads_in_reslora_and_peft(tmp_path):
     data = classification_data()
     torch.manual_seed(0)

@@ -204,13 +204,13 @@ def test_fit_shares_one_input_sum_and_leaves_padding_out():
     ids = batch("llama", seed=5, n=2, t=12)["input_ids"]
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
-    cal, _ = model._calibrate([{"input_ids": ids, "attention_mask": mask}], None)
+    cal, _ = reslora.calibration.calibrate(model, [{"input_ids": ids, "attention_mask": mask}], None)
     q = model.blocks["model.layers.1.self_attn.q_proj"]
     v = model.blocks["model.layers.1.self_attn.v_proj"]
     up = model.blocks["model.layers.1.mlp.up_proj"]
     assert cal.xx[q] is cal.xx[v] and cal.xx[q] is not cal.xx[up]  # q and v read one input
     assert cal.tokens[q] == 20
-    assert all(blk._calibration is None for blk in model.blocks.values())
+    assert all(blk.calibration is None for blk in model.blocks.values())
 
 
 @pytest.mark.parametrize("variant,pre_num", CASES)
@@ -238,13 +238,13 @@ def test_cpp_modules_fit_as_python(variant, pre_num):
         chain.forward(train)  # training mode: the statistics
         for b in blocks:
             b.eval()
-        cal = reslora.layers.Calibration()
+        cal = reslora.calibration.Calibration()
         for b in blocks:
-            b._calibration = cal
+            b.calibration = cal
         cal.next_batch()
         chain.forward(calib)
         for b in blocks:
-            b._calibration = None
+            b.calibration = None
     py = chain.merged_lora("fit", cal, 1e-3)
     for (a1, b1), (a2, b2) in zip(py, cpp):
         torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-6)

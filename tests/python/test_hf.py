@@ -314,7 +314,7 @@ def test_hf_trainer_unchanged(tmp_path):
     assert changed
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant,pre_num", VARIANTS)
 def test_cuda_train_merge_export(tmp_path, variant, pre_num):
     model, ref = wrap("llama", variant, pre_num, lora_dropout=0.1)
@@ -423,18 +423,21 @@ def test_chain_state_holds_only_what_shortcuts_need(variant):
 
     def look(chain):  # what the pass holds while its last block runs
         def hook(module, args):
-            held[chain.name] = ([x is not None for x in chain._pass.inputs], [z is not None for z in chain._pass.mids])
+            held[chain.name] = (
+                [x is not None for x in chain.links.current.inputs],
+                [z is not None for z in chain.links.current.mids],
+            )
 
         return hook
 
-    for chain in model._chains.values():
+    for chain in model.linked_chains.values():
         chain.blocks[-1].register_forward_pre_hook(look(chain))
     model(**batch("llama"))
-    for chain in model._chains.values():
+    for chain in model.linked_chains.values():
         inputs, mids = held[chain.name]
         assert all(inputs[:-1]) if variant == "is" else not any(inputs)
         assert all(mids[:-1]) == (variant == "ms") and not mids[-1]
-        assert chain._pass is None  # released when the pass ends
+        assert chain.links.current is None  # released when the pass ends
 
 
 def test_merge_error_on_given_inputs():

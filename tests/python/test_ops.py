@@ -171,9 +171,8 @@ def test_dropout_is_sum_then_mask(device):
     torch.testing.assert_close(z[keep], ((x + xp) / 0.5)[keep])
 
 
+@pytest.mark.gpu
 def test_cpu_and_cuda_masks_agree():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         x = rand(33, 17).to(dtype)
         eye = torch.eye(17, dtype=dtype)
@@ -201,7 +200,13 @@ class Chain3(nn.Module):
 
 @pytest.mark.parametrize(
     "variant,backend",
-    [("lora", "aot_eager"), ("is", "aot_eager"), ("bs", "aot_eager"), ("ms", "aot_eager"), ("is", "inductor")],
+    [
+        ("lora", "aot_eager"),
+        ("is", "aot_eager"),
+        ("bs", "aot_eager"),
+        ("ms", "aot_eager"),
+        pytest.param("is", "inductor", marks=pytest.mark.slow),
+    ],
 )
 def test_torch_compile_fullgraph(variant, backend):
     model = Chain3(variant)

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PKG = Path(reslora.__file__).resolve().parent
 
 
+@pytest.mark.build
 def test_sdist_holds_everything_a_build_needs(tmp_path):
     subprocess.run(
         [sys.executable, "setup.py", "-q", "sdist", "--dist-dir", str(tmp_path)],
@@ -60,16 +62,11 @@ def test_sdist_holds_everything_a_build_needs(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
-def test_the_python_module_has_relative_runpaths_only():
-    libs = list(PKG.glob("_C*.so"))
-    assert len(libs) == 1
+def test_the_packaged_libraries_have_relative_runpaths_only():
+    libs = sorted(PKG.glob("_C*.so")) + sorted(PKG.glob("libreslora.so"))
+    assert len(libs) == 2, libs
     for lib in libs:
-        out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
-        paths = [
-            p
-            for m in re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library (?:runpath|rpath): \[(.*)\]", out)
-            for p in m.split(":")
-        ]
+        paths, _ = runpaths(lib)
         assert paths, f"{lib.name} has no RUNPATH"
         assert all(p.startswith("$ORIGIN") for p in paths), f"{lib.name}: {paths}"
 
@@ -81,10 +78,29 @@ def test_requirements_and_license_are_declared():
     assert any(r.startswith("safetensors") for r in requires)
     assert meta.get("License") == "MIT" or "MIT" in (meta.get("License-Expression") or "")
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+    # one version: pyproject.toml's, read by setup.py (the metadata) and CMake (the core)
+    declared = re.search(r'^version = "(.*)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    assert meta["Version"] == declared == reslora.__version__ == reslora.build_info()["version"]
 
 
+def build_tree():
+    """The CMake build tree that the package was built in (make build: build/cmake)."""
+    tree = Path(os.environ.get("RESLORA_BUILD_DIR", ROOT / "build" / "cmake"))
+    if not (tree / "CMakeCache.txt").exists():
+        pytest.skip(f"needs the project's CMake build tree ({tree}): make build")
+    return tree
+
+
+def runpaths(lib: Path):
+    out = subprocess.run(["readelf", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    return [
+        p for m in re.findall(r"\((?:RUNPATH|RPATH)\)\s+Library (?:runpath|rpath): \[(.*)\]", out) for p in m.split(":")
+    ], re.findall(r"\(NEEDED\)\s+Shared library: \[(.*)\]", out)
+
+
+@pytest.mark.build
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
-def test_cpp_library_builds_and_passes_ctest_against_libtorch_without_python(tmp_path):
+def test_the_cpp_library_configures_against_libtorch_without_python(tmp_path):
     import torch.utils
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
@@ -107,14 +123,28 @@ def test_cpp_library_builds_and_passes_ctest_against_libtorch_without_python(tmp
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "reslora: torch" in proc.stdout
-    # built and tested there too: the library, the C++ tests and ctest, still without Python
-    for cmd in (
-        ["cmake", "--build", str(tmp_path), "--parallel", str(os.cpu_count() or 2)],
-        ["ctest", "--test-dir", str(tmp_path), "--output-on-failure"],
-    ):
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "100% tests passed" in proc.stdout
+    # the library and the C++ tests are targets of that build; the Python module is not
+    targets = subprocess.run(
+        ["cmake", "--build", str(tmp_path), "--target", "help"], capture_output=True, text=True, env=env
+    ).stdout
+    for target in ("reslora", "test_modules", "test_spec"):
+        assert re.search(rf"^\S*\b{target}\b", targets, re.M), targets[-2000:]
+    assert "reslora_python" not in targets
+
+
+@pytest.mark.build
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
+def test_the_cpp_library_and_its_tests_need_no_python():
+    # the build tree's library and C++ tests (ctest runs them: make ctest) load torch alone
+    tree = build_tree()
+    binaries = [tree / "reslora" / "libreslora.so"] + [
+        p for p in (tree / "tests" / "cpp").glob("test_*") if p.is_file()
+    ]
+    assert len(binaries) >= 3, binaries
+    for binary in binaries:
+        paths, needed = runpaths(binary)
+        assert any(n.startswith("libtorch") or n.startswith("libc10") for n in needed), (binary, needed)
+        assert not [n for n in needed if "python" in n], (binary.name, needed)
 
 
 WHEEL_SCRIPT = """
@@ -131,10 +161,13 @@ print("ok", sorted(os.listdir(sys.argv[1])), len(back.blocks))
 """
 
 
-@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
-def test_a_wheel_installs_into_a_fresh_venv_and_works_there(tmp_path):
-    # pip wheel as a packager runs it, the build folder removed before the wheel is used: the
-    # installed modules find each other and torch by relative RUNPATHs alone
+def the_wheel(tmp_path) -> Path:
+    """The wheel of this checkout: make wheel's (RESLORA_WHEEL, built from the one build tree),
+    else built here with pip wheel as a packager runs it."""
+    given = os.environ.get("RESLORA_WHEEL")
+    if given:
+        assert Path(given).is_file(), f"RESLORA_WHEEL={given} does not exist"
+        return Path(given)
     build = tmp_path / "build"
     env = dict(os.environ, RESLORA_BUILD_DIR=str(build), RESLORA_CUDA="OFF", RESLORA_BUILD_TESTS="0")
     proc = subprocess.run(
@@ -155,8 +188,25 @@ def test_a_wheel_installs_into_a_fresh_venv_and_works_there(tmp_path):
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    shutil.rmtree(build)  # nothing of the build tree is needed by the installed wheel
     (wheel,) = (tmp_path / "dist").glob("reslora-*.whl")
-    shutil.rmtree(build)
+    return wheel
+
+
+@pytest.mark.build
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_a_wheel_installs_into_a_fresh_venv_and_works_there(tmp_path):
+    # the installed modules find each other and torch by relative RUNPATHs alone
+    wheel = the_wheel(tmp_path)
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        assert "reslora/libreslora.so" in names and "reslora/build_info.json" in names, names
+        (c_ext,) = [n for n in names if n.startswith("reslora/_C") and n.endswith(".so")]
+        if shutil.which("readelf"):
+            for name in ("reslora/libreslora.so", c_ext):
+                z.extract(name, tmp_path / "unpacked")
+                paths, _ = runpaths(tmp_path / "unpacked" / name)
+                assert paths and all(p.startswith("$ORIGIN") for p in paths), (name, paths)
     # A fresh venv that sees torch and safetensors where they are installed (a plain directory
     # on its path, so no other package there, such as an editable reslora, is picked up)
     venv = tmp_path / "venv"

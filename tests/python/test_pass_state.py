@@ -176,8 +176,8 @@ def test_a_foreign_checkpoint_function_is_a_clear_error_and_reslora_checkpoint_i
 def test_a_block_alone_after_a_pass_never_reads_that_pass(variant, what):
     model = wrapped(variant, 1, dropout=0.0)
     model(**batch("llama"))
-    chain = next(iter(model._chains.values()))
-    assert chain._pass is None
+    chain = next(iter(model.linked_chains.values()))
+    assert chain.links.current is None
     x = torch.randn(2, 5, chain.blocks[1].in_features)
     with pytest.raises(RuntimeError, match=f"block 1 of chain .* needs the {what} of block 0 from this forward pass"):
         chain.blocks[1](x)
@@ -206,9 +206,9 @@ def test_deepcopy_and_pickle_after_a_training_step(variant, pre_num):
         ref = model(input_ids=ids).logits
         for other in (twin, pickled, loaded):
             assert torch.equal(other(input_ids=ids).logits, ref)
-            for chain in other._chains.values():  # each copy's chains link its own blocks
+            for chain in other.linked_chains.values():  # each copy's chains link its own blocks
                 for blk in chain.blocks:
-                    assert blk._chain is chain._links and any(blk is b for b in other.blocks.values())
+                    assert blk.links is chain.links and any(blk is b for b in other.blocks.values())
     before = grads(model)
     twin.train()
     twin.zero_grad()
@@ -351,6 +351,7 @@ def test_torch_compile_fullgraph_trains_with_dropout_as_eager(name, variant, pre
     assert_same(g_c, g_e, tol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant,pre_num", [("is", 1), ("ms", -1)])
 def test_torch_compile_inductor_trains_with_dropout_as_eager(variant, pre_num):
     (l_e, g_e), (l_c, g_c), breaks = compiled_training("llama", variant, pre_num, "inductor")
@@ -359,7 +360,7 @@ def test_torch_compile_inductor_trains_with_dropout_as_eager(variant, pre_num):
     assert_same(g_c, g_e, tol=1e-4)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant,pre_num", VARIANTS)
 def test_torch_compile_inductor_trains_with_dropout_as_eager_cuda(variant, pre_num):
     (l_e, g_e), (l_c, g_c), breaks = compiled_training("llama", variant, pre_num, "inductor", device="cuda")

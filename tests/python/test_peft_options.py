@@ -269,7 +269,7 @@ def test_a_checkpoint_must_describe_the_model(tmp_path):
             make("bert"), reslora.ResLoRAConfig(task_type="SEQ_CLS", bias="all", **cfg)
         ).load_checkpoint(str(tmp_path))
     back = reslora.ResLoRAModel.from_pretrained(make("bert"), str(tmp_path))
-    assert list(back._saved_modules) == ["classifier"]
+    assert list(back.saved_modules) == ["classifier"]
 
 
 def test_unload_and_merge_and_unload_keep_the_trained_head():

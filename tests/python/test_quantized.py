@@ -44,9 +44,9 @@ def quantize(lin, backend):
 
 
 def dequantized(layer):
-    from reslora.layers import _dequantize
+    from reslora.compat import dequantize
 
-    return _dequantize(layer)
+    return dequantize(layer)
 
 
 def is_quantized(layer, backend):
@@ -109,8 +109,8 @@ def batch(seed):
 def test_nf4_base_trains_as_its_dense_equivalent(backend, variant, pre_num):
     q, dense = quantized_and_dense(backend)
     mq, md = wrap(q, variant, pre_num), wrap(dense, variant, pre_num)
-    assert all(blk._opaque for blk in mq.blocks.values())
-    assert not any(blk._opaque for blk in md.blocks.values())
+    assert all(blk.opaque for blk in mq.blocks.values())
+    assert not any(blk.opaque for blk in md.blocks.values())
     with torch.no_grad():
         for blk in mq.blocks.values():
             nn.init.normal_(blk.lora_B, std=0.1)
@@ -191,7 +191,7 @@ def test_a_base_that_cannot_be_dequantized_is_named():
     lin = nn.Linear(8, 8)
     lin.weight = nn.Parameter(lin.weight.detach().to(torch.int8).as_subclass(Packed), requires_grad=False)
     blk = reslora.ResLoRALinear(lin, r=2, variant="is")
-    assert blk._opaque and blk.lora_A.dtype == torch.float32
+    assert blk.opaque and blk.lora_A.dtype == torch.float32
     with pytest.raises(ValueError, match=r"cannot dequantize a base weight of type Packed"):
         blk.dense_weight()
 

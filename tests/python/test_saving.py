@@ -97,6 +97,7 @@ def crash_at(k):
     saving._exchange = crashing(saving._exchange)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("exchange", [True, False])
 def test_a_save_killed_at_any_call_leaves_the_old_or_the_new_checkpoint_whole(tmp_path, exchange):
@@ -131,6 +132,7 @@ def test_a_save_killed_at_any_call_leaves_the_old_or_the_new_checkpoint_whole(tm
     assert seen == {1, 2} and k > 8  # kills before and after the swap were both tried
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_saves_killed_at_random_moments(tmp_path):
     # Kills (SIGKILL, as an OOM kill or a power cut) at random moments of a process that saves two
