@@ -8,8 +8,9 @@ tokens also captured in a CUDA graph and replayed) and a Llama training step (Ad
 adapters), eager; with --only compiled, the Llama training step under torch.compile (the whole
 model, fullgraph, default inductor mode) for the base, PEFT LoRA and every variant. Times are
 medians of CUDA-event timed repeats; memory is the peak allocated during the timed repeats.
-Writes results.md and results.json (results_compiled.* for the compiled run) with the GPU,
-torch / CUDA versions and the date.
+Prints the tables and writes the run's record, results.json (results_compiled.json for the
+compiled run), with the GPU, versions, date and commit; bench/render.py puts the records'
+tables into docs/performance.md.
 """
 
 import argparse
@@ -19,11 +20,16 @@ import gc
 import json
 import os
 import statistics
+import subprocess
+import sys
 
 import torch
 from torch import nn
 
 import reslora
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import render
 
 R = 16
 
@@ -323,8 +329,11 @@ def main():
         "peft": peft.__version__,
         "reslora": reslora.build_info(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
         "r": R,
         "dtype": "bfloat16",
+        "repeat": args.repeat,
+        "warmup": args.warmup,
     }
     workloads = []
     step_name = (
@@ -369,40 +378,36 @@ def main():
             ("Inference forward after merge_to_lora() + merge_and_unload(), same Llama", bench_inference(args))
         )
 
-    lines = [
-        f"GPU: {info['gpu']} | torch {info['torch']} (CUDA {info['cuda']}) | peft {info['peft']} "
-        f"| reslora {info['reslora']['version']} (CUDA kernels: {info['reslora']['cuda_kernels']}) "
-        f"| {info['date']} | bf16, r = {R}, median of {args.repeat} after {args.warmup} warm-up",
-        "",
-    ]
-    for wname, rows in workloads:
-        base_ms = rows[0][1]
-        lines += [
-            f"### {wname}",
-            "",
-            "| configuration | time (ms) | ratio to base | peak memory (GiB) |",
-            "|---|---|---|---|",
-        ]
-        lines += [f"| {n} | {ms:.3f} | {ms / base_ms:.2f} | {mem:.2f} |" for n, ms, mem in rows]
-        lines.append("")
-    text = "\n".join(lines)
-    print(text)
+    record = {
+        "info": info,
+        "workloads": [
+            {"name": w, "rows": [{"config": n, "ms": ms, "peak_gib": mem} for n, ms, mem in rows]}
+            for w, rows in workloads
+        ],
+    }
+    print(render.render(record))
     os.makedirs(args.out, exist_ok=True)
     stem = "results" if args.only == "eager" else "results_compiled"
-    with open(os.path.join(args.out, stem + ".md"), "w") as f:
-        f.write(text + "\n")
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(
-            {
-                "info": info,
-                "workloads": [
-                    {"name": w, "rows": [{"config": n, "ms": ms, "peak_gib": mem} for n, ms, mem in rows]}
-                    for w, rows in workloads
-                ],
-            },
-            f,
-            indent=2,
-        )
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    print(f"wrote {os.path.join(args.out, stem + '.json')}; python bench/render.py puts it into docs/performance.md")
+
+
+def commit() -> str:
+    """The checkout's commit (with -dirty for uncommitted changes), or RESLORA_COMMIT where the
+    tree is a copy without git."""
+    if os.environ.get("RESLORA_COMMIT"):
+        return os.environ["RESLORA_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 if __name__ == "__main__":
