@@ -50,7 +50,7 @@ ctest:
 
 pytest:
 	RESLORA_BUILD_DIR=$(BUILD_DIR) RESLORA_WHEEL=$$(ls $(DIST_DIR)/reslora-*.whl 2>/dev/null | head -1) \
-	  $(PYTHON) -m pytest tests/python -q -rs -n $(PYTEST_WORKERS) --durations=15 $(PYTEST_ARGS)
+	  $(PYTHON) -m pytest tests/python -q -rs -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 pytest-fast:
 	RESLORA_BUILD_DIR=$(BUILD_DIR) $(PYTHON) -m pytest tests/python -q -n $(PYTEST_WORKERS) -m "$(FAST)" --durations=10 $(PYTEST_ARGS)

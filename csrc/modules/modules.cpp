@@ -115,13 +115,13 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
       break;
     }
     case Variant::kMS: {
-      std::optional<torch::Tensor> z_extra;
+      std::optional<torch::Tensor> z_shortcut;
       for (int64_t k = 1; k <= k_max; ++k) {
         const torch::Tensor& zk = need(n - k, "mid activation").mids[n - k];
-        z_extra = z_extra.has_value() ? *z_extra + zk : zk;
+        z_shortcut = z_shortcut.has_value() ? *z_shortcut + zk : zk;
       }
       std::tie(y, z_own) =
-          lora_linear(x, none, weight, b, lora_A, lora_B, z_extra, s, p, seed, n, r);
+          lora_linear(x, none, weight, b, lora_A, lora_B, z_shortcut, s, p, seed, n, r);
       break;
     }
   }

@@ -66,7 +66,7 @@ inline void check_x(const char* op, const at::Tensor& x) {
 }
 
 inline void check_down(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
-                       const at::Tensor& A, double dropout, int64_t segment_rank) {
+                       const at::Tensor& A, double dropout, int64_t block_rank) {
   check_x(op, x);
   const int64_t d_in = x.size(-1);
   TORCH_CHECK(A.dim() == 2, "reslora::", op, ": A must be a 2-D tensor [r, d_in] = [r, ", d_in,
@@ -74,9 +74,9 @@ inline void check_down(const char* op, const at::Tensor& x, const std::optional<
   TORCH_CHECK(A.size(1) == d_in, "reslora::", op, ": A must have shape [r, d_in] = [", A.size(0),
               ", ", d_in, "], got ", A.sizes());
   TORCH_CHECK(A.size(0) >= 1, "reslora::", op, ": A must have r >= 1 rows, got shape ", A.sizes());
-  TORCH_CHECK(segment_rank >= 1 && A.size(0) % segment_rank == 0, "reslora::", op,
-              ": segment_rank must be >= 1 and divide the rows of A (", A.size(0), "), got ",
-              segment_rank);
+  TORCH_CHECK(block_rank >= 1 && A.size(0) % block_rank == 0, "reslora::", op,
+              ": block_rank must be >= 1 and divide the rows of A (", A.size(0), "), got ",
+              block_rank);
   check_same(op, "A", A, x);
   if (x_prev.has_value()) {
     TORCH_CHECK(x_prev->sizes() == x.sizes(), "reslora::", op, ": x_prev must have the shape of x ",

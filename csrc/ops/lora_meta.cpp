@@ -7,19 +7,14 @@
 namespace reslora {
 namespace {
 
-at::Tensor dropout_sum_meta(const at::Tensor& x, const at::Tensor* /*x_prev*/, double /*p*/,
-                            const kernels::DropoutSeed& /*seed*/, int64_t /*segment*/) {
-  return at::empty(x.sizes(), x.options());
-}
-
-void masked_accumulate_meta(at::Tensor&, const at::Tensor&, double, const kernels::DropoutSeed&,
-                            int64_t) {}
-
-constexpr detail::KernelSet kMetaKernels =
-    detail::dropout_only(&dropout_sum_meta, &masked_accumulate_meta);
+// Fake tensors have no data: the dropout writes nothing, and every shape comes from the bodies.
+struct MetaKernels : detail::GenericOnly {
+  static void dropout_apply(const at::Tensor&, const at::Tensor*, at::Tensor&, bool, double,
+                            const kernels::DropoutSeed&, int64_t) {}
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reslora, Meta, m) { detail::Backend<&kMetaKernels>::register_kernels(m); }
+TORCH_LIBRARY_IMPL(reslora, Meta, m) { detail::LoraOps<MetaKernels>::register_kernels(m); }
 
 }  // namespace reslora

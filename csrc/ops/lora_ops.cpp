@@ -2,6 +2,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include <ATen/ATen.h>
 
 #include "reslora/ops.h"
@@ -10,51 +12,65 @@
 namespace reslora {
 
 TORCH_LIBRARY(reslora, m) {
-  // z = drop(x [+ x_prev]) A^T. x: [..., d_in]; A: [R, d_in]; returns [..., R] in x's dtype
-  // (float32 accumulation for float16 / bfloat16). One dropout mask per segment_rank rows of A,
-  // regenerated in backward from (seed, segment, element index).
+  // The ops pass torch.library.opcheck (schema, fake / Meta kernels, autograd registration, AOT
+  // dispatch): they carry pt2_compliant_tag, so torch.compile and torch.export trust them.
+  const std::vector<at::Tag> pt2{at::Tag::pt2_compliant_tag};
+  // Arguments named by role: x the block's input [..., d_in]; x_prev the previous block's input
+  // (the is shortcut, summed with x before dropout); A [R, d_in] and B [d_out, R]; z_shortcut
+  // [..., R] the earlier blocks' mid activations (the ms shortcut, added to z); block_rank the rank
+  // of one block: A's R rows are R / block_rank blocks' A concatenated (the bs shortcut), each
+  // with a dropout mask of its own; seed the pass's dropout seed (draw_seed) and seed_offset the
+  // block's stream of it (its position in the chain).
+  //
+  // z = drop(x [+ x_prev]) A^T, [..., R] in x's dtype (float32 accumulation for float16 /
+  // bfloat16); the masks are regenerated in backward from (seed, seed_offset, block, element).
   m.def(
       "lora_down(Tensor x, Tensor? x_prev, Tensor A, float dropout, Tensor? seed, int seed_offset, "
-      "int segment_rank) "
-      "-> Tensor");
-  // y = x W^T + bias + scaling * z B^T. W: [d_out, d_in] and bias: [d_out] are frozen (no
-  // gradient); z: [..., R]; B: [d_out, R]; returns [..., d_out].
+      "int block_rank) -> Tensor",
+      pt2);
+  // y = x W^T + bias + scaling * z B^T. weight [d_out, d_in] and bias [d_out] are frozen (no
+  // gradient); z: [..., R]; returns [..., d_out].
   m.def(
-      "lora_up(Tensor x, Tensor weight, Tensor? bias, Tensor z, Tensor B, float scaling) -> "
-      "Tensor");
+      "lora_up(Tensor x, Tensor weight, Tensor? bias, Tensor z, Tensor B, float scaling) -> Tensor",
+      pt2);
   // (grad_x, grad_A) of lora_down; grad_x is also x_prev's gradient, empty unless compute_grad_x.
+  // Not differentiable again (double backward is refused).
   m.def(
       "_lora_down_backward(Tensor grad_z, Tensor x, Tensor? x_prev, Tensor A, float dropout, "
-      "Tensor? seed, int seed_offset, int segment_rank, bool compute_grad_x) -> (Tensor, Tensor)");
+      "Tensor? seed, int seed_offset, int block_rank, bool compute_grad_x) -> (Tensor, Tensor)",
+      pt2);
   // (grad_x, grad_z, grad_B) of lora_up from one read of grad_y; grad_x empty unless asked.
+  // Not differentiable again.
   m.def(
       "_lora_up_backward(Tensor grad_y, Tensor weight, Tensor z, Tensor B, float scaling, "
-      "bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
-  // One ResLoRA block (the ops above fused under one autograd node): z = drop(x [+ x_prev]) A^T,
-  // y = x W^T + bias + scaling (z + z_extra) B^T. Returns (y, z); z_extra: [..., R] or none
-  // (the ms shortcut: earlier blocks' z).
+      "bool compute_grad_x) -> (Tensor, Tensor, Tensor)",
+      pt2);
+  // One ResLoRA block under one autograd node (what the layers call for every variant):
+  // z = drop(x [+ x_prev]) A^T, y = x W^T + bias + scaling (z + z_shortcut) B^T. Returns (y, z).
   m.def(
       "lora_linear(Tensor x, Tensor? x_prev, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
-      "Tensor? z_extra, float scaling, float dropout, Tensor? seed, int seed_offset, int "
-      "segment_rank) -> (Tensor, "
-      "Tensor)");
-  // (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra) of lora_linear; grad_z: gradient that
-  // reached the returned z (from later ms blocks) or none. Unrequested results are empty.
+      "Tensor? z_shortcut, float scaling, float dropout, Tensor? seed, int seed_offset, "
+      "int block_rank) -> (Tensor, Tensor)",
+      pt2);
+  // (grad_x, grad_x_prev, grad_A, grad_B, grad_z_shortcut) of lora_linear; grad_z: the gradient
+  // that reached the returned z (from later ms blocks) or none. Unrequested results are empty.
+  // Not differentiable again.
   m.def(
       "_lora_linear_backward(Tensor grad_y, Tensor? grad_z, Tensor x, Tensor? x_prev, "
-      "Tensor weight, Tensor A, Tensor B, Tensor z, Tensor? z_extra, float scaling, "
-      "float dropout, Tensor? seed, int seed_offset, int segment_rank, bool compute_grad_x) -> "
-      "(Tensor, Tensor, "
-      "Tensor, Tensor, Tensor)");
+      "Tensor weight, Tensor A, Tensor B, Tensor z, Tensor? z_shortcut, float scaling, "
+      "float dropout, Tensor? seed, int seed_offset, int block_rank, bool compute_grad_x) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+      pt2);
   // Writes ||x||_F, ||z||_F into slot count % len of the float32 rings; count += 1. On device.
   m.def(
       "record_stats_(Tensor(a!) x_norms, Tensor(b!) z_norms, Tensor(c!) count, Tensor x, "
-      "Tensor z) -> ()");
+      "Tensor z) -> ()",
+      pt2);
   // Mean of the filled slots of a ring written by record_stats_ (0 when none), float32 0-d.
-  m.def("stats_mean(Tensor ring, Tensor count) -> Tensor");
+  m.def("stats_mean(Tensor ring, Tensor count) -> Tensor", pt2);
   // The dropout seed of a pass: int64 [1] on like's device, drawn from that device's default
   // generator (no host synchronisation; a fresh value on every CUDA-graph replay).
-  m.def("draw_seed(Tensor like) -> Tensor");
+  m.def("draw_seed(Tensor like) -> Tensor", pt2);
 }
 
 namespace {
@@ -79,9 +95,9 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 
 at::Tensor lora_down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
                      const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
-                     int64_t seed_offset, int64_t segment_rank) {
+                     int64_t seed_offset, int64_t block_rank) {
   static auto op = handle<decltype(lora_down)>("reslora::lora_down");
-  return op.call(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
+  return op.call(x, x_prev, A, dropout, seed, seed_offset, block_rank);
 }
 
 at::Tensor lora_up(const at::Tensor& x, const at::Tensor& weight,
@@ -95,10 +111,10 @@ std::tuple<at::Tensor, at::Tensor> lora_down_backward(const at::Tensor& grad_z, 
                                                       const std::optional<at::Tensor>& x_prev,
                                                       const at::Tensor& A, double dropout,
                                                       const std::optional<at::Tensor>& seed,
-                                                      int64_t seed_offset, int64_t segment_rank,
+                                                      int64_t seed_offset, int64_t block_rank,
                                                       bool compute_grad_x) {
   static auto op = handle<decltype(lora_down_backward)>("reslora::_lora_down_backward");
-  return op.call(grad_z, x, x_prev, A, dropout, seed, seed_offset, segment_rank, compute_grad_x);
+  return op.call(grad_z, x, x_prev, A, dropout, seed, seed_offset, block_rank, compute_grad_x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(const at::Tensor& grad_y,
@@ -113,22 +129,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(const at::Tensor
 std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout,
-    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank) {
+    const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank) {
   static auto op = handle<decltype(lora_linear)>("reslora::lora_linear");
-  return op.call(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed, seed_offset,
-                 segment_rank);
+  return op.call(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed, seed_offset,
+                 block_rank);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
-    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
+    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_shortcut,
     double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset,
-    int64_t segment_rank, bool compute_grad_x) {
+    int64_t block_rank, bool compute_grad_x) {
   static auto op = handle<decltype(lora_linear_backward)>("reslora::_lora_linear_backward");
-  return op.call(grad_y, grad_z, x, x_prev, weight, A, B, z, z_extra, scaling, dropout, seed,
-                 seed_offset, segment_rank, compute_grad_x);
+  return op.call(grad_y, grad_z, x, x_prev, weight, A, B, z, z_shortcut, scaling, dropout, seed,
+                 seed_offset, block_rank, compute_grad_x);
 }
 
 void record_stats_(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count, const at::Tensor& x,

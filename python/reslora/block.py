@@ -266,7 +266,7 @@ class ResLoRALinear(nn.Module):
                     state.seed = _ops.draw_seed(x)
                 seed = state.seed
         r, s = self.r, self.scaling
-        x_prev, z_extra, a, b = None, None, self.lora_A, self.lora_B
+        x_prev, z_shortcut, a, b = None, None, self.lora_A, self.lora_B
         # Every variant is one low-rank product on x (one lora_linear op, one autograd node per
         # block); they differ in what joins it: is adds x_prev to x, bs the earlier blocks' A and
         # B (concatenated rank), ms the earlier blocks' mid activations to z.
@@ -277,18 +277,18 @@ class ResLoRALinear(nn.Module):
             a = torch.cat([gathered(blk.lora_A, self.lora_A) for blk in blocks], 0)
             b = torch.cat([gathered(blk.lora_B, self.lora_B) for blk in blocks], 1)
         elif self.variant == "ms" and k > 0:
-            z_extra = chain.need(state, n, n - 1, "mid activation")
+            z_shortcut = chain.need(state, n, n - 1, "mid activation")
             for j in range(2, k + 1):
-                z_extra = z_extra + chain.need(state, n, n - j, "mid activation")
+                z_shortcut = z_shortcut + chain.need(state, n, n - j, "mid activation")
         if self.opaque:
             # A quantized base (NF4, int8, ...): its own module computes x W^T + b, the ops the
             # low-rank term, with the same dropout streams.
             z = _ops.lora_down(x, x_prev, a, p, seed, n, r)
-            low = nn.functional.linear(z if z_extra is None else z + z_extra, b)
+            low = nn.functional.linear(z if z_shortcut is None else z + z_shortcut, b)
             y = self.base_layer(x) + (s * low).to(x.dtype)
         else:
             y, z = _ops.lora_linear(
-                x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_extra, s, p, seed, n, r
+                x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_shortcut, s, p, seed, n, r
             )
         z_own = z[..., :r] if z.shape[-1] != r else z
         if self.calibration is not None and not self.training:
@@ -296,7 +296,7 @@ class ResLoRALinear(nn.Module):
             if k > 0 and self.variant == "is":
                 p = nn.functional.linear(x_prev, self.lora_A)
             elif k > 0 and self.variant == "ms":
-                p = z_extra
+                p = z_shortcut
             self.calibration.add(self, x, p)
         if replay or in_backward():
             return y  # a recompute: the forward already recorded this block's results and norms

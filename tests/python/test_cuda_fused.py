@@ -85,10 +85,10 @@ def count(calls, kernel):
     return sum(v for k, v in calls.items() if kernel in k)
 
 
-@pytest.mark.parametrize("segment_rank,fused_backward", [(16, False), (32, True)])
-def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
+@pytest.mark.parametrize("block_rank,fused_backward", [(16, False), (32, True)])
+def test_fused_kernels_run_and_are_deterministic(block_rank, fused_backward):
     c = inputs(500, 512, 256, 32, torch.bfloat16, True)
-    first, calls = launches(lambda: block(c, "cuda", torch.bfloat16, 0.1, segment_rank))
+    first, calls = launches(lambda: block(c, "cuda", torch.bfloat16, 0.1, block_rank))
     assert count(calls, "down_kernel") == 1, calls
     # The forward's s z B^T: the up kernel (four output tiles: too few for the extra-K GEMM).
     assert count(calls, "up_out_kernel") == 1, calls
@@ -102,7 +102,7 @@ def test_fused_kernels_run_and_are_deterministic(segment_rank, fused_backward):
         assert count(calls, "grad_a_kernel") == 1 and count(calls, "up_dx_kernel") == 1, calls
         assert count(calls, "grad_a_up_dx_kernel") == 0, calls
     assert count(calls, "dropout_add_kernel") == 0, calls  # no full-size masked copy of x
-    second = block(c, "cuda", torch.bfloat16, 0.1, segment_rank)
+    second = block(c, "cuda", torch.bfloat16, 0.1, block_rank)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -125,11 +125,11 @@ def test_fused_up_output_matches_float64(dtype, n, d_out, R):
     close([ref], [out], 2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 
-def linear_block(c, device, dtype, p, bias, z_extra, scaling=0.75):
-    """lora_linear with bias and z_extra (ms) as given: y, z and every gradient."""
+def linear_block(c, device, dtype, p, bias, z_shortcut, scaling=0.75):
+    """lora_linear with bias and z_shortcut (ms) as given: y, z and every gradient."""
     m = {k: None if v is None else v.to(device, dtype).requires_grad_(k != "W") for k, v in c.items()}
     b = None if bias is None else bias.to(device, dtype).requires_grad_()
-    ze = None if z_extra is None else z_extra.to(device, dtype).requires_grad_()
+    ze = None if z_shortcut is None else z_shortcut.to(device, dtype).requires_grad_()
     y, z = ops.lora_linear(
         m["x"], m["xp"], m["W"], b, m["A"], m["B"], ze, scaling, p, S(SEED, m["x"]), 0, m["A"].shape[0]
     )
@@ -153,7 +153,7 @@ def linear_block(c, device, dtype, p, bias, z_extra, scaling=0.75):
 def test_extra_k_gemm_block_matches_float64(dtype, p, variant, bias, n, d_in, d_out, r):
     """The block whose products run as extra-K GEMMs on Hopper against float64: ragged tiles (M, N
     and K past a tile), ranks padded to 8 (3) or over one K tile (72, 128), the bias as the extra K's ones column, the is
-    sum, ms's z_extra, dropout on (the forward fused, dx unfused) and off (dx fused too)."""
+    sum, ms's z_shortcut, dropout on (the forward fused, dx unfused) and off (dx fused too)."""
     c = inputs(n, d_in, d_out, r, dtype, variant == "is", seed=n + r)
     g = torch.Generator().manual_seed(7)
     b = torch.randn(d_out, generator=g, dtype=torch.float64).to(dtype) if bias else None

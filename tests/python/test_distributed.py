@@ -2,8 +2,10 @@
 one process doing the same work: the ranks' halves of each batch as two micro-batches, each with
 the rank's dropout draws, gradients averaged. Compared: parameters after 3 AdamW steps, the
 saved checkpoint (gathered from the shards, the merge statistics of both ranks combined)
-reloaded on one process, and the merged adapters."""
+reloaded on one process, and the merged adapters. One spawn of the two ranks runs every engine
+(DDP, FSDP2, FSDP2 with checkpointing, FSDP2 in bf16): starting the processes is most of the cost."""
 
+import copy
 import os
 import socket
 
@@ -19,11 +21,12 @@ from hf_models import TARGETS, batch, make
 transformers = pytest.importorskip("transformers")
 pytestmark = [
     pytest.mark.distributed,
+    pytest.mark.xdist_group("distributed"),  # one worker spawns the ranks once for the module
     pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed"),
 ]
 
 WORLD = 2
-STEPS = 3
+STEPS = 2
 CONFIGS = [("lora", 1), ("is", 1), ("bs", 1), ("bs", -1), ("ms", 1), ("ms", -1)]
 BF16_CONFIGS = [("bs", -1), ("ms", -1)]
 
@@ -55,48 +58,62 @@ def adapter(model):
     return {n: (_full(b.lora_A).detach().clone(), _full(b.lora_B).detach().clone()) for n, b in model.blocks.items()}
 
 
-def worker(rank, port, engine, out, checkpointing):
-    from reslora.compat import is_dtensor as _is_dtensor
+# (engine, gradient checkpointing); fsdp: fully_shard on each decoder layer and the root,
+# reshard_after_forward on (the default)
+ENGINES = [("ddp", False), ("fsdp", False), ("fsdp", True), ("fsdp_bf16", False)]
 
+
+def out_dir(out, engine, checkpointing):
+    return os.path.join(out, engine + ("-ckpt" if checkpointing else ""))
+
+
+def worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh("cpu", (WORLD,))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for variant, pre_num in CONFIGS if engine != "fsdp_bf16" else BF16_CONFIGS:
-            model = model_for(variant, pre_num)
-            if checkpointing:
-                model.gradient_checkpointing_enable()
-            if engine == "ddp":
-                run = torch.nn.parallel.DistributedDataParallel(model)
-            else:  # per decoder layer, then the root: what accelerate's FSDP2 does
-                kw = dict(mesh=mesh, mp_policy=policy) if engine == "fsdp_bf16" else dict(mesh=mesh)
-                for layer in model.base_model.model.layers:
-                    fully_shard(layer, **kw)
-                fully_shard(model, **kw)
-                run = model
-                # resharded between forwards (the default): bs gathers the earlier layers' A, B
-                assert all(_is_dtensor(b.lora_A) for b in model.blocks.values())
-            opt = optimizer(model)
-            for step in range(STEPS):
-                torch.manual_seed(100 * step + rank)
-                run(**half(step, rank)).loss.backward()
-                opt.step()
-                opt.zero_grad()
-            trained = adapter(model)
-            tag = f"{engine}-{variant}{pre_num}"
-            model.save_pretrained(os.path.join(out, tag))  # collective: rank 0 writes
-            merged = None
-            if not (engine.startswith("fsdp") and variant == "bs"):  # bs under FSDP2: merged on one process
-                model.merge_to_lora()
-                merged = adapter(model)
-            if rank == 0 or engine == "ddp":
-                torch.save({"trained": trained, "merged": merged}, os.path.join(out, f"{tag}-rank{rank}.pt"))
+        for engine, checkpointing in ENGINES:
+            run_engine(rank, engine, out_dir(out, engine, checkpointing), checkpointing)
     finally:
         dist.destroy_process_group()
+
+
+def run_engine(rank, engine, out, checkpointing):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from reslora.compat import is_dtensor as _is_dtensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for variant, pre_num in CONFIGS if engine != "fsdp_bf16" else BF16_CONFIGS:
+        model = model_for(variant, pre_num)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        if engine == "ddp":
+            run = torch.nn.parallel.DistributedDataParallel(model)
+        else:  # per decoder layer, then the root: what accelerate's FSDP2 does
+            kw = dict(mesh=mesh, mp_policy=policy) if engine == "fsdp_bf16" else dict(mesh=mesh)
+            for layer in model.base_model.model.layers:
+                fully_shard(layer, **kw)
+            fully_shard(model, **kw)
+            run = model
+            # resharded between forwards (the default): bs gathers the earlier layers' A, B
+            assert all(_is_dtensor(b.lora_A) for b in model.blocks.values())
+        opt = optimizer(model)
+        for step in range(STEPS):
+            torch.manual_seed(100 * step + rank)
+            run(**half(step, rank)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        trained = adapter(model)
+        tag = f"{engine}-{variant}{pre_num}"
+        model.save_pretrained(os.path.join(out, tag))  # collective: rank 0 writes
+        merged = None
+        if not (engine.startswith("fsdp") and variant == "bs"):  # bs under FSDP2: merged on one process
+            model.merge_to_lora()
+            merged = adapter(model)
+        if rank == 0 or engine == "ddp":
+            torch.save({"trained": trained, "merged": merged}, os.path.join(out, f"{tag}-rank{rank}.pt"))
 
 
 def free_port():
@@ -137,42 +154,62 @@ def close(a, b, rtol=2e-4, atol=2e-5):
             torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("engine,checkpointing", [("ddp", False), ("fsdp", False), ("fsdp", True)])
-def test_data_parallel_equals_one_process(tmp_path, engine, checkpointing):
-    # fsdp: fully_shard on each decoder layer and the root, reshard_after_forward on (the default)
-    mp.spawn(worker, args=(free_port(), engine, str(tmp_path), checkpointing), nprocs=WORLD, join=True)
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """The ranks' results for every engine, from one spawn of the two processes."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def references():
+    cache = {}
+
+    def get(variant, pre_num, checkpointing):
+        key = (variant, pre_num, checkpointing)
+        if key not in cache:
+            cache[key] = reference(variant, pre_num, checkpointing)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("engine,checkpointing", [e for e in ENGINES if e[0] != "fsdp_bf16"])
+def test_data_parallel_equals_one_process(spawned, references, engine, checkpointing):
+    out = out_dir(str(spawned), engine, checkpointing)
     for variant, pre_num in CONFIGS:
         tag = f"{engine}-{variant}{pre_num}"
-        got = torch.load(tmp_path / f"{tag}-rank0.pt")
+        got = torch.load(os.path.join(out, f"{tag}-rank0.pt"))
         if engine == "ddp":  # the replicas stay equal, and merge to the same adapter
-            other = torch.load(tmp_path / f"{tag}-rank1.pt")
+            other = torch.load(os.path.join(out, f"{tag}-rank1.pt"))
             for key in ("trained", "merged"):
                 for n in got[key]:
                     assert all(torch.equal(x, y) for x, y in zip(got[key][n], other[key][n])), (tag, n)
-        ref, want = reference(variant, pre_num, checkpointing)
+        ref, want = references(variant, pre_num, checkpointing)
         close(got["trained"], want)
         # the checkpoint reloads on one process with the whole batch's statistics
-        back = reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path / tag))
+        back = reslora.ResLoRAModel.from_pretrained(make("llama"), os.path.join(out, tag))
         close(adapter(back), want)
         for n, blk in back.blocks.items():
             torch.testing.assert_close(blk.x_norms, ref.blocks[n].x_norms, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(
                 blk.z_norms, ref.blocks[n].z_norms, rtol=1e-4, atol=1e-6, msg=lambda m: f"{tag} {n}: {m}"
             )
-        ref.merge_to_lora()
+        merged_ref = copy.deepcopy(ref).merge_to_lora()
         back.merge_to_lora()
-        close(adapter(back), adapter(ref))
+        close(adapter(back), adapter(merged_ref))
         if got["merged"] is not None:
-            close(got["merged"], adapter(ref))
+            close(got["merged"], adapter(merged_ref))
 
 
-def test_fsdp_mixed_precision_trains_as_float32(tmp_path):
+def test_fsdp_mixed_precision_trains_as_float32(spawned, references):
     # bf16 parameters in compute, float32 gradient reduction: the updates of float32 training to
     # within bf16 rounding (a missing or doubled reduction would be off by ~100 %)
-    mp.spawn(worker, args=(free_port(), "fsdp_bf16", str(tmp_path), False), nprocs=WORLD, join=True)
+    out = out_dir(str(spawned), "fsdp_bf16", False)
     for variant, pre_num in BF16_CONFIGS:
-        got = torch.load(tmp_path / f"fsdp_bf16-{variant}{pre_num}-rank0.pt")
-        _, want = reference(variant, pre_num, False)
+        got = torch.load(os.path.join(out, f"fsdp_bf16-{variant}{pre_num}-rank0.pt"))
+        _, want = references(variant, pre_num, False)
         start = adapter(model_for(variant, pre_num))
         for n in want:  # the updates agree to bf16 precision
             for g, w, s in zip(got["trained"][n], want[n], start[n]):

@@ -259,7 +259,7 @@ def test_bad_input_messages():
     bad(lambda: ops.lora_down(x, None, A, -0.1, S(0, x), 0, 2), r"dropout must be in \[0, 1\), got -0.1")
     bad(
         lambda: ops.lora_down(x, None, A, 0.0, S(0, x), 0, 3),
-        r"segment_rank must be >= 1 and divide the rows of A \(2\), got 3",
+        r"block_rank must be >= 1 and divide the rows of A \(2\), got 3",
     )
     bad(
         lambda: ops.lora_down(x.long(), None, A.long(), 0.0, S(0, x.long()), 0, 2),
@@ -454,7 +454,7 @@ def test_opcheck_lora_linear(device):
 
 def test_lora_linear_bad_input():
     x, xp, W, b, A, B, ze, r = block_args("cpu", False, True, requires_grad=False)
-    with pytest.raises(RuntimeError, match=r"z_extra must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
+    with pytest.raises(RuntimeError, match=r"z_shortcut must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
         ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, S(0, x), 0, r)
     with pytest.raises(RuntimeError, match=r"lora_linear: weight must be frozen \(requires_grad=False\)"):
         ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, S(0, x), 0, r)
@@ -495,3 +495,41 @@ def test_lora_linear_under_autocast_casts_like_linear():
     assert torch.equal(y, y_ref) and torch.equal(z, z_ref)
     y.float().sum().backward()
     assert A.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+
+
+OPS = [
+    "lora_down",
+    "lora_up",
+    "lora_linear",
+    "_lora_down_backward",
+    "_lora_up_backward",
+    "_lora_linear_backward",
+    "record_stats_",
+    "stats_mean",
+    "draw_seed",
+]
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_every_op_is_tagged_pt2_compliant(name):
+    # they pass opcheck (above), so torch.compile and torch.export may trust their schemas
+    assert torch.Tag.pt2_compliant_tag in getattr(ops, name).default.tags
+
+
+def test_double_backward_is_refused_with_a_clear_error(device):
+    x = rand(3, 4, device=device, requires_grad=True)
+    W, A, B = rand(5, 4, device=device), rand(2, 4, device=device, requires_grad=True), rand(5, 2, device=device)
+    first_order = {
+        "_lora_linear_backward": lambda: ops.lora_linear(x, None, W, None, A, B, None, 1.0, 0.0, None, 0, 2)[0],
+        "_lora_down_backward": lambda: ops.lora_down(x, None, A, 0.0, None, 0, 2),
+        "_lora_up_backward": lambda: ops.lora_up(x, W, None, rand(3, 2, device=device, requires_grad=True), B, 1.0),
+    }
+    for op, forward in first_order.items():
+        (gx,) = torch.autograd.grad(forward().square().sum(), x, create_graph=True)
+        assert gx.requires_grad  # the first-order gradient is there, as a graph
+        with pytest.raises(RuntimeError, match=rf"reslora::{op}: double backward is not supported"):
+            gx.sum().backward()
+    # without create_graph the backward ops make no graph and first-order training is untouched
+    y = ops.lora_linear(x, None, W, None, A, B, None, 1.0, 0.0, None, 0, 2)[0]
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert not gx.requires_grad

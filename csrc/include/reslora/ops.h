@@ -10,12 +10,12 @@
 namespace reslora {
 
 // z = drop(x [+ x_prev]) A^T: the rank-R down-projection with the input shortcut folded in.
-// x: [..., d_in]; x_prev: same as x or none; A: [R, d_in] with R a multiple of segment_rank.
-// Each segment of segment_rank rows of A gets its own dropout mask (block-shortcut terms), drawn
+// x: [..., d_in]; x_prev: same as x or none; A: [R, d_in] with R a multiple of block_rank.
+// Each segment of block_rank rows of A gets its own dropout mask (block-shortcut terms), drawn
 // from (seed, segment, element index), so backward regenerates it. Returns [..., R].
 at::Tensor lora_down(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
                      const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed,
-                     int64_t seed_offset, int64_t segment_rank);
+                     int64_t seed_offset, int64_t block_rank);
 
 // y = x W^T + bias + scaling * z B^T. W: [d_out, d_in] frozen; bias: [d_out] frozen or none;
 // z: [..., R]; B: [d_out, R]. Returns [..., d_out].
@@ -29,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> lora_down_backward(const at::Tensor& grad_z, 
                                                       const std::optional<at::Tensor>& x_prev,
                                                       const at::Tensor& A, double dropout,
                                                       const std::optional<at::Tensor>& seed,
-                                                      int64_t seed_offset, int64_t segment_rank,
+                                                      int64_t seed_offset, int64_t block_rank,
                                                       bool compute_grad_x);
 
 // Backward of lora_up: (grad_x, grad_z, grad_B), reading grad_y once for all three.
@@ -41,21 +41,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(const at::Tensor
                                                                 bool compute_grad_x);
 
 // One ResLoRA block under a single autograd node: z = drop(x [+ x_prev]) A^T and
-// y = x W^T + bias + scaling (z + z_extra) B^T. Returns (y, z). z_extra ([..., R] or none) is the
-// ms shortcut (the sum of earlier blocks' z); gradients reach x, x_prev, A, B and z_extra.
+// y = x W^T + bias + scaling (z + z_shortcut) B^T. Returns (y, z). z_shortcut ([..., R] or none) is
+// the ms shortcut (the sum of earlier blocks' z); gradients reach x, x_prev, A, B and z_shortcut.
 std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout,
-    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank);
+    const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank);
 
-// Backward of lora_linear: (grad_x, grad_x_prev, grad_A, grad_B, grad_z_extra).
+// Backward of lora_linear: (grad_x, grad_x_prev, grad_A, grad_B, grad_z_shortcut).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(
     const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
     const std::optional<at::Tensor>& x_prev, const at::Tensor& weight, const at::Tensor& A,
-    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_extra,
+    const at::Tensor& B, const at::Tensor& z, const std::optional<at::Tensor>& z_shortcut,
     double scaling, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset,
-    int64_t segment_rank, bool compute_grad_x);
+    int64_t block_rank, bool compute_grad_x);
 
 // Records ||x||_F and ||z||_F (float32) into slot count % window of the ring buffers and
 // increments count, all on the tensors' device: no host synchronisation.

@@ -17,8 +17,8 @@
 // without host synchronisation (CUDA-graph safe).
 //
 // Sources (lowrank/): tiles.cuh (the shared device pieces), down.cuh, grad_a.cuh and up.cuh (one
-// kernel family each), launch.cuh (plans and launches), launch.cu (these entries),
-// instances_f16.cu / instances_bf16.cu (the kernels of each dtype).
+// kernel family each), launch.cuh (plans), launch.cu (these entries, each launching its kernel
+// picked by dtype, load path and rank with the switches of ../static_switch.h).
 #pragma once
 
 #include <cstddef>

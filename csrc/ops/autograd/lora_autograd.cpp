@@ -36,17 +36,17 @@ class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& x_prev, const at::Tensor& A,
                             double dropout, const std::optional<at::Tensor>& seed,
-                            int64_t seed_offset, int64_t segment_rank) {
+                            int64_t seed_offset, int64_t block_rank) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // Only the inputs are kept: the dropout mask and the is-sum x + x_prev are recomputed.
     // The seed tensor too: backward regenerates the masks from the value this pass drew.
     ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), A, seed.value_or(at::Tensor())});
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["seed_offset"] = seed_offset;
-    ctx->saved_data["segment_rank"] = segment_rank;
+    ctx->saved_data["block_rank"] = block_rank;
     ctx->saved_data["need_x"] =
         x.requires_grad() || (x_prev.has_value() && x_prev->requires_grad());
-    return lora_down(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
+    return lora_down(x, x_prev, A, dropout, seed, seed_offset, block_rank);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -57,7 +57,7 @@ class LoraDownFunction : public torch::autograd::Function<LoraDownFunction> {
     auto [grad_x, grad_A] = lora_down_backward(
         grads[0], saved[0], x_prev, saved[2], ctx->saved_data["dropout"].toDouble(),
         optional(saved[3]), ctx->saved_data["seed_offset"].toInt(),
-        ctx->saved_data["segment_rank"].toInt(), need_x);
+        ctx->saved_data["block_rank"].toInt(), need_x);
     if (!need_x) grad_x = at::Tensor();
     // The input shortcut is a sum, so x and x_prev receive the same gradient.
     return {grad_x,       x_prev.has_value() ? grad_x : at::Tensor(),
@@ -101,25 +101,25 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, const at::Tensor& A,
-                               const at::Tensor& B, const std::optional<at::Tensor>& z_extra,
+                               const at::Tensor& B, const std::optional<at::Tensor>& z_shortcut,
                                double scaling, double dropout,
                                const std::optional<at::Tensor>& seed, int64_t seed_offset,
-                               int64_t segment_rank) {
+                               int64_t block_rank) {
     check_frozen("lora_linear", weight);
     // z is often unused downstream (every variant but ms): its gradient then stays undefined
     // instead of a zero tensor that backward would add.
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout, seed,
-                              seed_offset, segment_rank);
+    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed,
+                              seed_offset, block_rank);
     // Inputs and the rank-R z only: masks and the is-sum are recomputed in backward.
     // The seed tensor too: backward regenerates the masks from the value this pass drew.
     ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), weight, A, B, z,
-                            z_extra.value_or(at::Tensor()), seed.value_or(at::Tensor())});
+                            z_shortcut.value_or(at::Tensor()), seed.value_or(at::Tensor())});
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["seed_offset"] = seed_offset;
-    ctx->saved_data["segment_rank"] = segment_rank;
+    ctx->saved_data["block_rank"] = block_rank;
     ctx->saved_data["need_x"] =
         x.requires_grad() || (x_prev.has_value() && x_prev->requires_grad());
     ctx->saved_data["bias_dtype"] =
@@ -142,7 +142,7 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     auto [gx, gxp, gA, gB, gze] = lora_linear_backward(
         grad_y, opt(grads[1]), s[0], opt(s[1]), s[2], s[3], s[4], s[5], opt(s[6]),
         ctx->saved_data["scaling"].toDouble(), ctx->saved_data["dropout"].toDouble(), opt(s[7]),
-        ctx->saved_data["seed_offset"].toInt(), ctx->saved_data["segment_rank"].toInt(), need_x);
+        ctx->saved_data["seed_offset"].toInt(), ctx->saved_data["block_rank"].toInt(), need_x);
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     at::Tensor grad_bias =
         bias_dtype >= 0 ? bias_grad(grad_y, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
@@ -164,24 +164,121 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
 std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
-    const std::optional<at::Tensor>& z_extra, double scaling, double dropout,
-    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t segment_rank) {
-  auto out = LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_extra, scaling, dropout,
-                                       seed, seed_offset, segment_rank);
+    const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank) {
+  auto out = LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout,
+                                       seed, seed_offset, block_rank);
   return {out[0], out[1]};
 }
 
 at::Tensor lora_down_autograd(const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
                               const at::Tensor& A, double dropout,
                               const std::optional<at::Tensor>& seed, int64_t seed_offset,
-                              int64_t segment_rank) {
-  return LoraDownFunction::apply(x, x_prev, A, dropout, seed, seed_offset, segment_rank);
+                              int64_t block_rank) {
+  return LoraDownFunction::apply(x, x_prev, A, dropout, seed, seed_offset, block_rank);
 }
 
 at::Tensor lora_up_autograd(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& z,
                             const at::Tensor& B, double scaling) {
   return LoraUpFunction::apply(x, weight, bias, z, B, scaling);
+}
+
+// The backward ops are not differentiable again. Under the Autograd key they run below autograd
+// and, where an input requires grad (a backward run with create_graph=True), their outputs get a
+// node whose backward refuses with a clear error instead of a silently wrong second derivative.
+[[noreturn]] void refuse_double_backward(const char* op) {
+  TORCH_CHECK(false, "reslora::", op,
+              ": double backward is not supported (a gradient of ResLoRA's gradient, as "
+              "torch.autograd.grad(..., create_graph=True) followed by another backward asks "
+              "for); compute first-order gradients only");
+}
+
+variable_list as_list(const std::tuple<at::Tensor, at::Tensor>& t) {
+  return {std::get<0>(t), std::get<1>(t)};
+}
+variable_list as_list(const std::tuple<at::Tensor, at::Tensor, at::Tensor>& t) {
+  return {std::get<0>(t), std::get<1>(t), std::get<2>(t)};
+}
+variable_list as_list(
+    const std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>& t) {
+  return {std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t)};
+}
+
+class LoraDownBackwardFunction : public torch::autograd::Function<LoraDownBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_z, const at::Tensor& x,
+                               const std::optional<at::Tensor>& x_prev, const at::Tensor& A,
+                               double dropout, const std::optional<at::Tensor>& seed,
+                               int64_t seed_offset, int64_t block_rank, bool compute_grad_x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return as_list(lora_down_backward(grad_z, x, x_prev, A, dropout, seed, seed_offset, block_rank,
+                                      compute_grad_x));
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward("_lora_down_backward");
+  }
+};
+
+class LoraUpBackwardFunction : public torch::autograd::Function<LoraUpBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_y, const at::Tensor& weight,
+                               const at::Tensor& z, const at::Tensor& B, double scaling,
+                               bool compute_grad_x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return as_list(lora_up_backward(grad_y, weight, z, B, scaling, compute_grad_x));
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward("_lora_up_backward");
+  }
+};
+
+class LoraLinearBackwardFunction : public torch::autograd::Function<LoraLinearBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext*, const at::Tensor& grad_y,
+                               const std::optional<at::Tensor>& grad_z, const at::Tensor& x,
+                               const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
+                               const at::Tensor& A, const at::Tensor& B, const at::Tensor& z,
+                               const std::optional<at::Tensor>& z_shortcut, double scaling,
+                               double dropout, const std::optional<at::Tensor>& seed,
+                               int64_t seed_offset, int64_t block_rank, bool compute_grad_x) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return as_list(lora_linear_backward(grad_y, grad_z, x, x_prev, weight, A, B, z, z_shortcut,
+                                        scaling, dropout, seed, seed_offset, block_rank,
+                                        compute_grad_x));
+  }
+  static variable_list backward(AutogradContext*, variable_list) {
+    refuse_double_backward("_lora_linear_backward");
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> lora_down_backward_autograd(
+    const at::Tensor& grad_z, const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+    const at::Tensor& A, double dropout, const std::optional<at::Tensor>& seed, int64_t seed_offset,
+    int64_t block_rank, bool compute_grad_x) {
+  auto out = LoraDownBackwardFunction::apply(grad_z, x, x_prev, A, dropout, seed, seed_offset,
+                                             block_rank, compute_grad_x);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward_autograd(
+    const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& z, const at::Tensor& B,
+    double scaling, bool compute_grad_x) {
+  auto out = LoraUpBackwardFunction::apply(grad_y, weight, z, B, scaling, compute_grad_x);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+lora_linear_backward_autograd(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_z,
+                              const at::Tensor& x, const std::optional<at::Tensor>& x_prev,
+                              const at::Tensor& weight, const at::Tensor& A, const at::Tensor& B,
+                              const at::Tensor& z, const std::optional<at::Tensor>& z_shortcut,
+                              double scaling, double dropout, const std::optional<at::Tensor>& seed,
+                              int64_t seed_offset, int64_t block_rank, bool compute_grad_x) {
+  auto out = LoraLinearBackwardFunction::apply(grad_y, grad_z, x, x_prev, weight, A, B, z,
+                                               z_shortcut, scaling, dropout, seed, seed_offset,
+                                               block_rank, compute_grad_x);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 // Statistics carry no gradient: the recording runs below autograd on whatever the inputs are.
@@ -198,6 +295,9 @@ TORCH_LIBRARY_IMPL(reslora, Autograd, m) {
   m.impl("lora_down", &lora_down_autograd);
   m.impl("lora_up", &lora_up_autograd);
   m.impl("lora_linear", &lora_linear_autograd);
+  m.impl("_lora_down_backward", &lora_down_backward_autograd);
+  m.impl("_lora_up_backward", &lora_up_backward_autograd);
+  m.impl("_lora_linear_backward", &lora_linear_backward_autograd);
 }
 
 }  // namespace reslora

@@ -10,10 +10,17 @@
 namespace reslora {
 namespace {
 
-// out (=|+=) drop(x [+ x_prev]). All contiguous, same shape.
-void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                       bool accumulate, double p, const kernels::DropoutSeed& seed,
-                       int64_t segment) {
+// The CPU backend: its dropout kernel; every product is ATen's.
+struct CpuKernels : detail::GenericOnly {
+  // out (=|+=) drop(x [+ x_prev]). All contiguous, same shape.
+  static void dropout_apply(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
+                            bool accumulate, double p, const kernels::DropoutSeed& seed,
+                            int64_t segment);
+};
+
+void CpuKernels::dropout_apply(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
+                               bool accumulate, double p, const kernels::DropoutSeed& seed,
+                               int64_t segment) {
   const int64_t n = xc.numel();
   const float pf = static_cast<float>(p);
   const uint32_t threshold = kernels::dropout_threshold(pf);
@@ -43,12 +50,8 @@ void dropout_apply_cpu(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& 
       });
 }
 
-constexpr detail::KernelSet kCpuKernels =
-    detail::dropout_only(&detail::dropout_sum_with<&dropout_apply_cpu>,
-                         &detail::masked_accumulate_with<&dropout_apply_cpu>);
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reslora, CPU, m) { detail::Backend<&kCpuKernels>::register_kernels(m); }
+TORCH_LIBRARY_IMPL(reslora, CPU, m) { detail::LoraOps<CpuKernels>::register_kernels(m); }
 
 }  // namespace reslora

@@ -1,8 +1,10 @@
-// CUDA backend of the reslora ops: the torch-free kernels (kernels/cuda/) launched on the current
-// stream. fp16 / bf16 take the fused low-rank kernels (kernels/cuda/lowrank.cuh: no full-size
-// masked copy of the input, ever), one function here per kernel entry; other dtypes and ranks
-// the dropout kernel plus ATen products. The large products go through ATen (cuBLAS). No host
-// synchronisation, so the ops are safe to capture in CUDA graphs.
+// CUDA backend of the reslora ops (CudaKernels, the traits lora_impl.h's bodies call): the
+// torch-free kernels (kernels/cuda/) launched on the current stream. fp16 / bf16 take the fused
+// low-rank kernels (kernels/cuda/lowrank.cuh: no full-size masked copy of the input, ever), one
+// function here per kernel entry; other dtypes and ranks the dropout kernel plus ATen products. The
+// large products go through ATen (cuBLAS). No host synchronisation, so the ops are safe to capture
+// in CUDA graphs.
+#include <optional>
 #include <vector>
 
 #include <ATen/cuda/CUDAContext.h>
@@ -32,9 +34,33 @@ kernels::DType to_kernel_dtype(at::ScalarType t) {
   }
 }
 
-void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
-                        bool accumulate, double p, const kernels::DropoutSeed& seed,
-                        int64_t segment) {
+// The CUDA backend (lora_impl.h's traits): its dropout kernel, the fused low-rank kernels
+// (kernels/cuda/lowrank.cuh) for fp16 / bf16, and the extra-K GEMM on Hopper.
+struct CudaKernels {
+  static void dropout_apply(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
+                            bool accumulate, double p, const kernels::DropoutSeed& seed,
+                            int64_t segment);
+  static bool down(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
+                   const kernels::DropoutSeed& seed, int64_t block_rank, at::Tensor* z);
+  static bool grad_A(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                     const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                     int64_t block_rank, at::Tensor* grad_A);
+  static bool up_dx(const at::Tensor& dz, const at::Tensor& A, double p,
+                    const kernels::DropoutSeed& seed, int64_t block_rank, at::Tensor* out);
+  static bool up_out(const at::Tensor& z2, const at::Tensor& B, double scaling, at::Tensor* y);
+  static bool grad_A_up_dx(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                           const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                           int64_t block_rank, at::Tensor* grad_A, at::Tensor* grad_x,
+                           at::Tensor* grad_x_copy);
+  static bool linear_out(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
+                         const at::Tensor& zt2, const at::Tensor& B, double scaling, at::Tensor* y);
+  static bool grad_x(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dz,
+                     const at::Tensor& A, at::Tensor* dx);
+};
+
+void CudaKernels::dropout_apply(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor& out,
+                                bool accumulate, double p, const kernels::DropoutSeed& seed,
+                                int64_t segment) {
   if (xc.numel() == 0) return;
   // The launch goes to the current stream of x's device, whatever device is current.
   const c10::cuda::CUDAGuard guard(xc.device());
@@ -53,41 +79,6 @@ void dropout_apply_cuda(const at::Tensor& xc, const at::Tensor* xpc, at::Tensor&
               "reslora: dropout kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// The fused kernels take the problem when its dtype, segment rank and device allow. Without
-// dropout every segment sees the same input, so the whole rank is one segment when it fits.
-struct FusedProblem {
-  bool ok = false;
-  kernels::LowRankShape shape;
-  int num_sms = 0;
-};
-
-FusedProblem fused_problem(const at::Tensor& t, int64_t n, int64_t d, int64_t R, double p,
-                           int64_t segment_rank, bool with_prev) {
-  FusedProblem fp;
-  if (n == 0 || d == 0 || R == 0) return fp;
-  if (t.scalar_type() != at::kHalf && t.scalar_type() != at::kBFloat16) return fp;
-  const int64_t sr = p == 0.0 && R <= kernels::kFusedMaxRank ? R : segment_rank;
-  fp.shape = kernels::LowRankShape{n, d, R / sr, sr};
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(t.device().index());
-  fp.num_sms = prop->multiProcessorCount;
-  fp.ok = kernels::lowrank_supported(to_kernel_dtype(t.scalar_type()), sr, R / sr, with_prev,
-                                     prop->major);
-  return fp;
-}
-
-kernels::LowRankDropout kernel_dropout(double p, const kernels::DropoutSeed& seed) {
-  return kernels::LowRankDropout{static_cast<float>(p), seed};
-}
-
-// The fp32 workspace of a reduction (kept alive by the caller until the launch is queued: the
-// caching allocator reuses it only after the stream has passed it).
-float* workspace(kernels::LowRankOp op, const FusedProblem& fp, const at::Tensor& like,
-                 at::Tensor* holder) {
-  const size_t floats = kernels::lowrank_workspace_floats(op, fp.shape, fp.num_sms);
-  *holder = at::empty({static_cast<int64_t>(floats)}, like.options().dtype(at::kFloat));
-  return holder->mutable_data_ptr<float>();
-}
-
 void check_launch(cudaError_t err) {
   TORCH_CHECK(err == cudaSuccess,
               "reslora: fused low-rank kernel launch failed: ", cudaGetErrorString(err));
@@ -98,71 +89,106 @@ at::Tensor contiguous_or_undefined(const at::Tensor& t) {
 }
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
-// z = drop_k(x2 [+ xp2]) A_k^T ([N, R]): lowrank_down.
-bool fused_down_cuda(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
-                     const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* z) {
-  const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
-  if (!fp.ok) return false;
-  const c10::cuda::CUDAGuard guard(x2.device());
+// What every launch of a fused low-rank kernel does, in one place: whether the kernels take the
+// problem (dtype, segment rank, device; else the generic path runs), the launch on `like`'s
+// device and its current stream, the fp32 workspace of a reduction (held until the launch is
+// queued: the caching allocator reuses it only after the stream has passed it), and an error for
+// a failed launch. Without dropout every segment sees the same input, so the whole rank is one
+// segment when it fits.
+class LowRankLaunch {
+ public:
+  LowRankLaunch(const at::Tensor& like, int64_t n, int64_t d, int64_t R, double p,
+                int64_t block_rank, bool with_prev, bool one_segment = false)
+      : like_(like), p_(p) {
+    if (n == 0 || d == 0 || R == 0) return;
+    if (like.scalar_type() != at::kHalf && like.scalar_type() != at::kBFloat16) return;
+    const int64_t sr = p == 0.0 && R <= kernels::kFusedMaxRank ? R : block_rank;
+    if (one_segment && sr != R) return;
+    shape_ = kernels::LowRankShape{n, d, R / sr, sr};
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(like.device().index());
+    num_sms_ = prop->multiProcessorCount;
+    ok_ = kernels::lowrank_supported(to_kernel_dtype(like.scalar_type()), sr, R / sr, with_prev,
+                                     prop->major);
+    if (ok_) guard_.emplace(like.device());
+  }
+  bool ok() const { return ok_; }
+  const kernels::LowRankShape& shape() const { return shape_; }
+  kernels::LowRankDropout dropout(const kernels::DropoutSeed& seed) const {
+    return kernels::LowRankDropout{static_cast<float>(p_), seed};
+  }
+  float* workspace(kernels::LowRankOp op) {
+    const size_t floats = kernels::lowrank_workspace_floats(op, shape_, num_sms_);
+    workspace_ = at::empty({static_cast<int64_t>(floats)}, like_.options().dtype(at::kFloat));
+    return workspace_.mutable_data_ptr<float>();
+  }
+  template <class Args>
+  bool run(cudaError_t (*entry)(const Args&, kernels::DType, int, cudaStream_t), const Args& a) {
+    check_launch(
+        entry(a, to_kernel_dtype(like_.scalar_type()), num_sms_, at::cuda::getCurrentCUDAStream()));
+    return true;
+  }
+
+ private:
+  const at::Tensor& like_;
+  double p_;
+  bool ok_ = false;
+  kernels::LowRankShape shape_;
+  int num_sms_ = 0;
+  at::Tensor workspace_;
+  std::optional<c10::cuda::CUDAGuard> guard_;
+};
+
+// z = drop_k(x2 [+ xp2]) A_k^T ([N, R]).
+bool CudaKernels::down(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor& A, double p,
+                       const kernels::DropoutSeed& seed, int64_t block_rank, at::Tensor* z) {
+  LowRankLaunch l(x2, x2.size(0), x2.size(1), A.size(0), p, block_rank, xp2.defined());
+  if (!l.ok()) return false;
   const at::Tensor xc = x2.contiguous(), xpc = contiguous_or_undefined(xp2), Ac = A.contiguous();
-  *z = at::empty({n, R}, x2.options());
-  at::Tensor ws;
+  *z = at::empty({x2.size(0), A.size(0)}, x2.options());
   kernels::DownArgs a;
   a.x = xc.const_data_ptr();
   a.x_prev = ptr_or_null(xpc);
   a.A = Ac.const_data_ptr();
   a.z = z->mutable_data_ptr();
-  a.workspace = workspace(kernels::LowRankOp::kDown, fp, x2, &ws);
-  a.shape = fp.shape;
-  a.dropout = kernel_dropout(p, seed);
-  check_launch(kernels::lowrank_down(a, to_kernel_dtype(x2.scalar_type()), fp.num_sms,
-                                     at::cuda::getCurrentCUDAStream()));
-  return true;
+  a.workspace = l.workspace(kernels::LowRankOp::kDown);
+  a.shape = l.shape();
+  a.dropout = l.dropout(seed);
+  return l.run(kernels::lowrank_down, a);
 }
 
-// grad_A = dz_k^T drop_k(x2 [+ xp2]) ([R, d]): lowrank_grad_A.
-bool fused_grad_A_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                       const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
-                       int64_t segment_rank, at::Tensor* grad_A) {
-  const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
-  if (!fp.ok) return false;
-  const c10::cuda::CUDAGuard guard(x2.device());
+// grad_A = dz_k^T drop_k(x2 [+ xp2]) ([R, d]).
+bool CudaKernels::grad_A(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                         const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                         int64_t block_rank, at::Tensor* grad_A) {
+  LowRankLaunch l(x2, x2.size(0), x2.size(1), A.size(0), p, block_rank, xp2.defined());
+  if (!l.ok()) return false;
   const at::Tensor xc = x2.contiguous(), xpc = contiguous_or_undefined(xp2), dzc = dz.contiguous();
-  *grad_A = at::empty({R, d}, x2.options());
-  at::Tensor ws;
+  *grad_A = at::empty({A.size(0), x2.size(1)}, x2.options());
   kernels::GradAArgs a;
   a.x = xc.const_data_ptr();
   a.x_prev = ptr_or_null(xpc);
   a.dz = dzc.const_data_ptr();
   a.grad_A = grad_A->mutable_data_ptr();
-  a.workspace = workspace(kernels::LowRankOp::kGradA, fp, x2, &ws);
-  a.shape = fp.shape;
-  a.dropout = kernel_dropout(p, seed);
-  check_launch(kernels::lowrank_grad_A(a, to_kernel_dtype(x2.scalar_type()), fp.num_sms,
-                                       at::cuda::getCurrentCUDAStream()));
-  return true;
+  a.workspace = l.workspace(kernels::LowRankOp::kGradA);
+  a.shape = l.shape();
+  a.dropout = l.dropout(seed);
+  return l.run(kernels::lowrank_grad_A, a);
 }
 
-// The low-rank input gradient sum_k drop_k(dz_k A_k) ([N, d]): lowrank_up_dx.
-bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p,
-                      const kernels::DropoutSeed& seed, int64_t segment_rank, at::Tensor* out) {
-  const int64_t n = dz.size(0), d = A.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(dz, n, d, R, p, segment_rank, false);
-  if (!fp.ok) return false;
-  const c10::cuda::CUDAGuard guard(dz.device());
+// The low-rank input gradient sum_k drop_k(dz_k A_k) ([N, d]).
+bool CudaKernels::up_dx(const at::Tensor& dz, const at::Tensor& A, double p,
+                        const kernels::DropoutSeed& seed, int64_t block_rank, at::Tensor* out) {
+  LowRankLaunch l(dz, dz.size(0), A.size(1), A.size(0), p, block_rank, false);
+  if (!l.ok()) return false;
   const at::Tensor dzc = dz.contiguous(), Ac = A.contiguous();
-  *out = at::empty({n, d}, dz.options());
+  *out = at::empty({dz.size(0), A.size(1)}, dz.options());
   kernels::UpDxArgs a;
   a.dz = dzc.const_data_ptr();
   a.A = Ac.const_data_ptr();
   a.grad_x = out->mutable_data_ptr();
-  a.shape = fp.shape;
-  a.dropout = kernel_dropout(p, seed);
-  check_launch(kernels::lowrank_up_dx(a, to_kernel_dtype(dz.scalar_type()), fp.num_sms,
-                                      at::cuda::getCurrentCUDAStream()));
-  return true;
+  a.shape = l.shape();
+  a.dropout = l.dropout(seed);
+  return l.run(kernels::lowrank_up_dx, a);
 }
 
 // Outputs up to this many elements take the fused up kernel in the forward; larger ones take
@@ -173,57 +199,49 @@ bool fused_up_dx_cuda(const at::Tensor& dz, const at::Tensor& A, double p,
 constexpr int64_t kFusedUpOutMaxElements = int64_t(1) << 22;
 
 // The forward's low-rank output y = scaling z2 B^T (one segment of the whole rank, no dropout),
-// which the base GEMM then accumulates onto: lowrank_up_out.
-bool fused_up_out_cuda(const at::Tensor& z2, const at::Tensor& B, double scaling, at::Tensor* y) {
+// which the base GEMM then accumulates onto.
+bool CudaKernels::up_out(const at::Tensor& z2, const at::Tensor& B, double scaling, at::Tensor* y) {
   const int64_t n = z2.size(0), d = B.size(0), R = B.size(1);
   if (n * d > kFusedUpOutMaxElements) return false;
-  const FusedProblem fp = fused_problem(z2, n, d, R, 0.0, R, false);
-  if (!fp.ok || fp.shape.segment_rank != R) return false;
-  const c10::cuda::CUDAGuard guard(z2.device());
+  LowRankLaunch l(z2, n, d, R, 0.0, R, false, /*one_segment=*/true);
+  if (!l.ok()) return false;
   const at::Tensor zc = z2.contiguous(), Bc = B.contiguous();
   *y = at::empty({n, d}, z2.options());
   kernels::UpOutArgs a;
   a.z = zc.const_data_ptr();
   a.B = Bc.const_data_ptr();
   a.y = y->mutable_data_ptr();
-  a.shape = fp.shape;
+  a.shape = l.shape();
   a.scaling = static_cast<float>(scaling);
-  check_launch(kernels::lowrank_up_out(a, to_kernel_dtype(z2.scalar_type()), fp.num_sms,
-                                       at::cuda::getCurrentCUDAStream()));
-  return true;
+  return l.run(kernels::lowrank_up_out, a);
 }
 
 // grad_A and the low-rank dx of a one-segment problem in one pass over x (the mask of each
-// element pair made once for both), and a second copy of the dx when grad_x_copy is given:
-// lowrank_grad_A_up_dx.
-bool fused_grad_A_up_dx_cuda(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
-                             const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
-                             int64_t segment_rank, at::Tensor* grad_A, at::Tensor* grad_x,
-                             at::Tensor* grad_x_copy) {
+// element pair made once for both), and a second copy of the dx when grad_x_copy is given.
+bool CudaKernels::grad_A_up_dx(const at::Tensor& dz, const at::Tensor& x2, const at::Tensor& xp2,
+                               const at::Tensor& A, double p, const kernels::DropoutSeed& seed,
+                               int64_t block_rank, at::Tensor* grad_A, at::Tensor* grad_x,
+                               at::Tensor* grad_x_copy) {
   const int64_t n = x2.size(0), d = x2.size(1), R = A.size(0);
-  const FusedProblem fp = fused_problem(x2, n, d, R, p, segment_rank, xp2.defined());
-  if (!fp.ok || fp.shape.segment_rank != R) return false;
-  const c10::cuda::CUDAGuard guard(x2.device());
+  LowRankLaunch l(x2, n, d, R, p, block_rank, xp2.defined(), /*one_segment=*/true);
+  if (!l.ok()) return false;
   const at::Tensor xc = x2.contiguous(), xpc = contiguous_or_undefined(xp2);
   const at::Tensor dzc = dz.contiguous(), Ac = A.contiguous();
   *grad_A = at::empty({R, d}, x2.options());
   *grad_x = at::empty({n, d}, x2.options());
   if (grad_x_copy != nullptr) *grad_x_copy = at::empty({n, d}, x2.options());
-  at::Tensor ws;
   kernels::GradAUpDxArgs a;
   a.grad.x = xc.const_data_ptr();
   a.grad.x_prev = ptr_or_null(xpc);
   a.grad.dz = dzc.const_data_ptr();
   a.grad.grad_A = grad_A->mutable_data_ptr();
-  a.grad.workspace = workspace(kernels::LowRankOp::kGradAUpDx, fp, x2, &ws);
-  a.grad.shape = fp.shape;
-  a.grad.dropout = kernel_dropout(p, seed);
+  a.grad.workspace = l.workspace(kernels::LowRankOp::kGradAUpDx);
+  a.grad.shape = l.shape();
+  a.grad.dropout = l.dropout(seed);
   a.A = Ac.const_data_ptr();
   a.grad_x = grad_x->mutable_data_ptr();
   a.grad_x_copy = grad_x_copy != nullptr ? grad_x_copy->mutable_data_ptr() : nullptr;
-  check_launch(kernels::lowrank_grad_A_up_dx(a, to_kernel_dtype(x2.scalar_type()), fp.num_sms,
-                                             at::cuda::getCurrentCUDAStream()));
-  return true;
+  return l.run(kernels::lowrank_grad_A_up_dx, a);
 }
 
 // The extra-K GEMM's operands padded to a rank the kernel takes (a multiple of 8, for TMA's
@@ -287,9 +305,9 @@ bool launched(cudaError_t err) {
 // y = x2 W^T + b + scaling zt2 B^T as one GEMM, [x2 | zt2 (| 1)] [W | scaling B (| b)]^T: the
 // base product and the low-rank one share the accumulator and y is written once. Takes
 // contiguous x2 and W only (a copy of x would cost more than the pass it saves).
-bool fused_linear_out_cuda(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
-                           const at::Tensor& zt2, const at::Tensor& B, double scaling,
-                           at::Tensor* y) {
+bool CudaKernels::linear_out(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& zt2, const at::Tensor& B, double scaling,
+                             at::Tensor* y) {
   if (!half_or_bf16(x2) || !x2.is_contiguous() || !weight.is_contiguous()) return false;
   const int64_t n = x2.size(0), d_in = x2.size(1), d_out = weight.size(0), R = B.size(1);
   if (!extra_k_takes(x2, n, d_out)) return false;
@@ -310,8 +328,8 @@ bool fused_linear_out_cuda(const at::Tensor& x2, const at::Tensor& weight, const
 }
 
 // dx = dy W + dz A as one GEMM, [dy | dz] [W ; A]: the input gradient without dropout.
-bool fused_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dz,
-                       const at::Tensor& A, at::Tensor* dx) {
+bool CudaKernels::grad_x(const at::Tensor& dy, const at::Tensor& weight, const at::Tensor& dz,
+                         const at::Tensor& A, at::Tensor* dx) {
   if (!half_or_bf16(dy) || !dy.is_contiguous() || !weight.is_contiguous()) return false;
   const int64_t n = dy.size(0), d_out = weight.size(0), d_in = weight.size(1), R = A.size(0);
   if (!extra_k_takes(dy, n, d_in)) return false;
@@ -330,18 +348,8 @@ bool fused_grad_x_cuda(const at::Tensor& dy, const at::Tensor& weight, const at:
   return launched(run_extra_k(a, dy));
 }
 
-constexpr detail::KernelSet kCudaKernels{&detail::dropout_sum_with<&dropout_apply_cuda>,
-                                         &detail::masked_accumulate_with<&dropout_apply_cuda>,
-                                         &fused_down_cuda,
-                                         &fused_grad_A_cuda,
-                                         &fused_up_dx_cuda,
-                                         &fused_up_out_cuda,
-                                         &fused_grad_A_up_dx_cuda,
-                                         &fused_linear_out_cuda,
-                                         &fused_grad_x_cuda};
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(reslora, CUDA, m) { detail::Backend<&kCudaKernels>::register_kernels(m); }
+TORCH_LIBRARY_IMPL(reslora, CUDA, m) { detail::LoraOps<CudaKernels>::register_kernels(m); }
 
 }  // namespace reslora

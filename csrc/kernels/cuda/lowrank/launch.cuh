@@ -1,7 +1,6 @@
-// The host side of the low-rank kernels: one launch as a Problem (the op, its sizes, options and
-// role-named arguments), its plan (the split of the long dimension that fills the GPU) and the
-// kernel parameters. launch.cu makes Problems from the public entries; run_typed, defined in
-// dispatch.cuh and instantiated once per dtype (instances_*.cu), launches them.
+// The host side of the low-rank kernels: one launch as a Problem (the op, its sizes and options),
+// its plan (the split of the long dimension that fills the GPU) and the kernel parameters.
+// launch.cu makes Problems from the public entries and launches their kernels.
 #pragma once
 
 #include <algorithm>
@@ -22,12 +21,6 @@ struct Problem {
   bool with_prev = false;  // x_prev given
   bool vec = false;        // 16-byte copies of the full-size operands, 4-byte of the rank ones
   bool wide_rank = false;  // 16-byte copies of the rank operand too
-  // The op's public arguments, by role: one of these is set, as op says.
-  const DownArgs* down = nullptr;
-  const GradAArgs* grad_A = nullptr;
-  const GradAUpDxArgs* grad_A_up_dx = nullptr;
-  const UpDxArgs* up_dx = nullptr;
-  const UpOutArgs* up_out = nullptr;
 };
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -95,12 +88,6 @@ inline Common make_common(const Problem& pb, const Plan& pl) {
   c.wide_rank = pb.wide_rank;
   return c;
 }
-
-// Launches the problem's kernels for dtype T (__half, __nv_bfloat16) on `stream`.
-template <typename T>
-cudaError_t run_typed(const Problem& pb, int num_sms, cudaStream_t stream);
-extern template cudaError_t run_typed<__half>(const Problem&, int, cudaStream_t);
-extern template cudaError_t run_typed<__nv_bfloat16>(const Problem&, int, cudaStream_t);
 
 }  // namespace lowrank
 }  // namespace kernels
