@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
 import reslora  # noqa: F401  (registers torch.ops.reslora)
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under xdist the workers share the cores: each takes its share of intra-op threads instead
+    # of every worker taking all of them (oversubscribed, the suite ran no faster than serially).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
