@@ -67,14 +67,15 @@ def out_dir(out, engine, checkpointing):
     return os.path.join(out, engine + ("-ckpt" if checkpointing else ""))
 
 
-def worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        for engine, checkpointing in ENGINES:
+def worker(rank, ports, out):
+    # one process group per engine, as a training script has: nothing of one engine's
+    # collectives or sharding outlives it
+    for (engine, checkpointing), port in zip(ENGINES, ports):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+        try:
             run_engine(rank, engine, out_dir(out, engine, checkpointing), checkpointing)
-    finally:
-        dist.destroy_process_group()
+        finally:
+            dist.destroy_process_group()
 
 
 def run_engine(rank, engine, out, checkpointing):
@@ -116,10 +117,16 @@ def run_engine(rank, engine, out, checkpointing):
             torch.save({"trained": trained, "merged": merged}, os.path.join(out, f"{tag}-rank{rank}.pt"))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n):
+    """n distinct free ports (the sockets held open together, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def reference(variant, pre_num, checkpointing):
@@ -158,7 +165,8 @@ def close(a, b, rtol=2e-4, atol=2e-5):
 def spawned(tmp_path_factory):
     """The ranks' results for every engine, from one spawn of the two processes."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
+    ports = free_ports(len(ENGINES))
+    mp.spawn(worker, args=(ports, str(out)), nprocs=WORLD, join=True)
     return out
 
 
