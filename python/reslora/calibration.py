@@ -94,27 +94,57 @@ class SequentialCalibration(Calibration):
         super().add(blk, x, p)
 
 
+BATCH = "a batch (a dict of model arguments, a tensor of input ids, or a tuple / list whose first item is the ids)"
+
+
+def is_batch(value) -> bool:
+    """One batch of merge_to_lora's inputs: a dict of model arguments, a tensor of ids, or a tuple
+    / list whose first item is a tensor (a DataLoader's (ids, labels, ...); the rest is left out)."""
+    if isinstance(value, (torch.Tensor, dict)):
+        return True
+    return isinstance(value, (tuple, list)) and len(value) > 0 and isinstance(value[0], torch.Tensor)
+
+
+def as_batches(inputs):
+    """merge_to_lora's inputs as an iterable of batches: one batch, or an iterable of them (a list,
+    a DataLoader). A list of tensors is a list of batches; a tuple of tensors is one batch."""
+    if isinstance(inputs, (torch.Tensor, dict)) or (is_batch(inputs) and isinstance(inputs, tuple)):
+        return [inputs]
+    return inputs
+
+
+def first_batch(inputs):
+    """The first batch of merge_to_lora's inputs (for the merge errors), or None."""
+    if inputs is None:
+        return None
+    for b in as_batches(inputs):
+        return b
+    return None
+
+
 def check_batches(name: str, value, many: bool) -> None:
-    """inputs / eval_inputs of merge_to_lora: one batch (a tensor, a dict of keyword arguments, a
-    tuple / list of positional ones) or, where many, an iterable of batches."""
-    if value is None or isinstance(value, (torch.Tensor, dict, tuple, list)):
+    """inputs (many) / eval_inputs (one batch) of merge_to_lora, checked before any work."""
+    if value is None or is_batch(value):
         return
-    if many and hasattr(value, "__iter__") and not isinstance(value, (str, bytes)):
+    if many and hasattr(value, "__iter__") and not isinstance(value, (str, bytes, tuple)):
         return
-    expected = "a batch (a tensor, a dict of model arguments or a tuple of them)" + (
-        " or an iterable of batches (a list, a DataLoader)" if many else ""
-    )
+    expected = BATCH + (" or an iterable of batches (a list, a DataLoader)" if many else "")
     raise ValueError(f"reslora: {name} must be None, {expected}, got {type(value).__name__}")
 
 
-def run_batch(model: nn.Module, inputs):
-    """Calls the model on one batch: a dict of keyword arguments, a tuple / list of positional
-    ones, or one tensor."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+def run_batch(model: nn.Module, batch):
+    """Calls the model on one batch of merge_to_lora's inputs, its tensors moved to the model's
+    device (as the HF Trainer moves them)."""
+    if not is_batch(batch):
+        raise ValueError(f"reslora: merge_to_lora(inputs=...): each item must be {BATCH}, got {type(batch).__name__}")
+    device = next((p.device for p in model.parameters()), None)
+
+    def moved(t):
+        return t.to(device) if isinstance(t, torch.Tensor) and device is not None and t.device != device else t
+
+    if isinstance(batch, dict):
+        return model(**{k: moved(v) for k, v in batch.items()})
+    return model(moved(batch if isinstance(batch, torch.Tensor) else batch[0]))
 
 
 @torch.no_grad()
@@ -122,7 +152,7 @@ def calibrate(model, inputs, max_tokens: Optional[int], blocks=None, cal=None, w
     """Runs calibration batches through a ResLoRAModel in eval mode with the given blocks (all by
     default) adding to the fit merge's sums (cal, a new Calibration by default); returns them and
     the first batch."""
-    batches = [inputs] if isinstance(inputs, (dict, torch.Tensor)) else inputs
+    batches = as_batches(inputs)
     cal = Calibration() if cal is None else cal
     every = list(model.blocks.values())
     modes = {m: m.training for m in model.modules()}

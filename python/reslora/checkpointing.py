@@ -67,3 +67,37 @@ class PassCheckpoint:
 
     def __call__(self, function, *args, **kwargs):
         return checkpoint_with(self.inner, function, *args, **kwargs)
+
+
+def wrap_checkpoint_functions(model) -> None:
+    """Makes every checkpoint function of a model (the `_gradient_checkpointing_func` that HF
+    layers call) recompute a layer in the pass it first ran in, so that more than one forward
+    before a backward, or a no-grad forward in between, leaves the gradients right. Done when
+    checkpointing is turned on, and at wrapping, for checkpointing turned on before."""
+    for m in model.modules():
+        f = m.__dict__.get("_gradient_checkpointing_func")
+        if f is not None and not isinstance(f, PassCheckpoint):
+            m._gradient_checkpointing_func = PassCheckpoint(f)
+
+
+def enable(base, variant: str, gradient_checkpointing_kwargs=None, **kwargs) -> None:
+    """ResLoRAModel.gradient_checkpointing_enable's work on the wrapped model `base`."""
+    if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+        raise TypeError(
+            f"reslora: gradient_checkpointing_kwargs must be a dict or None, got {gradient_checkpointing_kwargs!r}"
+        )
+    ckpt = dict(gradient_checkpointing_kwargs or {})
+    ckpt.setdefault("use_reentrant", False)
+    if ckpt["use_reentrant"] and variant in ("is", "ms"):
+        raise ValueError(
+            f"reslora: variant {variant!r} carries activations between "
+            "layers, which reentrant checkpointing cannot differentiate; use "
+            "gradient_checkpointing_kwargs={'use_reentrant': False} (the default here)"
+        )
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
+    if ckpt["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
+        base.enable_input_require_grads()
+    wrap_checkpoint_functions(base)

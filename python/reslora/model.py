@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from . import checkpoints, merging, targets
+from . import checkpointing, checkpoints, merging, targets
 from .block import ResLoRALinear
 from .chain import ResLoRAChain
-from .checkpointing import PassCheckpoint
 from .config import ResLoRAConfig
 from .merging import DEFAULT_RIDGE
 from .saved_modules import ModulesToSave
@@ -35,26 +33,51 @@ _HF_ADAPTER_METHODS = {
 }
 
 
-class _Forward:
-    """The wrapper's forward, carrying the base model's signature so that tools that read it
-    (the HF Trainer drops dataset columns the forward does not name) see the real arguments.
-    It refers to its model weakly: the model is freed as soon as it is dropped."""
+_WRAPPERS: Dict[type, type] = {}
 
-    def __init__(self, owner: ResLoRAModel):
-        self.owner = weakref.ref(owner)
+
+def _wrapper_class(base_cls: type) -> type:
+    """The ResLoRAModel subclass for models of class base_cls (made once per class): its forward
+    carries base_cls.forward's signature and its name says the base class's, as tools that read
+    them from the class do (the HF Trainer finds the label names there and drops the dataset
+    columns the forward does not name; question-answering models are known by their name)."""
+    cls = _WRAPPERS.get(base_cls)
+    if cls is None:
+
+        def forward(self, *args, **kwargs):
+            return ResLoRAModel.forward(self, *args, **kwargs)
+
         try:
-            self.__signature__ = inspect.signature(owner.base_model.forward)
-        except (TypeError, ValueError):
+            forward.__signature__ = inspect.signature(base_cls.forward)
+        except (TypeError, ValueError, AttributeError):
             pass
+        forward.__doc__ = ResLoRAModel.forward.__doc__
+        name = f"ResLoRA{base_cls.__name__}"
+        cls = type(name, (ResLoRAModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        _WRAPPERS[base_cls] = cls
+    return cls
 
-    def __call__(self, *args, **kwargs):
-        return ResLoRAModel.forward(self.owner(), *args, **kwargs)
+
+def _new_wrapper(base_cls: type) -> ResLoRAModel:
+    """An empty wrapper of the class for base_cls, which pickle and copy then fill."""
+    return nn.Module.__new__(_wrapper_class(base_cls))
 
 
 class ResLoRAModel(nn.Module):
     """A model whose target linear layers are ResLoRALinear blocks linked into chains.
 
-    Attribute access falls through to the wrapped model (config, generate, ...), as with PEFT."""
+    Attribute access falls through to the wrapped model (config, generate, ...), as with PEFT.
+    An instance is of the subclass made for its base model's class (ResLoRALlamaForCausalLM,
+    say), whose forward has the base model's signature."""
+
+    def __new__(cls, model=None, config=None):
+        if (cls is ResLoRAModel or cls in _WRAPPERS.values()) and isinstance(model, nn.Module):
+            cls = _wrapper_class(type(model))
+        return super().__new__(cls)
+
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time: copies and pickles make it again from the base's class
+        return (_new_wrapper, (type(self.__dict__["_modules"]["base_model"]),), self.__getstate__())
 
     def __init__(self, model: nn.Module, config: ResLoRAConfig):
         super().__init__()
@@ -120,9 +143,8 @@ class ResLoRAModel(nn.Module):
                 current.append(name)
                 shape = s
             self._add_chain(key, part, current)
-        self.forward = _Forward(self)
         self.training = model.training
-        self._wrap_checkpoint_functions()
+        checkpointing.wrap_checkpoint_functions(self.base_model)
         # Each data-parallel rank records the norms of its own share of the batch (the merge
         # combines them): DDP must not overwrite them with rank 0's at every forward.
         self._ddp_params_and_buffers_to_ignore = [
@@ -138,14 +160,7 @@ class ResLoRAModel(nn.Module):
         setattr(parent, leaf, module)
 
     def __getstate__(self):
-        # The per-instance forward refers to this model weakly; a copy gets its own.
-        state = self.__dict__.copy()
-        state.pop("forward", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.forward = _Forward(self)
+        return self.__dict__.copy()
 
     def _add_chain(self, key: str, part: int, names: List[str]) -> None:
         cname = key if part == 0 else f"{key}#{part}"
@@ -208,10 +223,11 @@ class ResLoRAModel(nn.Module):
 
     # --- running -------------------------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):  # replaced per instance by _Forward (same behaviour)
+    def forward(self, *args, **kwargs):
+        """The wrapped model's forward, with one pass of every chain."""
         # One pass of every chain per call: begun here, ended when the wrapped model returns (or
         # raises), so no pass outlives its call. Checkpointed layers keep the pass they ran in for
-        # their recompute (see _wrap_checkpoint_functions).
+        # their recompute (checkpointing.wrap_checkpoint_functions).
         for chain in self._chains.values():
             chain.begin_pass()
         try:
@@ -264,36 +280,7 @@ class ResLoRAModel(nn.Module):
         checkpointing recomputes each layer detached from the others, which would silently cut
         the gradient the is / ms shortcuts carry between layers, so it is refused for those
         variants. Other keyword arguments (every_n_layers, ...) go to the wrapped model."""
-        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
-            raise TypeError(
-                f"reslora: gradient_checkpointing_kwargs must be a dict or None, got {gradient_checkpointing_kwargs!r}"
-            )
-        ckpt = dict(gradient_checkpointing_kwargs or {})
-        ckpt.setdefault("use_reentrant", False)
-        if ckpt["use_reentrant"] and self.reslora_config.variant in ("is", "ms"):
-            raise ValueError(
-                f"reslora: variant {self.reslora_config.variant!r} carries activations between "
-                "layers, which reentrant checkpointing cannot differentiate; use "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (the default here)"
-            )
-        base = self.base_model
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt, **kwargs)
-        if ckpt["use_reentrant"] and hasattr(base, "enable_input_require_grads"):
-            base.enable_input_require_grads()
-        self._wrap_checkpoint_functions()
-
-    def _wrap_checkpoint_functions(self) -> None:
-        """Makes every checkpoint function of the wrapped model (the `_gradient_checkpointing_func`
-        that HF layers call) recompute a layer in the pass it first ran in, so that more than one
-        forward before a backward, or a no-grad forward in between, leaves the gradients right.
-        Also done at wrapping, for checkpointing turned on before."""
-        for m in self.base_model.modules():
-            f = m.__dict__.get("_gradient_checkpointing_func")
-            if f is not None and not isinstance(f, PassCheckpoint):
-                m._gradient_checkpointing_func = PassCheckpoint(f)
+        checkpointing.enable(self.base_model, self.reslora_config.variant, gradient_checkpointing_kwargs, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs):
         """The newer transformers name of gradient_checkpointing_enable (same behaviour)."""
@@ -313,10 +300,12 @@ class ResLoRAModel(nn.Module):
     ) -> ResLoRAModel:
         """Merges the shortcuts away (in place): every block becomes a plain LoRA block.
 
-        merge: the config's merge when None; "fit" (is, ms) fits, per block, the least-squares
-        prediction of the shortcut's term from the block's own input on calibration data:
-        `inputs` is then an iterable of model inputs (a DataLoader, a list of batches) or one
-        batch, run in eval mode until max_tokens tokens (all when None; an attention_mask in a
+        inputs, for every merge: one batch or an iterable of batches (a list, a DataLoader); a
+        batch is a dict of model arguments, a tensor of input ids, or a tuple / list whose first
+        item is the ids (a DataLoader's (ids, labels): the rest is left out); its tensors go to
+        the model's device. merge: the config's merge when None; "fit" (is, ms) fits, per block,
+        the least-squares prediction of the shortcut's term from the block's own input on the
+        inputs, run in eval mode until max_tokens tokens (all when None; an attention_mask in a
         batch leaves the padding out); ridge: relative to tr(E[x x^T]) / d_in, centred on the
         input merge. chains_at_once: fit that many chains per run over the calibration batches
         (which must then be a re-iterable collection), so that only their sums are held at once:
@@ -327,8 +316,8 @@ class ResLoRAModel(nn.Module):
 
         merge_errors then holds, per block, the relative error ||y_merged - y|| / ||y|| of its
         output, and merge_delta_errors the error on the adapter's own term,
-        ||y_merged - y|| / ||y - base(x)||, on eval_inputs (one batch), else on `inputs` (its first
-        batch for fit), run once in eval mode. Without either the errors are None: no pass is kept
+        ||y_merged - y|| / ||y - base(x)||, on eval_inputs (one batch), else on the first batch of
+        `inputs`, run once in eval mode. Without either the errors are None: no pass is kept
         after its forward. Exact merges (lora, bs) give 0."""
         if self._merged:
             raise RuntimeError("reslora: the model is already merged; merge_to_lora() would apply the merge twice")
@@ -342,6 +331,7 @@ class ResLoRAModel(nn.Module):
         """Folds every block (merged first if needed) into its base weight and returns the
         wrapped model with the original layers back in place."""
         if not self._merged:
+            merging.warn_uncalibrated_fold(self.reslora_config)
             self.merge_to_lora()
         for blk in self._blocks.values():
             blk.fold(blk.scaling * (blk.lora_B @ blk.lora_A))

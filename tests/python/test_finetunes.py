@@ -165,3 +165,37 @@ def test_trainer_save_model_writes_the_adapter(tmp_path):
     _, want = accuracy(model, data)
     _, got = accuracy(back, data)
     torch.testing.assert_close(got, want)
+
+
+def test_trainer_evaluation_reports_eval_loss_and_metrics_and_keeps_the_best(tmp_path):
+    # The Trainer reads the label names from the model's class: a wrapped model must name them as
+    # its base model does, or evaluation silently returns no loss and no metrics.
+    train, held_out = classification_data(n=32, seed=0), classification_data(n=16, seed=1)
+    model = reslora.get_reslora_model(
+        make("bert"),
+        reslora.ResLoRAConfig(variant="ms", r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["query", "value"]),
+    )
+    seen = []
+
+    def compute_metrics(pred):
+        seen.append(pred.label_ids)
+        return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
+
+    args = trainer_args(
+        tmp_path,
+        num_train_epochs=2,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=train, eval_dataset=held_out, compute_metrics=compute_metrics
+    )
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and "eval_accuracy" in metrics, metrics
+    assert len(seen) == 3 and all(len(ids) == len(held_out) for ids in seen)  # 2 epochs + evaluate()
+    losses = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert metrics["eval_loss"] == pytest.approx(min(losses[:2]), rel=1e-5)  # the best checkpoint, reloaded

@@ -286,3 +286,61 @@ def test_fit_chain_by_chain_gives_the_same_merge():
         copy.deepcopy(trained_llama("is", 1)).merge_to_lora(inputs=iter(calib), merge="fit", chains_at_once=1)
     with pytest.raises(ValueError, match=r"chains_at_once must be None or an int >= 1, got 0"):
         trained_llama("is", 1).merge_to_lora(inputs=calib, merge="fit", chains_at_once=0)
+
+
+def adapter_pairs(model):
+    return {n: (b.lora_A.detach().clone(), b.lora_B.detach().clone()) for n, b in model.blocks.items()}
+
+
+@pytest.mark.parametrize("merge", ["input", "fit"])
+def test_every_merge_takes_a_batch_a_list_or_a_dataloader_of_dicts_or_tuples(merge):
+    # The forms a user has at hand give the same merge: one batch, a list of batches, a DataLoader
+    # of dicts, and a DataLoader of (ids, labels) tuples, whose labels are left out.
+    from torch.utils.data import DataLoader, TensorDataset
+
+    trained = trained_llama("is", 1)
+    ids = torch.cat([batch("llama", seed=10 + i, n=4)["input_ids"] for i in range(4)])
+    labels = torch.zeros(len(ids), dtype=torch.long)
+    dicts = [{"input_ids": ids[i : i + 4]} for i in range(0, len(ids), 4)]
+    forms = {
+        "list of dicts": dicts,
+        "dataloader of dicts": DataLoader([{"input_ids": row} for row in ids], batch_size=4),
+        "dataloader of tuples": DataLoader(TensorDataset(ids, labels), batch_size=4),
+        "list of tensors": [ids[i : i + 4] for i in range(0, len(ids), 4)],
+    }
+    if merge == "input":  # the non-fit merges use one batch (for the merge errors)
+        forms = {"one batch": dicts[0], "one tuple": (ids[:4], labels[:4]), **forms}
+    want = None
+    for name, inputs in forms.items():
+        model = copy.deepcopy(trained)
+        model.merge_to_lora(inputs=inputs, merge=merge)
+        assert all(e is not None for e in model.merge_errors.values()), name  # measured on the first batch
+        got = adapter_pairs(model)
+        if want is None:
+            want, errors = got, model.merge_errors
+            continue
+        for n in want:
+            torch.testing.assert_close(got[n], want[n], msg=lambda m, name=name: f"{name}: {m}")
+        assert model.merge_errors == pytest.approx(errors), name
+
+
+@pytest.mark.parametrize("variant,warns", [("lora", False), ("bs", False), ("is", True), ("ms", True)])
+def test_merge_and_unload_of_an_unmerged_is_or_ms_model_warns_and_says_how_to_fit(variant, warns):
+    import warnings
+
+    model = trained_llama(variant, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_and_unload()
+    said = [str(w.message) for w in caught if "merge_and_unload()" in str(w.message)]
+    if not warns:
+        assert said == []
+        return
+    assert len(said) == 1 and f"on an unmerged {variant!r} model" in said[0], said
+    assert "merge_to_lora(merge='fit', inputs=calibration_batches)" in said[0]
+    fitted = trained_llama(variant, 1)
+    fitted.merge_to_lora(merge="fit", inputs=[batch("llama", seed=s, n=4) for s in range(8)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted.merge_and_unload()  # merged first: nothing to say
+    assert not [w for w in caught if "merge_and_unload()" in str(w.message)]
