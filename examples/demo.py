@@ -14,7 +14,7 @@ import torch
 
 import reslora
 
-VARIANTS = [("lora", 0), ("is", 1), ("bs", 1), ("ms", 1)]
+VARIANTS = [("lora", 1), ("is", 1), ("bs", 1), ("ms", 1)]
 
 
 def base_model(vocab):
@@ -50,7 +50,7 @@ def train(variant, pre_num, base, args):
         r=8,
         lora_alpha=16,
         lora_dropout=0.05,
-        pre_num=max(pre_num, 1),
+        pre_num=pre_num,
         target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
     )
     model = reslora.get_reslora_model(copy.deepcopy(base), cfg).to(args.device)

@@ -36,6 +36,8 @@ ResLoRALinearImpl::ResLoRALinearImpl(const torch::Tensor& w, const torch::Tensor
                                      ResLoRAOptions options)
     : options_(std::move(options)) {
   validate(options_);
+  if (const std::string warning = option_warning(options_); !warning.empty())
+    TORCH_WARN_ONCE(warning);
   TORCH_CHECK(w.defined() && w.dim() == 2,
               "reslora: weight must be a 2-D tensor [d_out, d_in], got ",
               w.defined() ? w.sizes() : at::IntArrayRef{});

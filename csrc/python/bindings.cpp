@@ -213,6 +213,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("pre_num"), py::arg("stats_window"),
       "Raises ValueError naming the option, the expected and the received value.");
   m.def(
+      "option_warning",
+      [](const py::handle& variant, const py::handle& r, const py::handle& lora_alpha,
+         const py::handle& lora_dropout, const py::handle& pre_num,
+         const py::handle& stats_window) {
+        return reslora::option_warning(
+            options_from_py(variant, r, lora_alpha, lora_dropout, pre_num, stats_window));
+      },
+      py::arg("variant"), py::arg("r"), py::arg("lora_alpha"), py::arg("lora_dropout"),
+      py::arg("pre_num"), py::arg("stats_window"),
+      "What to warn about for legal options that are likely a mistake; empty when none.");
+  m.def(
       "check_link",
       [](const std::string& chain, int64_t position, const std::string& head_variant,
          int64_t head_r, double head_alpha, int64_t head_pre_num, int64_t head_d_out,

@@ -55,6 +55,23 @@ void validate(const ResLoRAOptions& o) {
   TORCH_CHECK_VALUE(o.stats_window() >= 1, option_error("stats_window", str(o.stats_window())));
 }
 
+std::string option_warning(const ResLoRAOptions& o) {
+  const std::string variant = to_string(o.variant());
+  if ((o.variant() == Variant::kLoRA || o.variant() == Variant::kIS) && o.pre_num() != 1) {
+    return "reslora: pre_num = " + std::to_string(o.pre_num()) + " is ignored by the '" + variant +
+           "' variant (" +
+           (o.variant() == Variant::kIS ? "is always reads the previous block's input"
+                                        : "lora has no shortcut") +
+           "); pre_num sets how many earlier blocks a 'bs' or 'ms' shortcut reaches";
+  }
+  if ((o.variant() == Variant::kBS || o.variant() == Variant::kMS) && o.pre_num() == 0) {
+    return "reslora: pre_num = 0 links no earlier block, so a '" + variant +
+           "' model trains as plain LoRA; use variant='lora' for that, or pre_num >= 1 (-1 for "
+           "every earlier block)";
+  }
+  return "";
+}
+
 void check_link(const std::string& chain, int64_t n, const ResLoRAOptions& h, int64_t head_d_out,
                 int64_t head_d_in, const ResLoRAOptions& o, int64_t d_out, int64_t d_in) {
   TORCH_CHECK_VALUE(n >= 0, "reslora: chain '", chain, "': position must be >= 0, got ", n);

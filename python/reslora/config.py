@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -129,6 +130,11 @@ class ResLoRAConfig:
 
     def __post_init__(self):
         _C.validate_options(self.variant, self.r, self.lora_alpha, self.lora_dropout, self.pre_num, self.stats_window)
+        warning = _C.option_warning(
+            self.variant, self.r, self.lora_alpha, self.lora_dropout, self.pre_num, self.stats_window
+        )
+        if warning:
+            warnings.warn(warning, stacklevel=3)
         allowed = MERGES[self.variant]
         if self.merge is None:
             self.merge = allowed[0]

@@ -115,8 +115,9 @@ def merge_chain(
     if (head.variant, merge) in (("is", "input"), ("ms", "input"), ("ms", "mid")):
         empty = [i for i, blk in enumerate(blocks) if int(blk.stats_count.item()) == 0]
         if empty:
+            chain = head.links.name if head.links is not None else "(unlinked blocks)"
             warnings.warn(
-                f"reslora: the {head.variant!r} / {merge!r} merge averages norms recorded in "
+                f"reslora: chain {chain!r}: the {head.variant!r} / {merge!r} merge averages norms recorded in "
                 f"training forwards, and blocks {empty} have none (no training forward ran): "
                 "their ratios are taken as 1",
                 stacklevel=3,

@@ -95,6 +95,7 @@ class ResLoRAModel(nn.Module):
         self.merge_errors: Dict[str, Optional[float]] = {}
         self.merge_delta_errors: Dict[str, Optional[float]] = {}
         self._merged = False
+        self._unloaded = False
         saved = targets.modules_to_save(model, config)
         names = targets.targets(model, config, saved)
         for p in model.parameters():
@@ -218,8 +219,18 @@ class ResLoRAModel(nn.Module):
             self._replace(name, wrapper.modules_to_save)
         self._blocks.clear()
         self._chains.clear()
+        self._chain_paths.clear()
         self._saved_modules.clear()
+        self._unloaded = True
         return self.base_model
+
+    def _check_not_unloaded(self, call: str) -> None:
+        if self._unloaded:
+            raise RuntimeError(
+                f"reslora: {call} after unload(): unload() put the original layers back and dropped "
+                "the adapter, so there is nothing to merge or save; wrap the model again "
+                "(get_reslora_model) to adapt it"
+            )
 
     # --- running -------------------------------------------------------------------------------
 
@@ -319,6 +330,7 @@ class ResLoRAModel(nn.Module):
         ||y_merged - y|| / ||y - base(x)||, on eval_inputs (one batch), else on the first batch of
         `inputs`, run once in eval mode. Without either the errors are None: no pass is kept
         after its forward. Exact merges (lora, bs) give 0."""
+        self._check_not_unloaded("merge_to_lora()")
         if self._merged:
             raise RuntimeError("reslora: the model is already merged; merge_to_lora() would apply the merge twice")
         errors = merging.merge_model(self, inputs, merge, eval_inputs, ridge, max_tokens, chains_at_once, sequential)
@@ -330,6 +342,7 @@ class ResLoRAModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Folds every block (merged first if needed) into its base weight and returns the
         wrapped model with the original layers back in place."""
+        self._check_not_unloaded("merge_and_unload()")
         if not self._merged:
             merging.warn_uncalibrated_fold(self.reslora_config)
             self.merge_to_lora()
@@ -365,6 +378,7 @@ class ResLoRAModel(nn.Module):
         it on every rank. The sharded parameters are gathered, the merge statistics of all ranks
         combined (so a merge of the checkpoint on one process equals the distributed merge), rank
         0 writes and the others wait for it."""
+        self._check_not_unloaded("save_pretrained()")
         checkpoints.save(self, save_directory, format, **kwargs)
 
     @classmethod

@@ -9,6 +9,7 @@
 
 #include "reslora/modules.h"
 #include "reslora/ops.h"
+#include "reslora/rules.h"
 #include "reslora/version.h"
 
 using reslora::MergeKind;
@@ -348,6 +349,23 @@ void expect_error(F f, const std::string& needle) {
     EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
         << "message: " << e.what() << "\nexpected to contain: " << needle;
   }
+}
+
+TEST(Modules, LikelyMistakesAreWarnedNotRefused) {
+  // Legal options that are likely a mistake: one wording for every front end (the Python config
+  // warns with it too); the modules are built all the same.
+  EXPECT_EQ(reslora::option_warning(ResLoRAOptions(4).variant(Variant::kIS).pre_num(3)),
+            "reslora: pre_num = 3 is ignored by the 'is' variant (is always reads the previous "
+            "block's input); pre_num sets how many earlier blocks a 'bs' or 'ms' shortcut reaches");
+  EXPECT_EQ(
+      reslora::option_warning(ResLoRAOptions(4).variant(Variant::kMS).pre_num(0)),
+      "reslora: pre_num = 0 links no earlier block, so a 'ms' model trains as plain LoRA; use "
+      "variant='lora' for that, or pre_num >= 1 (-1 for every earlier block)");
+  EXPECT_EQ(reslora::option_warning(ResLoRAOptions(4).variant(Variant::kMS).pre_num(-1)), "");
+  EXPECT_EQ(reslora::option_warning(ResLoRAOptions(4).variant(Variant::kIS)), "");
+  ResLoRALinear block(torch::randn({4, 4}), torch::Tensor(),
+                      ResLoRAOptions(2).variant(Variant::kBS).pre_num(0));
+  EXPECT_EQ(block->lora_A.size(0), 2);
 }
 
 TEST(Modules, BadInputMessages) {

@@ -39,6 +39,13 @@ def seq(n=2, **kw):
     )
 
 
+def unloaded():
+    model = seq(variant="is")
+    model.unload()
+    assert model.chains == {}  # the chains went with the blocks
+    return model
+
+
 def llama(**kw):
     return reslora.get_reslora_model(make("llama"), C(r=2, **kw))
 
@@ -208,6 +215,18 @@ CASES = [
      "reslora: chain 'model.layers.*.self_attn.q_proj': block 1 must have the head's (r, lora_alpha, pre_num) = (2, 16, 1), got (2, 4, 1)"),
     ('wrapping: seq_cls causal', lambda: llama(target_modules=["q_proj"], task_type="SEQ_CLS"), UserWarning,
      "reslora: task_type 'SEQ_CLS' trains the model's head in full, but LlamaForCausalLM has no module named 'classifier' or 'score': name the head in modules_to_save (or is this the right model class?)"),
+    ('config: pre_num for is', lambda: C(variant="is", pre_num=3), UserWarning,
+     "reslora: pre_num = 3 is ignored by the 'is' variant (is always reads the previous block's input); pre_num sets how many earlier blocks a 'bs' or 'ms' shortcut reaches"),
+    ('config: pre_num for lora', lambda: C(variant="lora", pre_num=0), UserWarning,
+     "reslora: pre_num = 0 is ignored by the 'lora' variant (lora has no shortcut); pre_num sets how many earlier blocks a 'bs' or 'ms' shortcut reaches"),
+    ('config: pre_num 0 for ms', lambda: C(variant="ms", pre_num=0), UserWarning,
+     "reslora: pre_num = 0 links no earlier block, so a 'ms' model trains as plain LoRA; use variant='lora' for that, or pre_num >= 1 (-1 for every earlier block)"),
+    ('merge: after unload', lambda: unloaded().merge_to_lora(), RuntimeError,
+     "reslora: merge_to_lora() after unload(): unload() put the original layers back and dropped the adapter, so there is nothing to merge or save; wrap the model again (get_reslora_model) to adapt it"),
+    ('save: after unload', lambda: unloaded().save_pretrained(TMP), RuntimeError,
+     "reslora: save_pretrained() after unload(): unload() put the original layers back and dropped the adapter, so there is nothing to merge or save; wrap the model again (get_reslora_model) to adapt it"),
+    ('merge: merge_and_unload after unload', lambda: unloaded().merge_and_unload(), RuntimeError,
+     "reslora: merge_and_unload() after unload(): unload() put the original layers back and dropped the adapter, so there is nothing to merge or save; wrap the model again (get_reslora_model) to adapt it"),
     ('wrapping: bias lora_only no bias', lambda: llama(target_modules=["q_proj"], bias="lora_only"), UserWarning,
      "reslora: bias='lora_only' trains no bias: none of the adapted layers has one"),
     ('wrapping: target embed regex', lambda: llama(target_modules=r".*embed_tokens"), ValueError,

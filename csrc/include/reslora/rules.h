@@ -31,6 +31,11 @@ std::string option_error(const std::string& option, const std::string& received)
 // Throws naming the option, the expected and the received value.
 void validate(const ResLoRAOptions& options);
 
+// For legal options that are likely a mistake, what to say (a warning); empty when none: a
+// pre_num the variant ignores (lora, is), and pre_num = 0 for bs / ms, which links no earlier
+// block and so trains plain LoRA.
+std::string option_warning(const ResLoRAOptions& options);
+
 // Throws unless a block with `block` options and shape [d_out, d_in] may follow the head of
 // chain `chain` as its block `position`: the same variant; for the shortcut variants also the
 // head's shape, r, lora_alpha and pre_num.
