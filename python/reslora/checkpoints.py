@@ -62,6 +62,11 @@ def decode(t, where: str) -> dict:
     return d
 
 
+def has_checkpoint(d) -> bool:
+    """Whether directory d holds a ResLoRA checkpoint file (save_pretrained's or the Trainer's)."""
+    return any(os.path.isfile(os.path.join(d, name)) for name in (CHECKPOINT_FILE, TRAINER_FILE))
+
+
 def locate(d: str) -> str:
     """The state-dict file of a save directory: reslora's own, or the HF Trainer's."""
     for name in (CHECKPOINT_FILE, TRAINER_FILE):

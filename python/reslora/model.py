@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from . import checkpointing, checkpoints, merging, targets
+from . import checkpointing, checkpoints, merging, peft_adapters, targets
 from .block import ResLoRALinear
 from .chain import ResLoRAChain
 from .config import ResLoRAConfig
@@ -382,10 +382,16 @@ class ResLoRAModel(nn.Module):
         checkpoints.save(self, save_directory, format, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, save_directory: str) -> ResLoRAModel:
+    def from_pretrained(
+        cls, model: nn.Module, save_directory: str, config: Optional[ResLoRAConfig] = None
+    ) -> ResLoRAModel:
         """Wraps `model` as the checkpoint in save_directory says and loads its adapters and
         statistics, ready to resume training or to merge. save_directory: a save_pretrained()
-        directory or an HF Trainer checkpoint folder (checkpoint-N, or save_model()'s)."""
+        directory or an HF Trainer checkpoint folder (checkpoint-N, or save_model()'s). A PEFT
+        LoRA adapter directory is continued as ResLoRA with `config` (its variant; the adapter's
+        values are taken over, as get_reslora_model does for a PeftModel)."""
+        if peft_adapters.is_peft_adapter_dir(save_directory) and not checkpoints.has_checkpoint(save_directory):
+            return peft_adapters.from_peft_adapter_dir(model, save_directory, config)
         description, tensors = checkpoints.read(save_directory)
         out = cls(model, ResLoRAConfig.from_dict(description["config"]))
         checkpoints.load_into(out, description, tensors)
@@ -401,5 +407,10 @@ class ResLoRAModel(nn.Module):
 
 def get_reslora_model(model: nn.Module, config: ResLoRAConfig) -> ResLoRAModel:
     """Wraps the target linear layers of `model` with ResLoRA blocks (base weights frozen) and
-    links them into chains: one per projection, ordered by the layer index in the module path."""
+    links them into chains: one per projection, ordered by the layer index in the module path.
+    A peft.PeftModel with a LoRA adapter is continued: the adapter's A, B, scaling, targets,
+    biases and modules to save are taken over, and the config gives the variant (with "lora" the
+    outputs equal the adapter's)."""
+    if peft_adapters.is_peft_model(model):
+        return peft_adapters.from_peft_model(model, config)
     return ResLoRAModel(model, config)

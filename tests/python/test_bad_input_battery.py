@@ -39,6 +39,16 @@ def seq(n=2, **kw):
     )
 
 
+def peft_model(kind):
+    import peft
+
+    if kind == "ia3":
+        return peft.get_peft_model(make("llama"), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    model = peft.get_peft_model(make("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    return model
+
+
 def unloaded():
     model = seq(variant="is")
     model.unload()
@@ -215,6 +225,10 @@ CASES = [
      "reslora: chain 'model.layers.*.self_attn.q_proj': block 1 must have the head's (r, lora_alpha, pre_num) = (2, 16, 1), got (2, 4, 1)"),
     ('wrapping: seq_cls causal', lambda: llama(target_modules=["q_proj"], task_type="SEQ_CLS"), UserWarning,
      "reslora: task_type 'SEQ_CLS' trains the model's head in full, but LlamaForCausalLM has no module named 'classifier' or 'score': name the head in modules_to_save (or is this the right model class?)"),
+    ('wrapping: peft ia3', lambda: reslora.get_reslora_model(peft_model("ia3"), C()), ValueError,
+     "reslora: only a plain PEFT LoRA adapter can be continued as ResLoRA, got a IA3 adapter"),
+    ('wrapping: peft two adapters', lambda: reslora.get_reslora_model(peft_model("two"), C()), ValueError,
+     "reslora: a PEFT model continued as ResLoRA must hold one adapter, got ['default', 'second']"),
     ('config: pre_num for is', lambda: C(variant="is", pre_num=3), UserWarning,
      "reslora: pre_num = 3 is ignored by the 'is' variant (is always reads the previous block's input); pre_num sets how many earlier blocks a 'bs' or 'ms' shortcut reaches"),
     ('config: pre_num for lora', lambda: C(variant="lora", pre_num=0), UserWarning,

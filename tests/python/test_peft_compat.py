@@ -87,3 +87,72 @@ def test_exported_adapter_names_its_task_type(tmp_path, name, task):
         loaded.eval()
         model.eval()
         torch.testing.assert_close(logits(loaded), logits(model), rtol=1e-5, atol=1e-5)
+
+
+def trained_peft(name="llama", modules_to_save=None, task_type=None):
+    """A PEFT LoRA model with a nonzero adapter (B random), as after some training."""
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS[name], modules_to_save=modules_to_save, task_type=task_type
+    )
+    model = peft.get_peft_model(make(name), cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+            if "modules_to_save" in n:
+                p.add_(0.1)  # the trained head differs from the original one
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_a_peft_lora_adapter_continues_as_reslora_lora_with_equal_outputs(name):
+    head = ["classifier"] if name == "bert" else None
+    theirs = trained_peft(name, modules_to_save=head, task_type="SEQ_CLS" if name == "bert" else None)
+    ids = batch(name, seed=3)["input_ids"]
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+        original_head = theirs.get_base_model().classifier.original_module.weight.clone() if head else None
+    ours = reslora.get_reslora_model(theirs, reslora.ResLoRAConfig(variant="lora"))
+    assert isinstance(ours, reslora.ResLoRAModel)
+    assert ours.reslora_config.r == 4 and ours.reslora_config.lora_alpha == 8
+    assert sorted(ours.blocks) == sorted(ours.reslora_config.target_modules)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    assert not any(isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)) for m in ours.modules())  # no PEFT layer
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, want, rtol=1e-6, atol=1e-6)
+    if head:  # the trained head trains on, the original stays for disable_adapter()
+        assert sorted(ours.saved_modules) == ["classifier"]
+        assert torch.equal(ours.saved_modules["classifier"].original_module.weight, original_head)
+    # and it trains as ResLoRA: A and B get gradients
+    ours.train()
+    out = ours(**batch(name, seed=4))
+    out.loss.backward()
+    assert all(b.lora_A.grad is not None and b.lora_B.grad is not None for b in ours.blocks.values())
+
+
+@pytest.mark.parametrize("variant,pre_num", [("is", 1), ("bs", -1), ("ms", -1)])
+def test_a_peft_adapter_starts_a_shortcut_variant_from_its_weights_and_says_what_changes(variant, pre_num, tmp_path):
+    theirs = trained_peft()
+    pairs = {
+        n.split("base_model.model.", 1)[1].rsplit(".lora_A", 1)[0]: p.detach().clone()
+        for n, p in theirs.named_parameters()
+        if "lora_A" in n
+    }
+    theirs.save_pretrained(str(tmp_path))
+    cfg = reslora.ResLoRAConfig(variant=variant, pre_num=pre_num)
+    with pytest.warns(UserWarning, match=rf"the PEFT adapter's A and B start a '{variant}' model"):
+        ours = reslora.get_reslora_model(theirs, cfg)
+    for path, a in pairs.items():
+        assert torch.equal(ours.blocks[path].lora_A, a)
+    # the same from the adapter's directory, with the config to continue it with
+    with pytest.warns(UserWarning, match="start a"):
+        again = reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path), config=cfg)
+    for path, blk in ours.blocks.items():
+        assert torch.equal(again.blocks[path].lora_A, blk.lora_A)
+        assert torch.equal(again.blocks[path].lora_B, blk.lora_B)
+    with pytest.raises(ValueError, match=r"holds a PEFT adapter, not a ResLoRA checkpoint: give the ResLoRAConfig"):
+        reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path))
