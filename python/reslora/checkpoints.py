@@ -248,3 +248,58 @@ def ignore_missing_base_keys(module, incompatible_keys) -> None:
     incompatible_keys.missing_keys[:] = [
         k for k in incompatible_keys.missing_keys if not k.startswith(base) or k in keep
     ]
+
+
+# --- the Hub --------------------------------------------------------------------------------
+
+
+def model_card(model) -> str:
+    """README.md for the Hub: the metadata the Hub reads (library, base model, tags) and a line on
+    what the files are. A merged model's files are a PEFT LoRA adapter; an unmerged one's a ResLoRA
+    checkpoint."""
+    config = getattr(model.get_base_model(), "config", None)
+    base = getattr(config, "_name_or_path", None) or None
+    variant = model.reslora_config.variant
+    library = "peft" if model.merged else "reslora"
+    lines = ["---", f"library_name: {library}"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines += ["tags:", "- reslora", "- lora", f"- reslora-{variant}", "---", ""]
+    if model.merged:
+        what = (
+            f"A LoRA adapter trained with ResLoRA (variant {variant}) and merged into plain LoRA: "
+            "load it with `peft.PeftModel.from_pretrained(base_model, repo_id)`."
+        )
+    else:
+        what = (
+            f"A ResLoRA checkpoint (variant {variant}): load it with "
+            "`reslora.ResLoRAModel.from_pretrained(base_model, path)` to train on or merge "
+            "(`merge_to_lora()`), after which `save_pretrained` writes a PEFT LoRA adapter."
+        )
+    return "\n".join(lines) + what + "\n"
+
+
+def push_to_hub(model, repo_id: str, commit_message=None, private=None, token=None, revision=None, create_pr=False):
+    """ResLoRAModel.push_to_hub's work: what save_pretrained writes, with a model card."""
+    import tempfile
+
+    from huggingface_hub import HfApi
+
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(f"reslora: repo_id must be a non-empty string (user/name), got {repo_id!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "upload")
+        save(model, folder)
+        with open(os.path.join(folder, "README.md"), "w") as f:
+            f.write(model_card(model))
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        what = "PEFT LoRA adapter" if model.merged else "ResLoRA checkpoint"
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message or f"Upload {what}",
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
+        )

@@ -5,14 +5,13 @@ blocks, links them into chains and runs them; merging (reslora.merging), saving 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-from . import checkpointing, checkpoints, merging, peft_adapters, targets
+from . import checkpointing, checkpoints, classes, merging, peft_adapters, targets
 from .block import ResLoRALinear
 from .chain import ResLoRAChain
 from .config import ResLoRAConfig
@@ -33,29 +32,8 @@ _HF_ADAPTER_METHODS = {
 }
 
 
-_WRAPPERS: Dict[type, type] = {}
-
-
 def _wrapper_class(base_cls: type) -> type:
-    """The ResLoRAModel subclass for models of class base_cls (made once per class): its forward
-    carries base_cls.forward's signature and its name says the base class's, as tools that read
-    them from the class do (the HF Trainer finds the label names there and drops the dataset
-    columns the forward does not name; question-answering models are known by their name)."""
-    cls = _WRAPPERS.get(base_cls)
-    if cls is None:
-
-        def forward(self, *args, **kwargs):
-            return ResLoRAModel.forward(self, *args, **kwargs)
-
-        try:
-            forward.__signature__ = inspect.signature(base_cls.forward)
-        except (TypeError, ValueError, AttributeError):
-            pass
-        forward.__doc__ = ResLoRAModel.forward.__doc__
-        name = f"ResLoRA{base_cls.__name__}"
-        cls = type(name, (ResLoRAModel,), {"forward": forward, "__module__": __name__, "__qualname__": name})
-        _WRAPPERS[base_cls] = cls
-    return cls
+    return classes.wrapper_class(ResLoRAModel, base_cls)
 
 
 def _new_wrapper(base_cls: type) -> ResLoRAModel:
@@ -71,7 +49,7 @@ class ResLoRAModel(nn.Module):
     say), whose forward has the base model's signature."""
 
     def __new__(cls, model=None, config=None):
-        if (cls is ResLoRAModel or cls in _WRAPPERS.values()) and isinstance(model, nn.Module):
+        if (cls is ResLoRAModel or classes.is_wrapper_class(cls)) and isinstance(model, nn.Module):
             cls = _wrapper_class(type(model))
         return super().__new__(cls)
 
@@ -380,6 +358,17 @@ class ResLoRAModel(nn.Module):
         0 writes and the others wait for it."""
         self._check_not_unloaded("save_pretrained()")
         checkpoints.save(self, save_directory, format, **kwargs)
+
+    def push_to_hub(
+        self, repo_id: str, commit_message=None, private=None, token=None, revision=None, create_pr=False, **kwargs
+    ):
+        """Uploads what save_pretrained writes (a PEFT LoRA adapter after merge_to_lora(), else a
+        ResLoRA checkpoint) with a model card, to the Hub repository repo_id (made if missing):
+        the adapter, never the wrapped model's weights. Returns huggingface_hub's CommitInfo."""
+        self._check_not_unloaded("push_to_hub()")
+        if kwargs:
+            raise TypeError(f"reslora: push_to_hub got unexpected keyword arguments {sorted(kwargs)}")
+        return checkpoints.push_to_hub(self, repo_id, commit_message, private, token, revision, create_pr)
 
     @classmethod
     def from_pretrained(

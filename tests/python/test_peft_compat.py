@@ -4,6 +4,7 @@ model rather than the wrapped one (or transformers' own PEFT glue)."""
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -156,3 +157,42 @@ def test_a_peft_adapter_starts_a_shortcut_variant_from_its_weights_and_says_what
         assert torch.equal(again.blocks[path].lora_B, blk.lora_B)
     with pytest.raises(ValueError, match=r"holds a PEFT adapter, not a ResLoRA checkpoint: give the ResLoRAConfig"):
         reslora.ResLoRAModel.from_pretrained(make("llama"), str(tmp_path))
+
+
+def test_push_to_hub_uploads_the_adapter_with_a_model_card(monkeypatch, tmp_path):
+    # The Hub is mocked where the upload would go: what a user's push would send, file by file.
+    import shutil
+
+    import huggingface_hub
+
+    sent = []
+
+    def create_repo(self, repo_id, **kw):
+        sent.append(("create", repo_id, kw.get("private"), kw.get("exist_ok")))
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        dest = tmp_path / f"upload{len(sent)}"
+        shutil.copytree(folder_path, dest)
+        sent.append(("upload", repo_id, dest, kw.get("commit_message")))
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    model, ref = wrapped()
+    assert model.push_to_hub("me/ckpt", private=True) == "commit-info"  # before merging: the checkpoint
+    _, repo, folder, message = sent[-1]
+    assert sent[0] == ("create", "me/ckpt", True, True) and repo == "me/ckpt"
+    assert sorted(os.listdir(folder)) == ["README.md", "reslora_config.json", "reslora_model.safetensors"]
+    assert "library_name: reslora" in (folder / "README.md").read_text() and message == "Upload ResLoRA checkpoint"
+    model.merge_to_lora()
+    model.push_to_hub("me/adapter")
+    _, _, folder, message = sent[-1]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft\n") and "- reslora-is" in card
+    assert os.path.getsize(folder / "adapter_model.safetensors") < 50_000  # the adapter, not the model
+    loaded = peft.PeftModel.from_pretrained(ref, str(folder)).eval()  # what was sent loads in PEFT
+    model.eval()
+    ids = batch("llama", seed=5)["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
