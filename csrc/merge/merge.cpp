@@ -91,7 +91,7 @@ at::Tensor fit_increment(const MergeBlock& b, int64_t n, const at::Tensor& M0, d
                     "calibration statistics of block ",
                     n,
                     " (merge_to_lora(merge='fit', inputs=...) "
-                    "gathers them), got none");
+                    "gathers them in Python, ResLoRAChain::calibrate in C++), got none");
   TORCH_CHECK_VALUE(b.xx.dim() == 2 && b.xx.size(0) == d && b.xx.size(1) == d,
                     "reslora: merge 'fit': "
                     "block ",

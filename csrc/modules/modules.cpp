@@ -263,12 +263,15 @@ std::vector<LoRAPair> ResLoRAChainImpl::merged_lora() const {
 }
 
 void ResLoRAChainImpl::merge_to_lora(MergeKind merge, double ridge) {
+  TORCH_CHECK(!merged_, "reslora: chain '", name_,
+              "' is already merged; merge_to_lora() would apply the merge twice");
   const auto pairs = merged_lora(merge, ridge);
   for (size_t i = 0; i < blocks_.size(); ++i) blocks_[i]->load_lora(pairs[i].A, pairs[i].B);
   state_->end();
   fit_xx_.clear();
   fit_zx_.clear();
   fit_tokens_ = 0;
+  merged_ = true;
 }
 
 void ResLoRAChainImpl::merge_to_lora() {

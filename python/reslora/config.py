@@ -128,6 +128,15 @@ class ResLoRAConfig:
     use_rslora: bool = False
     init_lora_weights: Union[bool, str] = True
 
+    @property
+    def base_model_name_or_path(self):
+        # What peft.get_peft_model reads first of a PEFT config: say what to call instead.
+        raise AttributeError(
+            "reslora: a ResLoRAConfig is not a PEFT config, so peft.get_peft_model cannot use it: "
+            "wrap the model with reslora.get_reslora_model(model, config) (after merge_to_lora(), "
+            "its save_pretrained writes an adapter that PEFT loads)"
+        )
+
     def __post_init__(self):
         _C.validate_options(self.variant, self.r, self.lora_alpha, self.lora_dropout, self.pre_num, self.stats_window)
         warning = _C.option_warning(

@@ -290,3 +290,16 @@ def warn_uncalibrated_fold(config) -> None:
         "merge_to_lora(merge='fit', inputs=calibration_batches) first, then merge_and_unload()",
         stacklevel=4,
     )
+
+
+def warn_quantized_fold(blocks) -> None:
+    """Folding into quantized base weights quantizes them again (as PEFT warns)."""
+    kinds = sorted({type(b.base_layer.weight).__name__ for b in blocks if b.opaque})
+    if kinds:
+        warnings.warn(
+            f"reslora: merge_and_unload() folds the adapter into quantized base weights ({', '.join(kinds)}), "
+            "which are quantized again: the merged model's outputs differ from the unmerged one's by "
+            "about the quantization's own rounding; for exact outputs serve the adapter on the "
+            "quantized base, or fold into a dense copy of the base",
+            stacklevel=4,
+        )

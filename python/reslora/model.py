@@ -324,6 +324,7 @@ class ResLoRAModel(nn.Module):
         if not self._merged:
             merging.warn_uncalibrated_fold(self.reslora_config)
             self.merge_to_lora()
+        merging.warn_quantized_fold(self._blocks.values())
         for blk in self._blocks.values():
             blk.fold(blk.scaling * (blk.lora_B @ blk.lora_A))
         return self.unload()

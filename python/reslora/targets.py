@@ -117,6 +117,12 @@ def targets(model: nn.Module, config: ResLoRAConfig, saved: Sequence[str] = ()) 
                 else ""
             )
             + (f" of layers_pattern {config.layers_pattern!r}" if config.layers_pattern is not None else "")
+            + (
+                "; a string is a regular expression that must match a whole module path (PEFT's "
+                "rule), such as r'.*\\.q_proj'; a list names modules or path suffixes"
+                if isinstance(config.target_modules, str) and config.target_modules != "all-linear"
+                else ""
+            )
         )
     return names
 

@@ -395,6 +395,9 @@ TEST(Modules, BadInputMessages) {
         "4]");
     expect_error([&] { chain->merge_to_lora(MergeKind::kMid); },
                  "merge 'mid' does not apply to variant 'is'; expected one of 'input', 'weight'");
+    chain->merge_to_lora(MergeKind::kInput);
+    expect_error([&] { chain->merge_to_lora(MergeKind::kInput); },
+                 "chain 'q_proj' is already merged; merge_to_lora() would apply the merge twice");
   }
   {
     ResLoRAChain chain("v_proj");

@@ -89,6 +89,7 @@ class ResLoRAChainImpl : public torch::nn::Module {
   std::vector<ResLoRALinear> blocks_;
   std::vector<torch::Tensor> fit_xx_, fit_zx_;  // calibrate()'s sums, per block
   int64_t fit_tokens_ = 0;
+  bool merged_ = false;  // merge_to_lora() ran: the blocks are plain LoRA
 };
 TORCH_MODULE(ResLoRAChain);
 
