@@ -8,24 +8,13 @@ from torch import nn
 import reslora
 from reslora import _C  # noqa: F401
 
-from bad_input_helpers import (  # noqa: F401  (the cases' lambdas use them)
-    FIT,
+from bad_input_helpers import (
     TMP,
-    XM,
-    A,
-    B,
     C,
-    W,
     lin,
     llama,
-    merge2,
-    ops,
     peft_model,
-    saved,
-    seq,
     unloaded,
-    x,
-    z,
 )
 from hf_models import batch, make  # noqa: F401
 from seeds import S  # noqa: F401
