@@ -33,8 +33,16 @@ def peft_model(kind):
     if kind == "ia3":
         return peft.get_peft_model(make("llama"), peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     model = peft.get_peft_model(make("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    if kind == "two":
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["v_proj"]))
     return model
+
+
+def peft_dir():
+    """A saved PEFT LoRA adapter directory."""
+    d = os.path.join(TMP, "peft-adapter")
+    peft_model("lora").save_pretrained(d)
+    return d
 
 
 def unloaded():

@@ -173,7 +173,9 @@ def test_trainer_evaluation_reports_eval_loss_and_metrics_and_keeps_the_best(tmp
     train, held_out = classification_data(n=32, seed=0), classification_data(n=16, seed=1)
     model = reslora.get_reslora_model(
         make("bert"),
-        reslora.ResLoRAConfig(variant="ms", r=4, lora_alpha=8, task_type="SEQ_CLS", target_modules=["query", "value"]),
+        reslora.ResLoRAConfig(
+            variant="ms", r=4, lora_alpha=8, lora_dropout=0.1, task_type="SEQ_CLS", target_modules=["query", "value"]
+        ),
     )
     seen = []
 
