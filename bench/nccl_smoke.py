@@ -78,7 +78,7 @@ def main():
         for engine in ("fsdp2", "ddp"):
             model = model_for(variant, pre_num)
             if engine == "fsdp2":
-                for layer in model.base_model.model.layers:
+                for layer in model.get_base_model().model.layers:
                     fully_shard(layer, mesh=mesh)
                 fully_shard(model, mesh=mesh)
                 run = model

@@ -21,6 +21,8 @@ CHECKPOINT_CONFIG = "reslora_config.json"
 TRAINER_FILE = "model.safetensors"  # what the HF Trainer writes for a model it does not know
 EXTRA_STATE = "_extra_state"
 FORMAT = "2"
+PREFIX = "model."  # a ResLoRAModel's state-dict keys: its wrapped model's, under this prefix
+LEGACY_PREFIX = "base_model."  # the prefix of reslora 0.2's checkpoints, read too
 
 # The config fields that change what the adapter is; the others (lora_dropout, merge, targets:
 # the chains stand for those) may differ when a checkpoint is loaded.
@@ -179,7 +181,7 @@ def save(model, save_directory, format: Optional[str] = None, **kwargs) -> None:
         name, meta = CHECKPOINT_FILE, {"format": "pt", "reslora_format": FORMAT}
         for path, blk in model.blocks.items():  # the whole batch's statistics (collective)
             x, z = combined_stats(blk)
-            tensors[f"base_model.{path}.x_norms"], tensors[f"base_model.{path}.z_norms"] = x, z
+            tensors[f"{PREFIX}{path}.x_norms"], tensors[f"{PREFIX}{path}.z_norms"] = x, z
         tensors[EXTRA_STATE] = encode({**describe(model), "statistics": "whole batch"})
     # sharded parameters (FSDP2) gathered: collective, like the statistics
     tensors = {k: full(v).detach().contiguous() for k, v in tensors.items()}
@@ -219,8 +221,8 @@ def load_into(model, description: dict, tensors: Dict[str, torch.Tensor]) -> Non
 def adapter_state_only(module, state_dict, prefix, local_metadata) -> None:
     """The state dict holds what the adapter owns: checkpoints (the HF Trainer's among them) are
     adapter-sized, and the frozen base comes from where it always comes from."""
-    keep = {prefix + "base_model." + n for n in adapter_state_names(module)}
-    base = prefix + "base_model."
+    keep = {prefix + PREFIX + n for n in adapter_state_names(module)}
+    base = prefix + PREFIX
     for k in [k for k in state_dict if k.startswith(base) and k not in keep]:
         del state_dict[k]
 
@@ -229,11 +231,14 @@ def check_loaded_state(module, state_dict, prefix, *args) -> None:
     """Before anything is copied: the state dict must describe this adapter, and its entries must
     have this adapter's shapes (a clear error, not torch's list of size mismatches)."""
     module.__dict__["_load_prefix"] = prefix
+    legacy = prefix + LEGACY_PREFIX
+    for k in [k for k in state_dict if k.startswith(legacy)]:  # written by reslora 0.2
+        state_dict[prefix + PREFIX + k[len(legacy) :]] = state_dict.pop(k)
     if prefix + EXTRA_STATE in state_dict:
         check_description(module, state_dict[prefix + EXTRA_STATE])
-    own = module.base_model.state_dict(keep_vars=True)
+    own = module.get_base_model().state_dict(keep_vars=True)
     for n in adapter_state_names(module):
-        t = state_dict.get(prefix + "base_model." + n)
+        t = state_dict.get(prefix + PREFIX + n)
         if t is not None and tuple(t.shape) != tuple(own[n].shape):
             raise ValueError(
                 f"reslora: checkpoint tensor {n!r} must have shape {list(own[n].shape)}, got {list(t.shape)}"
@@ -243,8 +248,8 @@ def check_loaded_state(module, state_dict, prefix, *args) -> None:
 def ignore_missing_base_keys(module, incompatible_keys) -> None:
     """A state dict without the base's entries is complete: only the adapter's may be missing."""
     prefix = module.__dict__.pop("_load_prefix", "")
-    keep = {prefix + "base_model." + n for n in adapter_state_names(module)}
-    base = prefix + "base_model."
+    keep = {prefix + PREFIX + n for n in adapter_state_names(module)}
+    base = prefix + PREFIX
     incompatible_keys.missing_keys[:] = [
         k for k in incompatible_keys.missing_keys if not k.startswith(base) or k in keep
     ]

@@ -51,7 +51,7 @@ def peft_adapter(owner) -> Tuple[Dict[str, torch.Tensor], dict]:
         tensors[f"base_model.model.{name}.lora_B.weight"] = blk.lora_B.detach()
         conv1d |= blk.transposed
     for path in owner.trained_biases:
-        tensors[f"base_model.model.{path}"] = owner.base_model.get_parameter(path).detach()
+        tensors[f"base_model.model.{path}"] = owner.get_base_model().get_parameter(path).detach()
     for name, wrapper in owner.saved_modules.items():
         for k, t in wrapper.modules_to_save.state_dict().items():
             tensors[f"base_model.model.{name}.{k}"] = t.detach()
@@ -62,10 +62,10 @@ def peft_adapter(owner) -> Tuple[Dict[str, torch.Tensor], dict]:
             "LoRA adapters with modules_to_save; serve a merged model (merge_and_unload()) there",
             stacklevel=3,
         )
-    base_cfg = getattr(owner.base_model, "config", None)
+    base_cfg = getattr(owner.get_base_model(), "config", None)
     config = {
         "peft_type": "LORA",
-        "task_type": task_type(owner.base_model, cfg.task_type),
+        "task_type": task_type(owner.get_base_model(), cfg.task_type),
         "base_model_name_or_path": getattr(base_cfg, "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,

@@ -55,7 +55,7 @@ class ResLoRAModel(nn.Module):
 
     def __reduce_ex__(self, protocol):
         # the class is made at run time: copies and pickles make it again from the base's class
-        return (_new_wrapper, (type(self.__dict__["_modules"]["base_model"]),), self.__getstate__())
+        return (_new_wrapper, (type(self.__dict__["_modules"]["model"]),), self.__getstate__())
 
     def __init__(self, model: nn.Module, config: ResLoRAConfig):
         super().__init__()
@@ -68,7 +68,7 @@ class ResLoRAModel(nn.Module):
                 "reslora: the model already contains ResLoRA layers; wrap the original model "
                 "(from_pretrained needs a fresh base model too)"
             )
-        self.base_model = model
+        self.model = model  # the wrapped model: state-dict keys begin with "model."
         self.reslora_config = config
         self.merge_errors: Dict[str, Optional[float]] = {}
         self.merge_delta_errors: Dict[str, Optional[float]] = {}
@@ -123,11 +123,11 @@ class ResLoRAModel(nn.Module):
                 shape = s
             self._add_chain(key, part, current)
         self.training = model.training
-        checkpointing.wrap_checkpoint_functions(self.base_model)
+        checkpointing.wrap_checkpoint_functions(self.get_base_model())
         # Each data-parallel rank records the norms of its own share of the batch (the merge
         # combines them): DDP must not overwrite them with rank 0's at every forward.
         self._ddp_params_and_buffers_to_ignore = [
-            f"base_model.{name}.{key}" for name in self._blocks for key in ("x_norms", "z_norms", "stats_count")
+            f"model.{name}.{key}" for name in self._blocks for key in ("x_norms", "z_norms", "stats_count")
         ]
         self.register_state_dict_post_hook(checkpoints.adapter_state_only)
         self.register_load_state_dict_pre_hook(checkpoints.check_loaded_state)
@@ -135,7 +135,7 @@ class ResLoRAModel(nn.Module):
 
     def _replace(self, path: str, module: nn.Module) -> None:
         parent_name, _, leaf = path.rpartition(".")
-        parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+        parent = self.get_base_model().get_submodule(parent_name) if parent_name else self.get_base_model()
         setattr(parent, leaf, module)
 
     def __getstate__(self):
@@ -150,7 +150,7 @@ class ResLoRAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base_model", "_modules", "_parameters", "_buffers"):
+            if name in ("model", "_modules", "_parameters", "_buffers"):
                 raise
         if name in _HF_ADAPTER_METHODS:
             # transformers' own PEFT glue on the wrapped model would answer for another library.
@@ -160,16 +160,28 @@ class ResLoRAModel(nn.Module):
                 "merge_and_unload()"
             )
         try:
-            return getattr(self.base_model, name)
+            return getattr(self.get_base_model(), name)
         except AttributeError:
             raise AttributeError(
                 f"'ResLoRAModel' object has no attribute {name!r} (nor has the wrapped "
-                f"{type(self.base_model).__name__})"
+                f"{type(self.get_base_model()).__name__})"
             ) from None
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its target layers are the ResLoRA blocks until unload())."""
-        return self.base_model
+        try:
+            return self._modules["model"]
+        except KeyError:
+            raise AttributeError("reslora: this ResLoRAModel holds no model yet") from None
+
+    @property
+    def base_model(self) -> nn.Module:
+        """As on the wrapped transformers model: its backbone (the decoder stack of a causal LM,
+        the encoder of a classifier), which trainers such as TRL run for the hidden states; the
+        wrapped model itself when it has none. The wrapped model is get_base_model() (as in
+        PEFT), also reachable as .model, the name its state-dict keys begin with."""
+        wrapped = self.get_base_model()
+        return getattr(wrapped, "base_model", wrapped)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -200,7 +212,7 @@ class ResLoRAModel(nn.Module):
         self._chain_paths.clear()
         self._saved_modules.clear()
         self._unloaded = True
-        return self.base_model
+        return self.get_base_model()
 
     def _check_not_unloaded(self, call: str) -> None:
         if self._unloaded:
@@ -220,7 +232,7 @@ class ResLoRAModel(nn.Module):
         for chain in self._chains.values():
             chain.begin_pass()
         try:
-            return self.base_model(*args, **kwargs)
+            return self.get_base_model()(*args, **kwargs)
         finally:
             for chain in self._chains.values():
                 if not chain.capture:
@@ -269,7 +281,9 @@ class ResLoRAModel(nn.Module):
         checkpointing recomputes each layer detached from the others, which would silently cut
         the gradient the is / ms shortcuts carry between layers, so it is refused for those
         variants. Other keyword arguments (every_n_layers, ...) go to the wrapped model."""
-        checkpointing.enable(self.base_model, self.reslora_config.variant, gradient_checkpointing_kwargs, **kwargs)
+        checkpointing.enable(
+            self.get_base_model(), self.reslora_config.variant, gradient_checkpointing_kwargs, **kwargs
+        )
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None, **kwargs):
         """The newer transformers name of gradient_checkpointing_enable (same behaviour)."""

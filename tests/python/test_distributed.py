@@ -94,7 +94,7 @@ def run_engine(rank, engine, out, checkpointing):
             run = torch.nn.parallel.DistributedDataParallel(model)
         else:  # per decoder layer, then the root: what accelerate's FSDP2 does
             kw = dict(mesh=mesh, mp_policy=policy) if engine == "fsdp_bf16" else dict(mesh=mesh)
-            for layer in model.base_model.model.layers:
+            for layer in model.get_base_model().model.layers:
                 fully_shard(layer, **kw)
             fully_shard(model, **kw)
             run = model

@@ -187,7 +187,7 @@ def test_bad_input():
         reslora.get_reslora_model(make("llama"), reslora.ResLoRAConfig(target_modules=["nope"]))
     model, _ = wrap("llama", "is")
     with pytest.raises(ValueError, match="already contains ResLoRA layers"):
-        reslora.get_reslora_model(model.base_model, reslora.ResLoRAConfig())
+        reslora.get_reslora_model(model.get_base_model(), reslora.ResLoRAConfig())
     with pytest.raises(RuntimeError, match="PEFT LoRA adapter can only be saved after merge_to_lora"):
         model.save_pretrained("/tmp/unused-reslora-dir", format="peft")
     model.merge_to_lora()

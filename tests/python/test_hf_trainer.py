@@ -148,16 +148,33 @@ def test_state_dict_holds_the_adapter_and_loads_strictly():
     for blk in model.blocks.values():
         torch.nn.init.normal_(blk.lora_B)
     sd = model.state_dict()
-    assert set(sd) == {"_extra_state"} | {"base_model." + n for n in model.adapter_state_names()}
+    assert set(sd) == {"_extra_state"} | {"model." + n for n in model.adapter_state_names()}
     assert not any(k.endswith(("wte.weight", "lm_head.weight", "base_layer.weight")) for k in sd)
     other, _ = wrap("gpt2", "is")
     result = other.load_state_dict(sd, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     for n, blk in other.blocks.items():
         assert torch.equal(blk.lora_B, model.blocks[n].lora_B)
-    assert other.base_model.lm_head.weight is other.base_model.transformer.wte.weight
+    assert other.get_base_model().lm_head.weight is other.get_base_model().transformer.wte.weight
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: .*lora_B"):
         other.load_state_dict({k: v for k, v in sd.items() if not k.endswith("lora_B")}, strict=True)
+
+
+def test_state_dicts_of_version_0_2_load(tmp_path):
+    # reslora 0.2 wrote the keys under "base_model." (Trainer checkpoints, save_pretrained)
+    model, _ = wrap("llama", "ms")
+    for blk in model.blocks.values():
+        torch.nn.init.normal_(blk.lora_B)
+    old = {
+        ("base_model." + k[len("model.") :] if k.startswith("model.") else k): v for k, v in model.state_dict().items()
+    }
+    assert any(k.startswith("base_model.") for k in old)
+    other, _ = wrap("llama", "ms")
+    result = other.load_state_dict(old, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    for n, blk in other.blocks.items():
+        assert torch.equal(blk.lora_B, model.blocks[n].lora_B)
+        assert torch.equal(blk.x_norms, model.blocks[n].x_norms)
 
 
 def test_hf_trainer_bf16_mixed_precision(tmp_path):

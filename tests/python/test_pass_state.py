@@ -311,7 +311,7 @@ def compiled_training(name, variant, pre_num, backend, steps=5, device="cpu"):
         # Settings the base models would otherwise fill in on their first call (a recompile) or
         # warn about from inside the graph (a graph break), with or without adapters.
         if name == "gpt2":
-            model.base_model.loss_type = "ForCausalLM"
+            model.get_base_model().loss_type = "ForCausalLM"
         if name == "bert":
             model.config.problem_type = "single_label_classification"
         run = torch.compile(model, fullgraph=True, backend=backend) if compiled else model

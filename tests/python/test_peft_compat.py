@@ -56,7 +56,8 @@ def test_disable_adapter_gives_the_base_model(variant, pre_num):
 
 def test_get_base_model_and_unload():
     model, ref = wrapped()
-    assert model.get_base_model() is model.base_model
+    assert model.get_base_model() is model._modules["model"] is model.model
+    assert model.base_model is model.get_base_model().model  # the backbone, as transformers names it
     base = model.unload()
     assert not any(isinstance(m, reslora.ResLoRALinear) for m in base.modules())
     base.eval()
@@ -72,7 +73,7 @@ def test_attribute_errors_name_the_reslora_model():
     for name in ("disable_adapters", "add_adapter", "set_adapter"):
         with pytest.raises(AttributeError, match=f"ResLoRAModel has no '{name}': it holds one ResLoRA adapter"):
             getattr(model, name)
-    assert model.config is model.base_model.config  # what the wrapped model has still comes through
+    assert model.config is model.get_base_model().config  # what the wrapped model has still comes through
 
 
 @pytest.mark.parametrize("name,task", [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", None)])

@@ -112,7 +112,7 @@ def test_trained_biases_and_saved_modules_move_and_the_rest_stays():
     before = dict(fresh.named_parameters())
     moved = {
         n
-        for n, p in ours.base_model.named_parameters()
+        for n, p in ours.get_base_model().named_parameters()
         if n.replace(".base_layer", "").replace(".modules_to_save", "") in before
         and not torch.equal(p, before[n.replace(".base_layer", "").replace(".modules_to_save", "")])
     }
@@ -120,13 +120,13 @@ def test_trained_biases_and_saved_modules_move_and_the_rest_stays():
         f"bert.encoder.layer.{i}.attention.self.{p}.base_layer.bias" for i in range(3) for p in ("query", "value")
     } | {"classifier.modules_to_save.weight", "classifier.modules_to_save.bias"}
     # the original head stays as it was, and disable_adapter() runs it
-    assert torch.equal(ours.base_model.classifier.original_module.weight, fresh.classifier.weight)
+    assert torch.equal(ours.get_base_model().classifier.original_module.weight, fresh.classifier.weight)
     with ours.disable_adapter():
         out = logits(ours, "bert")
     ref = logits(fresh, "bert")
     # biases trained with bias="lora_only" stay trained while disabled, as in PEFT
     assert out.shape == ref.shape and not torch.allclose(out, ref)
-    assert ours.base_model.classifier.weight is ours.base_model.classifier.modules_to_save.weight
+    assert ours.get_base_model().classifier.weight is ours.get_base_model().classifier.modules_to_save.weight
 
 
 @pytest.mark.parametrize("init", [True, False, "gaussian"])
@@ -167,7 +167,7 @@ def test_options_with_shortcut_variants(variant, pre_num, tmp_path):
         exclude_modules=r"model\.layers\.1\.self_attn\.q_proj",
     )
     ours, _, fresh = build("llama", opts, variant=variant)
-    ours.base_model.model.layers
+    ours.get_base_model().model.layers
     assert ours.chains["model.layers.*.self_attn.q_proj"] == [
         "model.layers.0.self_attn.q_proj",
         "model.layers.2.self_attn.q_proj",
@@ -275,7 +275,7 @@ def test_a_checkpoint_must_describe_the_model(tmp_path):
 def test_unload_and_merge_and_unload_keep_the_trained_head():
     ours, _, fresh = build("bert", dict(target_modules=["query", "value"], task_type="SEQ_CLS"))
     step(ours, "bert")
-    trained = ours.base_model.classifier.modules_to_save
+    trained = ours.get_base_model().classifier.modules_to_save
     want = logits(ours, "bert")
     dense = ours.merge_and_unload()
     assert dense.classifier is trained
