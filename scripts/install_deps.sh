@@ -37,7 +37,7 @@ fi
 # module:package pairs; torch is already there, so none of these pulls another torch.
 PAIRS="pytest:pytest xdist:pytest-xdist numpy:numpy expecttest:expecttest setuptools:setuptools wheel:wheel
        transformers:transformers peft:peft safetensors:safetensors accelerate:accelerate tqdm:tqdm
-       matplotlib:matplotlib"
+       matplotlib:matplotlib trl:trl datasets:datasets"
 if [ $LATEST -eq 1 ]; then
   pkgs=(); for pair in $PAIRS; do pkgs+=("${pair#*:}"); done
   echo "[deps] upgrading to the newest releases: ${pkgs[*]}"

@@ -11,6 +11,7 @@ from .checkpointing import checkpoint  # noqa: E402
 from .config import ResLoRAConfig  # noqa: E402
 from .merging import merge_chain  # noqa: E402
 from .model import ResLoRAModel, get_reslora_model  # noqa: E402
+from .reference import reference_model  # noqa: E402
 
 __version__ = _C.build_info()["version"]
 
@@ -25,6 +26,7 @@ __all__ = [
     "ResLoRAConfig",
     "ResLoRAModel",
     "get_reslora_model",
+    "reference_model",
     "ResLoRAChain",
     "ResLoRALinear",
     "merge_chain",

@@ -150,7 +150,10 @@ class ResLoRALinear(nn.Module):
             p.requires_grad_(False)
         self.in_features, self.out_features = d_in, d_out
         self.variant, self.r, self.lora_alpha = variant, r, float(lora_alpha)
-        self.lora_dropout, self.pre_num = float(lora_dropout), pre_num
+        # an nn.Dropout child, as PEFT's: tools that turn dropout off by setting p = 0 on every
+        # nn.Dropout (TRL's DPO, GRPO) reach the adapter's too; its p is what the ops apply
+        self.dropout = nn.Dropout(float(lora_dropout))
+        self.pre_num = pre_num
         check_init_options(use_rslora, init_lora_weights)
         self.use_rslora = use_rslora
         dev = weight.device
@@ -211,6 +214,11 @@ class ResLoRALinear(nn.Module):
             return
         self.base_layer.weight = requantize(self.base_layer, dequantize(self.base_layer) + delta)
 
+    @property
+    def lora_dropout(self) -> float:
+        """The dropout probability on the adapter's input (the p of the dropout child)."""
+        return self.dropout.p
+
     def extra_repr(self) -> str:
         return (
             f"variant={self.variant}, r={self.r}, lora_alpha={self.lora_alpha}, "
@@ -241,7 +249,7 @@ class ResLoRALinear(nn.Module):
         chain = self.links
         n = self.position if chain is not None else 0
         k = self.reach if chain is not None else 0
-        p = self.lora_dropout if self.training else 0.0
+        p = self.dropout.p if self.training else 0.0
         replay = chain is not None and chain.replaying > 0
         if chain is not None and not replay:
             if in_backward() and (k > 0 or p > 0.0):

@@ -21,6 +21,7 @@ class ResLoRAChain:
 
     def __init__(self, blocks: Sequence[ResLoRALinear], name: str = "chain"):
         self.name = name
+        self.merged = False  # set by merge_to_lora / load_pairs
         self.blocks: List[ResLoRALinear] = []
         self.links = ChainLinks(name)
         for blk in blocks:
@@ -103,7 +104,12 @@ class ResLoRAChain:
     def merge_to_lora(
         self, merge: Optional[str] = None, calibration: Optional[Calibration] = None, ridge: float = DEFAULT_RIDGE
     ) -> None:
-        """Applies the merge in place: every block becomes a plain LoRA block."""
+        """Applies the merge in place: every block becomes a plain LoRA block. Refused on a chain
+        already merged (as by the C++ chain)."""
+        if self.merged:
+            raise RuntimeError(
+                f"reslora: chain {self.name!r} is already merged; merge_to_lora() would apply the merge twice"
+            )
         self.load_pairs(self.merged_lora(merge, calibration, ridge))
 
     def load_pairs(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -113,3 +119,4 @@ class ResLoRAChain:
         for blk, (a, b) in zip(self.blocks, pairs):
             blk.load_lora(a, b)
         self.links.end()
+        self.merged = True

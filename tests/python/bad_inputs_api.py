@@ -21,6 +21,13 @@ from bad_input_helpers import (
 from hf_models import batch, make  # noqa: F401
 from seeds import S  # noqa: F401
 
+
+def _merged_chain():
+    chain = reslora.ResLoRAChain([reslora.ResLoRALinear(nn.Linear(4, 4), r=2, variant="ms") for _ in range(2)])
+    chain.merge_to_lora()
+    return chain
+
+
 # One row per case: (id, call, error or warning type, the whole first line of its message)
 # fmt: off
 API_CASES = [
@@ -146,8 +153,12 @@ API_CASES = [
      'reslora: config must be a ResLoRAConfig, got dict'),
     ('wrapping: wrap twice', lambda: reslora.get_reslora_model(llama(), C(r=2)), ValueError,
      'reslora: the model already contains ResLoRA layers; wrap the original model (from_pretrained needs a fresh base model too)'),
-    ('wrapping: wrap inner twice', lambda: reslora.get_reslora_model(llama().base_model, C(r=2)), ValueError,
+    ('wrapping: wrap inner twice', lambda: reslora.get_reslora_model(llama().get_base_model(), C(r=2)), ValueError,
      'reslora: the model already contains ResLoRA layers; wrap the original model (from_pretrained needs a fresh base model too)'),
+    ('reference: not wrapped', lambda: reslora.reference_model(make("llama")), TypeError,
+     'reslora: reference_model needs the wrapped model (a ResLoRAModel from get_reslora_model), got LlamaForCausalLM'),
+    ('chain: merge twice', lambda: _merged_chain().merge_to_lora(), RuntimeError,
+     "reslora: chain 'chain' is already merged; merge_to_lora() would apply the merge twice"),
     ('wrapping: no default targets', lambda: reslora.get_reslora_model(nn.Sequential(nn.Linear(4, 4)), C()), ValueError,
      "reslora: target_modules must be given for model type None (defaults exist for ['bert', 'gpt2', 'llama', 'mistral', 'qwen2', 'roberta'])"),
     ('wrapping: mts nope', lambda: llama(modules_to_save=["nope"]), ValueError,

@@ -72,3 +72,45 @@ def batch(name, seed=1, n=2, t=12):
     if name == "bert":
         return {"input_ids": ids, "labels": torch.randint(0, 3, (n,), generator=g)}
     return {"input_ids": ids, "labels": ids}
+
+
+def char_tokenizer():
+    """A character-level tokenizer for the tiny decoders (vocab 64 at most; no hub access), with
+    pad / bos / eos tokens and a chat template, as trainers that tokenize text (TRL) need."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in string.ascii_lowercase + string.digits + " .,?:+-=#\n":
+        vocab[c] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    core.decoder = decoders.Fuse()
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    return tok
+
+
+def chat_llama(seed=0):
+    """The tiny Llama with the char tokenizer's special tokens."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.LlamaForCausalLM(cfg)
