@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "performance.md"
 RECORDS = {"eager": "results.json", "compiled": "results_compiled.json"}
+# the model-shape sweep (bench/shapes.py), one record per mode, rendered when present
+SHAPE_RECORDS = {f"shapes-{m}": f"results_shapes_{m}.json" for m in ("eager", "compiled", "graphed")}
 
 
 def header(info: dict) -> str:
@@ -38,25 +40,35 @@ def render(record: dict) -> str:
         runs = sorted({row.get("run", 1) for row in w["rows"]})
         base = {row.get("run", 1): row["ms"] for row in w["rows"] if row["config"] == "frozen base"}
         run_col = len(runs) > 1
+        host_col = any("host_ms" in row for row in w["rows"])
         lines += [f"#### {w['name']}", ""]
         lines.append(
-            "| configuration |" + (" run |" if run_col else "") + " time (ms) | ratio to base | peak memory (GiB) |"
+            "| configuration |"
+            + (" run |" if run_col else "")
+            + " time (ms) |"
+            + (" host (ms) |" if host_col else "")
+            + " ratio to base | peak memory (GiB) |"
         )
-        lines.append("|---|" + ("---|" if run_col else "") + "---|---|---|")
+        lines.append("|---|" + ("---|" if run_col else "") + "---|" + ("---|" if host_col else "") + "---|---|")
         for row in w["rows"]:
             run = row.get("run", 1)
-            mem = "" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}"
-            lines.append(
-                f"| {row['config']} |"
-                + (f" {run} |" if run_col else "")
-                + f" {row['ms']:.3f} | {row['ms'] / base[run]:.2f} | {mem} |"
-            )
+            cells = [row["config"]] + ([str(run)] if run_col else [])
+            if row["ms"] is None:  # a configuration the mode could not run
+                cells += [f"failed: {row.get('error', '')}"] + ([""] if host_col else []) + ["", ""]
+            else:
+                mem = "" if row.get("peak_gib") is None else f"{row['peak_gib']:.2f}"
+                ratio = "" if not base.get(run) else f"{row['ms'] / base[run]:.2f}"
+                host = [f"{row['host_ms']:.3f}" if row.get("host_ms") is not None else ""] if host_col else []
+                cells += [f"{row['ms']:.3f}"] + host + [ratio, mem]
+            lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
 def rendered_doc(text: str) -> str:
-    for name, file in RECORDS.items():
+    records = dict(RECORDS)
+    records.update({n: f for n, f in SHAPE_RECORDS.items() if (RESULTS / f).exists()})
+    for name, file in records.items():
         record = json.loads((RESULTS / file).read_text())
         pattern = re.compile(rf"(<!-- record:{name} -->\n).*?(<!-- /record:{name} -->)", re.S)
         if not pattern.search(text):
