@@ -214,3 +214,55 @@ def test_training_step_with_dropout_in_cuda_graph_draws_fresh_masks(variant, dty
         for got, ref in zip(replays[-1], want):
             torch.testing.assert_close(got, ref, rtol=TOL[dtype], atol=TOL[dtype])
     assert not torch.equal(replays[0][-1], replays[1][-1])  # a fresh mask on every replay
+
+
+@pytest.mark.parametrize("variant", ["lora", "ms", "bs"])
+def test_whole_hf_training_step_in_one_cuda_graph(variant):
+    """A wrapped Llama's training step (forward, backward, AdamW with capturable=True) captured
+    once in a CUDA graph and replayed on new batches copied into its static inputs trains as the
+    same steps run eagerly (docs/performance.md, "Capturing the step")."""
+    import copy
+
+    from hf_models import llama
+
+    torch.manual_seed(0)
+    cfg = reslora.ResLoRAConfig(r=4, variant=variant, target_modules="all-linear", lora_dropout=0.0)
+    eager = reslora.get_reslora_model(llama().cuda(), cfg)
+    for blk in eager.blocks.values():
+        nn.init.normal_(blk.lora_B, std=0.02)
+    graphed = copy.deepcopy(eager)
+    batches = [torch.randint(0, 64, (2, 16), device="cuda") for _ in range(6)]
+
+    def optimizer(m):
+        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, capturable=True)
+
+    opt_e, opt_g = optimizer(eager), optimizer(graphed)
+    static = batches[0].clone()
+
+    def step(m, opt, ids):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for ids in batches[:3]:  # warm-up steps, the same on both copies
+            static.copy_(ids)
+            step(graphed, opt_g, static)
+    torch.cuda.current_stream().wait_stream(side)
+    for ids in batches[:3]:
+        step(eager, opt_e, ids)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(graphed, opt_g, static)
+    for ids in batches[3:]:
+        static.copy_(ids)
+        graph.replay()
+        want = step(eager, opt_e, ids)
+        torch.testing.assert_close(static_loss, want, rtol=1e-4, atol=1e-5)
+    for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)
