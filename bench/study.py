@@ -256,7 +256,9 @@ class Task:
         return [self.batch(i, seed=777) for i in range(n)]
 
 
-def run(task, variant, pre_num, lr, seed, args):
+def run(task, variant, pre_num, lr, seed, args, final=None):
+    """One training run of a method at a rate and seed: the held-out curve, the merges' held-out
+    results; final(model, out), when given, runs last on the trained (unmerged) model."""
     torch.manual_seed(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -337,6 +339,8 @@ def run(task, variant, pre_num, lr, seed, args):
                 m.merge_to_lora(merge=merge)
         out["merges"][merge] = task.evaluate(m)
         del m
+    if final is not None:
+        final(model, out)
     return out
 
 
@@ -505,8 +509,9 @@ def header(title, results):
     ]
 
 
-def report(results, out_dir):
-    lines = header("ResLoRA study", results)
+def report(results, out_dir, methods=None, title="ResLoRA study"):
+    methods = methods or METHODS
+    lines = header(title, results)
     for kind, tr in results["tasks"].items():
         metric = "accuracy" if kind == "cls" else "loss"
         lora = chosen(tr, "lora")
@@ -518,7 +523,7 @@ def report(results, out_dir):
             "| method | lr | unmerged | input | weight / mid | fit | exact | steps to LoRA's final loss | ms / step |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        for variant, pre_num in METHODS:
+        for variant, pre_num in methods:
             method = label(variant, pre_num)
             rs = chosen(tr, method)
             cells = []
@@ -540,7 +545,7 @@ def report(results, out_dir):
         lines.append("")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     try:
-        plot(results, out_dir)
+        plot(results, out_dir, methods)
     except ImportError:
         print("[study] matplotlib is missing: no plots")
 
@@ -600,7 +605,8 @@ def merge_report(results, title, key, columns, path, times=()):
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(results, out_dir):
+def plot(results, out_dir, methods=None):
+    methods = methods or METHODS
     import matplotlib
 
     matplotlib.use("Agg")
@@ -610,7 +616,7 @@ def plot(results, out_dir):
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         tr = results["tasks"][kind]
-        for variant, pre_num in METHODS:
+        for variant, pre_num in methods:
             rs = chosen(tr, label(variant, pre_num))
             steps = [s for s, _ in rs[0]["curve"]]
             ys = [[ev["loss"] for _, ev in r["curve"]] for r in rs]
@@ -631,7 +637,7 @@ def plot(results, out_dir):
         tr = results["tasks"][kind]
         names, merges = [], ["input", "weight", "mid", "fit", "exact"]
         bars = {m: [] for m in merges}
-        for variant, pre_num in METHODS:
+        for variant, pre_num in methods:
             if variant == "lora":
                 continue
             method = label(variant, pre_num)

