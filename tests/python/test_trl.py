@@ -1,6 +1,6 @@
 """TRL with a wrapped model, as users fine-tune LLMs: SFT on plain text and on chat data (packing
-off and on), DPO against the frozen base without a second copy; checkpoints adapter-sized, resumed,
-loaded with from_pretrained."""
+off and on), DPO against the frozen base without a second copy, GRPO; checkpoints adapter-sized,
+resumed, loaded with from_pretrained."""
 
 import copy
 
@@ -196,3 +196,35 @@ def test_dpo_trains_against_the_frozen_base(tmp_path, reference):
     loaded = reslora.ResLoRAModel.from_pretrained(chat_llama(), ckpt)
     ids = torch.tensor([tok("1 plus 2 is 3.")["input_ids"]])
     torch.testing.assert_close(_eval_logits(loaded, ids), _eval_logits(model, ids), rtol=0, atol=0)
+
+
+def test_grpo_trains_a_wrapped_model(tmp_path):
+    # GRPO generates with the wrapped model (generate() through the adapter) and trains on the
+    # rewards; with beta = 0 (TRL's default) there is no reference model
+    tok = char_tokenizer()
+    model = _wrap("ms")
+    before = _adapter(model)
+    prompts = datasets.Dataset.from_dict({"prompt": [f"{a} plus {b} is" for a, b in _sums(4)]})
+
+    def longer_is_better(completions, **kwargs):
+        return [len(c) / 10.0 for c in completions]
+
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+    )
+    trainer = trl.GRPOTrainer(
+        model=model, reward_funcs=longer_is_better, args=args, train_dataset=prompts, processing_class=tok
+    )
+    trainer.train()
+    assert all(not torch.equal(before[n], p) for n, p in _adapter(model).items() if "lora_B" in n)
+    _assert_adapter_sized(tmp_path / "checkpoint-2")
