@@ -320,16 +320,9 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
-    import peft
 
     info = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "peft": peft.__version__,
-        "reslora": reslora.build_info(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit(),
+        **run_info(),
         "r": R,
         "dtype": "bfloat16",
         "repeat": args.repeat,
@@ -392,6 +385,21 @@ def main():
         json.dump(record, f, indent=2)
         f.write("\n")
     print(f"wrote {os.path.join(args.out, stem + '.json')}; python bench/render.py puts it into docs/performance.md")
+
+
+def run_info() -> dict:
+    """What a benchmark record says of its run: the GPU, versions, date and commit."""
+    import peft
+
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "peft": peft.__version__,
+        "reslora": reslora.build_info(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
+    }
 
 
 def commit() -> str:

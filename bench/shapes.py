@@ -14,7 +14,6 @@ the GPU, versions, date and commit; bench/render.py puts the records into docs/p
 
 import argparse
 import copy
-import datetime
 import gc
 import json
 import os
@@ -190,20 +189,10 @@ def main():
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs a CUDA GPU")
-    import peft
-
-    import reslora
-
     torch._dynamo.config.cache_size_limit = 64
     for mode in args.mode or ["eager"]:
         info = {
-            "gpu": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "peft": peft.__version__,
-            "reslora": reslora.build_info(),
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": bench.commit(),
+            **bench.run_info(),
             "r": ", ".join(str(r) for r in args.rank or [16, 64]),
             "dtype": "bfloat16",
             "repeat": args.repeat,

@@ -88,13 +88,14 @@ def wilson(k: int, n: int, z: float = 1.96):
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def char_tokenizer():
-    """The tiny run's tokenizer: one token per printable character, with pad / eos."""
+def char_tokenizer(chars: str = string.printable):
+    """One token per character of chars (the tiny run's: every printable one), with pad / bos /
+    eos / unk at ids 0-3."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in string.printable:
+    for c in chars:
         vocab.setdefault(c, len(vocab))
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split("", "isolated")

@@ -5,9 +5,9 @@ import torch
 transformers = __import__("pytest").importorskip("transformers")
 
 
-def _decoder(family):
+def _decoder(family, **overrides):
     """A 3-layer decoder of a Llama-like family ("Llama", "Mistral", "Qwen2")."""
-    cfg = getattr(transformers, f"{family}Config")(
+    options = dict(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
@@ -16,6 +16,7 @@ def _decoder(family):
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
+    cfg = getattr(transformers, f"{family}Config")(**{**options, **overrides})
     return getattr(transformers, f"{family}ForCausalLM")(cfg)
 
 
@@ -78,18 +79,13 @@ def char_tokenizer():
     """A character-level tokenizer for the tiny decoders (vocab 64 at most; no hub access), with
     pad / bos / eos tokens and a chat template, as trainers that tokenize text (TRL) need."""
     import string
+    import sys
+    from pathlib import Path
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from study_gsm8k import char_tokenizer as make
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for c in string.ascii_lowercase + string.digits + " .,?:+-=#\n":
-        vocab[c] = len(vocab)
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    core.decoder = decoders.Fuse()
-    tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    tok = make(string.ascii_lowercase + string.digits + " .,?:+-=#\n")
     tok.chat_template = (
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
         "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
@@ -101,16 +97,4 @@ def char_tokenizer():
 def chat_llama(seed=0):
     """The tiny Llama with the char tokenizer's special tokens."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return transformers.LlamaForCausalLM(cfg)
+    return _decoder("Llama", max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)

@@ -61,20 +61,16 @@ def _assert_adapter_sized(ckpt):
     assert not any("base_layer" in k or "embed_tokens" in k or "lm_head" in k or "norm.weight" in k for k in keys)
 
 
+def _args(config_class, out, **kw):
+    """A TRL config for these tests: CPU, fp32 (so that reloaded adapters give the trained
+    model's logits exactly), a log line per step, no reporting."""
+    common = dict(learning_rate=1e-2, logging_steps=1, report_to=[], use_cpu=True, bf16=False)
+    return config_class(output_dir=str(out), **{**common, **kw})
+
+
 def _sft_args(out, **kw):
     kw = {"max_steps": 4, "save_steps": 2, "packing": False, **kw}
-    return trl.SFTConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,  # fp32, so that reloaded adapters give the trained model's logits exactly
-        max_length=64,
-        seed=0,
-        **kw,
-    )
+    return _args(trl.SFTConfig, out, per_device_train_batch_size=8, max_length=64, seed=0, **kw)
 
 
 @pytest.mark.parametrize("variant", ["is", "ms"])
@@ -172,16 +168,12 @@ def test_dpo_trains_against_the_frozen_base(tmp_path, reference):
     tok = char_tokenizer()
     model = _wrap("ms")
     before = _adapter(model)
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path),
+    args = _args(
+        trl.DPOConfig,
+        tmp_path,
         max_steps=3,
         save_steps=3,
         per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
         precompute_ref_log_probs=reference == "precomputed",
     )
     ref = reslora.reference_model(model) if reference == "reference_model" else None
@@ -211,18 +203,14 @@ def test_grpo_trains_a_wrapped_model(tmp_path):
     def longer_is_better(completions, **kwargs):
         return [len(c) / 10.0 for c in completions]
 
-    args = trl.GRPOConfig(
-        output_dir=str(tmp_path),
+    args = _args(
+        trl.GRPOConfig,
+        tmp_path,
         max_steps=2,
         save_steps=2,
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=8,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
     )
     trainer = trl.GRPOTrainer(
         model=model, reward_funcs=longer_is_better, args=args, train_dataset=prompts, processing_class=tok
