@@ -21,7 +21,8 @@ CHECKPOINT_CONFIG = "reslora_config.json"
 TRAINER_FILE = "model.safetensors"  # what the HF Trainer writes for a model it does not know
 EXTRA_STATE = "_extra_state"
 FORMAT = "2"
-PREFIX = "model."  # a ResLoRAModel's state-dict keys: its wrapped model's, under this prefix
+WRAPPED = "model"  # the name a ResLoRAModel holds its wrapped model under
+PREFIX = WRAPPED + "."  # so its state-dict keys are the wrapped model's under this prefix
 LEGACY_PREFIX = "base_model."  # the prefix of reslora 0.2's checkpoints, read too
 
 # The config fields that change what the adapter is; the others (lora_dropout, merge, targets:

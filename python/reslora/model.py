@@ -55,7 +55,7 @@ class ResLoRAModel(nn.Module):
 
     def __reduce_ex__(self, protocol):
         # the class is made at run time: copies and pickles make it again from the base's class
-        return (_new_wrapper, (type(self.__dict__["_modules"]["model"]),), self.__getstate__())
+        return (_new_wrapper, (type(self.__dict__["_modules"][checkpoints.WRAPPED]),), self.__getstate__())
 
     def __init__(self, model: nn.Module, config: ResLoRAConfig):
         super().__init__()
@@ -68,7 +68,7 @@ class ResLoRAModel(nn.Module):
                 "reslora: the model already contains ResLoRA layers; wrap the original model "
                 "(from_pretrained needs a fresh base model too)"
             )
-        self.model = model  # the wrapped model: state-dict keys begin with "model."
+        setattr(self, checkpoints.WRAPPED, model)  # self.model: state-dict keys begin with "model."
         self.reslora_config = config
         self.merge_errors: Dict[str, Optional[float]] = {}
         self.merge_delta_errors: Dict[str, Optional[float]] = {}
@@ -127,7 +127,9 @@ class ResLoRAModel(nn.Module):
         # Each data-parallel rank records the norms of its own share of the batch (the merge
         # combines them): DDP must not overwrite them with rank 0's at every forward.
         self._ddp_params_and_buffers_to_ignore = [
-            f"model.{name}.{key}" for name in self._blocks for key in ("x_norms", "z_norms", "stats_count")
+            f"{checkpoints.PREFIX}{name}.{key}"
+            for name in self._blocks
+            for key in ("x_norms", "z_norms", "stats_count")
         ]
         self.register_state_dict_post_hook(checkpoints.adapter_state_only)
         self.register_load_state_dict_pre_hook(checkpoints.check_loaded_state)
@@ -150,7 +152,7 @@ class ResLoRAModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("model", "_modules", "_parameters", "_buffers"):
+            if name in (checkpoints.WRAPPED, "_modules", "_parameters", "_buffers"):
                 raise
         if name in _HF_ADAPTER_METHODS:
             # transformers' own PEFT glue on the wrapped model would answer for another library.
@@ -170,7 +172,7 @@ class ResLoRAModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The wrapped model (its target layers are the ResLoRA blocks until unload())."""
         try:
-            return self._modules["model"]
+            return self._modules[checkpoints.WRAPPED]
         except KeyError:
             raise AttributeError("reslora: this ResLoRAModel holds no model yet") from None
 
