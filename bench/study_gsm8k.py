@@ -254,20 +254,36 @@ def merged_accuracy(task):
     return final
 
 
+def positive(text: str) -> int:
+    """An argparse type: an int >= 1, else an error that names the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench/results/study_gsm8k")
     ap.add_argument("--tiny", action="store_true", help="a random small Llama, a few problems and steps (CI)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--targets", default="q_proj,v_proj", help="comma-separated names (the paper's), or all-linear")
-    ap.add_argument("--r", type=int, default=4, help="rank; lora_alpha = 2 r (the paper's scripts: r 4, alpha 8)")
+    ap.add_argument("--r", type=positive, default=4, help="rank; lora_alpha = 2 r (the paper's scripts: r 4, alpha 8)")
     ap.add_argument("--methods", help="a subset, as labelled in the report (comma-separated)")
     ap.add_argument("--lrs", help="learning rates to sweep (comma-separated)")
-    ap.add_argument("--seeds", type=int, help="number of seeds at each method's best rate")
-    ap.add_argument("--steps", type=int, help="training steps")
-    ap.add_argument("--eval-problems", type=int, help="score only the first N held-out problems (a smoke run)")
-    ap.add_argument("--new-tokens", type=int, help="tokens generated per answer")
+    ap.add_argument("--seeds", type=positive, help="number of seeds at each method's best rate")
+    ap.add_argument("--steps", type=positive, help="training steps")
+    ap.add_argument("--eval-problems", type=positive, help="score only the first N held-out problems (a smoke run)")
+    ap.add_argument("--new-tokens", type=positive, help="tokens generated per answer")
     args = ap.parse_args()
+    wanted = args.methods.split(",") if args.methods else None
+    names = [study.label(*m) for m in METHODS]
+    if wanted and any(w not in names for w in wanted):
+        ap.error(f"--methods must name methods among {names}, got {wanted}")
+    methods = [m for m in METHODS if not wanted or study.label(*m) in wanted]
     if args.tiny:
         cfg = dict(steps=3, eval_every=3, seeds=[0], lrs=[1e-3], length=512, batch=4, gen_batch=8, new_tokens=8)
     else:
@@ -319,8 +335,6 @@ def main():
     }
     started = time.time()
     final = merged_accuracy(task)
-    wanted = args.methods.split(",") if args.methods else None
-    methods = [m for m in METHODS if not wanted or study.label(*m) in wanted]
     runs, best = [], {}
 
     def go(variant, pre_num, lr, seed):

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 pytest.importorskip("transformers")
-gsm = pytest.importorskip("study_gsm8k")
+import study_gsm8k as gsm  # noqa: E402  (a failure to import it is a failure, not a skip)
 
 
 @pytest.mark.parametrize(
@@ -58,3 +58,18 @@ def test_tiny_gsm8k_study_runs_every_method(tmp_path):
     assert text.startswith("# ResLoRA on a causal LM (GSM8K)") and "Wilson" in text
     for png in ("loss_curves.png", "merge_cost.png", "accuracy.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0"], "argument --seeds: expected an integer >= 1, got 0"),
+        (["--steps", "two"], "argument --steps: expected an integer >= 1, got 'two'"),
+        (["--methods", "lora,foo"], "--methods must name methods among ['lora', 'is', "),
+    ],
+)
+def test_bad_arguments_name_the_argument(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sys, "argv", ["study_gsm8k.py", "--tiny", *argv])
+    with pytest.raises(SystemExit):
+        gsm.main()
+    assert message in capsys.readouterr().err
