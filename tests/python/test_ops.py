@@ -210,6 +210,47 @@ def test_torch_compile_fullgraph(variant, backend):
         torch.testing.assert_close(p.grad, g)
 
 
+# What AOTAutograd hands the compiler for a chain of 4 blocks with dropout, besides views and the
+# one seed draw: one op per block forward and backward, and per variant only what
+# docs/performance.md says ("What the compiler sees around the ops").
+GRAPH_EXTRAS = {
+    "lora": ({}, {}),
+    "is": ({"auto_functionalized_v2": 4}, {"aten.add.Tensor": 4}),
+    "ms": ({"auto_functionalized_v2": 4}, {}),
+    "bs": ({"aten.cat.default": 6}, {"aten.slice.Tensor": 12, "aten.add.Tensor": 6}),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(GRAPH_EXTRAS))
+def test_compiled_graphs_hold_one_op_per_block(variant):
+    from collections import Counter
+
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs = []
+
+    def compiler(gm, example_inputs):
+        graphs.append(Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+        return make_boxed_func(gm.forward)
+
+    def backend(gm, example_inputs):
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler, bw_compiler=compiler)
+
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    cfg = reslora.ResLoRAConfig(r=4, variant=variant, lora_dropout=0.05, target_modules=[str(i) for i in range(4)])
+    model = reslora.get_reslora_model(base, cfg).train()
+    x = torch.randn(8, 16, requires_grad=True)
+    torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    fw, bw = graphs
+    assert fw.pop("reslora.lora_linear.default") == 4 and bw.pop("reslora._lora_linear_backward.default") == 4
+    assert fw.pop("aten.randint.low") == 1  # the pass's dropout seed
+    views = {"<built-in function getitem>", "aten.detach.default"}
+    for counts, want in zip((fw, bw), GRAPH_EXTRAS[variant]):
+        assert {k: v for k, v in counts.items() if k not in views} == want
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
