@@ -263,8 +263,7 @@ std::vector<LoRAPair> ResLoRAChainImpl::merged_lora() const {
 }
 
 void ResLoRAChainImpl::merge_to_lora(MergeKind merge, double ridge) {
-  TORCH_CHECK(!merged_, "reslora: chain '", name_,
-              "' is already merged; merge_to_lora() would apply the merge twice");
+  TORCH_CHECK(!merged_, merged_twice_error("chain '" + name_ + "'"));
   const auto pairs = merged_lora(merge, ridge);
   for (size_t i = 0; i < blocks_.size(); ++i) blocks_[i]->load_lora(pairs[i].A, pairs[i].B);
   state_->end();

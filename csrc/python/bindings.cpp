@@ -240,6 +240,8 @@ PYBIND11_MODULE(_C, m) {
         reslora::check_link(chain, position, h, head_d_out, head_d_in, o, d_out, d_in);
       },
       "Raises ValueError unless the block may follow the chain's head at `position`.");
+  m.def("merged_twice_error", &reslora::merged_twice_error, py::arg("subject"),
+        "The error message for merge_to_lora() on something already merged.");
   m.def(
       "shortcut_reach",
       [](const std::string& variant, int64_t position, int64_t pre_num) {

@@ -91,6 +91,10 @@ void check_link(const std::string& chain, int64_t n, const ResLoRAOptions& h, in
       h.pre_num(), "), got (", o.r(), ", ", o.lora_alpha(), ", ", o.pre_num(), ")");
 }
 
+std::string merged_twice_error(const std::string& subject) {
+  return "reslora: " + subject + " is already merged; merge_to_lora() would apply the merge twice";
+}
+
 int64_t shortcut_reach(Variant variant, int64_t position, int64_t pre_num) {
   TORCH_CHECK_VALUE(position >= 0, "reslora: position must be >= 0, got ", position);
   switch (variant) {

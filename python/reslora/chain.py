@@ -107,9 +107,7 @@ class ResLoRAChain:
         """Applies the merge in place: every block becomes a plain LoRA block. Refused on a chain
         already merged (as by the C++ chain)."""
         if self.merged:
-            raise RuntimeError(
-                f"reslora: chain {self.name!r} is already merged; merge_to_lora() would apply the merge twice"
-            )
+            raise RuntimeError(_C.merged_twice_error(f"chain '{self.name}'"))
         self.load_pairs(self.merged_lora(merge, calibration, ridge))
 
     def load_pairs(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> None:

@@ -11,12 +11,14 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from . import checkpointing, checkpoints, classes, merging, peft_adapters, targets
+from . import _lib, checkpointing, checkpoints, classes, merging, peft_adapters, targets
 from .block import ResLoRALinear
 from .chain import ResLoRAChain
 from .config import ResLoRAConfig
 from .merging import DEFAULT_RIDGE
 from .saved_modules import ModulesToSave
+
+_C = _lib.load()
 
 # transformers' PEFT integration methods, which a ResLoRAModel must not forward to its model.
 _HF_ADAPTER_METHODS = {
@@ -326,7 +328,7 @@ class ResLoRAModel(nn.Module):
         after its forward. Exact merges (lora, bs) give 0."""
         self._check_not_unloaded("merge_to_lora()")
         if self._merged:
-            raise RuntimeError("reslora: the model is already merged; merge_to_lora() would apply the merge twice")
+            raise RuntimeError(_C.merged_twice_error("the model"))
         errors = merging.merge_model(self, inputs, merge, eval_inputs, ridge, max_tokens, chains_at_once, sequential)
         self.merge_errors, self.merge_delta_errors = errors
         self._merged = True

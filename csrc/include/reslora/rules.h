@@ -43,6 +43,10 @@ void check_link(const std::string& chain, int64_t position, const ResLoRAOptions
                 int64_t head_d_out, int64_t head_d_in, const ResLoRAOptions& block, int64_t d_out,
                 int64_t d_in);
 
+// The error for merge_to_lora() on what is already merged (`subject`: "chain 'q_proj'", "the
+// model"): a second merge would apply the merge twice.
+std::string merged_twice_error(const std::string& subject);
+
 // How many predecessors block `position` of a chain reads in a pass: none for lora, one for is
 // (a head reads its own input instead), reach(position, pre_num) for bs (their A and B) and ms
 // (their mid activations).
