@@ -64,6 +64,28 @@ def test_get_base_model_and_unload():
     torch.testing.assert_close(logits(base), logits(ref))
 
 
+@pytest.mark.parametrize("variant", ["lora", "ms"])
+def test_turning_every_nn_dropout_off_turns_the_adapters_off(variant):
+    # what TRL's disable_dropout_in_model does (p = 0 on every nn.Dropout), as it does to PEFT's
+    model = reslora.get_reslora_model(
+        make("llama"), reslora.ResLoRAConfig(r=4, variant=variant, target_modules=TARGETS["llama"], lora_dropout=0.5)
+    )
+    for blk in model.blocks.values():
+        nn.init.normal_(blk.lora_B, std=0.5)
+    model.train()
+    ids = batch("llama")["input_ids"]
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # masks drawn
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        assert all(blk.lora_dropout == 0.0 for blk in model.blocks.values())
+        first = model(input_ids=ids).logits
+        torch.testing.assert_close(model(input_ids=ids).logits, first, rtol=0, atol=0)
+        model.eval()
+        torch.testing.assert_close(model(input_ids=ids).logits, first, rtol=1e-6, atol=1e-6)
+
+
 def test_attribute_errors_name_the_reslora_model():
     model, _ = wrapped()
     with pytest.raises(
