@@ -226,6 +226,8 @@ def test_whole_hf_training_step_in_one_cuda_graph(variant):
     from hf_models import llama
 
     torch.manual_seed(0)
+    # dropout off: replays draw other masks than the eager steps, so the two could not be compared
+    # (test_training_step_with_dropout_in_cuda_graph_draws_fresh_masks covers dropout in a graph)
     cfg = reslora.ResLoRAConfig(r=4, variant=variant, target_modules="all-linear", lora_dropout=0.0)
     eager = reslora.get_reslora_model(llama().cuda(), cfg)
     for blk in eager.blocks.values():
