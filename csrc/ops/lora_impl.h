@@ -101,6 +101,7 @@ at::Tensor down_z(const at::Tensor& x2, const at::Tensor& xp2, const at::Tensor&
     // No mask: every segment sees the same input, so one GEMM covers all of them.
     return at::mm(xp2.defined() ? x2 + xp2 : x2, A.t());
   }
+  if (A.size(0) == block_rank) return at::mm(dropped<K>(x2, xp2, dropout, seed, 0), A.t());
   z = at::empty({x2.size(0), A.size(0)}, x2.options());
   for (int64_t s = 0; s < A.size(0) / block_rank; ++s) {
     z.narrow(1, s * block_rank, block_rank)
@@ -147,6 +148,8 @@ DownGrads down_grads(const at::Tensor& dz, const at::Tensor& x2, const at::Tenso
   if (!K::grad_A(dz, x2, xp2, A, dropout, seed, block_rank, &g.grad_A)) {
     if (dropout == 0.0) {
       g.grad_A = at::mm(dz.t(), xp2.defined() ? x2 + xp2 : x2);
+    } else if (segments == 1) {
+      g.grad_A = at::mm(dz.t(), dropped<K>(x2, xp2, dropout, seed, 0));
     } else {
       g.grad_A = at::empty_like(A, at::MemoryFormat::Contiguous);
       for (int64_t s = 0; s < segments; ++s) {
@@ -160,6 +163,10 @@ DownGrads down_grads(const at::Tensor& dz, const at::Tensor& x2, const at::Tenso
   if (!K::up_dx(dz, A, dropout, seed, block_rank, &g.grad_x)) {
     if (dropout == 0.0) {
       g.grad_x = at::mm(dz, A);
+    } else if (segments == 1) {
+      const at::Tensor part = at::mm(dz, A);
+      g.grad_x = at::empty_like(part);
+      K::dropout_apply(part, nullptr, g.grad_x, false, dropout, seed, 0);
     } else {
       g.grad_x = at::zeros({dz.size(0), A.size(1)}, dz.options());
       for (int64_t s = 0; s < segments; ++s) {

@@ -25,7 +25,7 @@ def gathered(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import Partial
 
         p = p.full_tensor(grad_placements=[Partial("avg")] * p.device_mesh.ndim)
-    return p.to(like.dtype)
+    return p if p.dtype == like.dtype else p.to(like.dtype)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
