@@ -298,7 +298,6 @@ class ResLoRALinear(nn.Module):
             y, z = _ops.lora_linear(
                 x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_shortcut, s, p, seed, n, r
             )
-        z_own = z[..., :r] if z.shape[-1] != r else z
         if self.calibration is not None and not self.training:
             p = None
             if k > 0 and self.variant == "is":
@@ -309,10 +308,12 @@ class ResLoRALinear(nn.Module):
         if replay or in_backward():
             return y  # a recompute: the forward already recorded this block's results and norms
         if state is not None:
-            chain.record(state, n, self.variant, x, z_own)
+            # z is the block's own mid activation for is / ms, what record and the statistics
+            # read; bs's z is wider (the earlier blocks' ranks too), and nothing reads it
+            chain.record(state, n, self.variant, x, z)
         if self.training and self.variant in ("is", "ms"):
             # Only the is / ms merges read the norm statistics.
-            _ops.record_stats_(self.x_norms, self.z_norms, self.stats_count, x, z_own)
+            _ops.record_stats_(self.x_norms, self.z_norms, self.stats_count, x, z)
         return y
 
     def x_norm_mean(self) -> torch.Tensor:

@@ -251,6 +251,62 @@ def test_compiled_graphs_hold_one_op_per_block(variant):
         assert {k: v for k, v in counts.items() if k not in views} == want
 
 
+# What an eager training step dispatches for the same chain (its input needs no gradient here),
+# besides views: one op per block forward and backward, the pass's one seed draw, and per variant
+# only the extras the compiled graphs hold: is sums the gradients of blocks 1 and 2's inputs
+# (their own op's and the next block's shortcut); bs sums each earlier block's A and B gradients
+# with slices of the next block's, and one such sum keeps a column slice's strides, which
+# AccumulateGrad copies into the parameter's layout.
+EAGER_EXTRAS = {
+    "lora": ({}, {}),
+    "is": ({"reslora.record_stats_.default": 4}, {"aten.add.Tensor": 2}),
+    "ms": ({"reslora.record_stats_.default": 4}, {}),
+    "bs": (
+        {"aten.cat.default": 6},
+        {
+            "aten.slice.Tensor": 12,
+            "aten.add.Tensor": 6,
+            "aten.new_empty_strided.default": 1,
+            "aten.copy_.default": 1,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(EAGER_EXTRAS))
+def test_eager_steps_dispatch_one_op_per_block(variant):
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Dispatched(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(16, 16) for _ in range(4)])
+    cfg = reslora.ResLoRAConfig(r=4, variant=variant, lora_dropout=0.05, target_modules=[str(i) for i in range(4)])
+    model = reslora.get_reslora_model(base, cfg).train()
+    x = torch.randn(8, 16)
+    for _ in range(2):  # the second step, as every later one: the gradients were set to None
+        model.zero_grad(set_to_none=True)
+        with Dispatched() as fw:
+            loss = model(x).sum()
+        with Dispatched() as bw:
+            loss.backward()
+    assert fw.ops.pop("reslora.lora_linear.default") == 4 and bw.ops.pop("reslora._lora_linear_backward.default") == 4
+    assert fw.ops.pop("aten.randint.low") == 1 and fw.ops.pop("aten.sum.default") == 1
+    assert bw.ops.pop("aten.ones_like.default") == 1  # the loss's gradient
+    views = {"aten.detach.default", "aten.expand.default"}
+    for counts, want in zip((fw.ops, bw.ops), EAGER_EXTRAS[variant]):
+        assert {k: v for k, v in counts.items() if k not in views} == want
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
