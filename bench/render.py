@@ -18,6 +18,8 @@ DOC = ROOT / "docs" / "performance.md"
 RECORDS = {"eager": "results.json", "compiled": "results_compiled.json"}
 # the model-shape sweep (bench/shapes.py), one record per mode, rendered when present
 SHAPE_RECORDS = {f"shapes-{m}": f"results_shapes_{m}.json" for m in ("eager", "compiled", "graphed")}
+# host work per adapted block (bench/host_work.py), one record per device, rendered when present
+HOST_RECORDS = {f"host-{d}": f"host_work_{d}.json" for d in ("cpu", "cuda")}
 
 
 def header(info: dict) -> str:
@@ -65,15 +67,44 @@ def render(record: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def render_host(record: dict) -> str:
+    """A host-work record: per configuration the step's host time by phase, and per adapted
+    block what it adds to the frozen base's."""
+    info = record["info"]
+    r = info["reslora"]
+    lines = [
+        f"{info['machine']} | torch {info['torch']} | transformers {info['transformers']} | peft {info['peft']} | "
+        f"reslora {r['version']} (CUDA kernels: {r['cuda_kernels']}, extra-K GEMM: {r.get('extra_k_gemm')}) | "
+        f"commit {info['commit']} | {info['date']} | {info['model']}, {info['tokens']} tokens, "
+        f"{info['blocks']} adapted blocks, r = {info['r']}, dropout {info['dropout']}, {info['dtype']}, "
+        f"median of {info['repeat']}",
+        "",
+        "| configuration | forward (us) | backward (us) | optimizer (us) | per block: host (us) | ops | autograd nodes |"
+        + (" launches |" if info["device"] == "cuda" else ""),
+        "|---|---|---|---|---|---|---|" + ("---|" if info["device"] == "cuda" else ""),
+    ]
+    for row in record["rows"]:
+        per = row.get("per_block")
+        cells = [row["config"], f"{row['fwd']:.0f}", f"{row['bwd']:.0f}", f"{row['opt']:.0f}"]
+        if per is None:
+            cells += ["", "", ""] + ([""] if info["device"] == "cuda" else [])
+        else:
+            cells += [f"{per['fwd'] + per['bwd'] + per['opt']:.1f}", f"{per['ops']:.1f}", f"{per['nodes']:.2f}"]
+            cells += [f"{per['launches']:.1f}"] if info["device"] == "cuda" else []
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def rendered_doc(text: str) -> str:
-    records = dict(RECORDS)
-    records.update({n: f for n, f in SHAPE_RECORDS.items() if (RESULTS / f).exists()})
-    for name, file in records.items():
+    records = {n: (f, render) for n, f in RECORDS.items()}
+    records.update({n: (f, render) for n, f in SHAPE_RECORDS.items() if (RESULTS / f).exists()})
+    records.update({n: (f, render_host) for n, f in HOST_RECORDS.items() if (RESULTS / f).exists()})
+    for name, (file, how) in records.items():
         record = json.loads((RESULTS / file).read_text())
         pattern = re.compile(rf"(<!-- record:{name} -->\n).*?(<!-- /record:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"{DOC} has no <!-- record:{name} --> ... <!-- /record:{name} --> block")
-        text = pattern.sub(lambda m, r=record: m.group(1) + render(r) + m.group(2), text)
+        text = pattern.sub(lambda m, r=record, how=how: m.group(1) + how(r) + m.group(2), text)
     return text
 
 
