@@ -71,7 +71,9 @@ def graph_nodes(loss) -> int:
     return len(seen)
 
 
-def measure(base, wrap, ids, device, repeat):
+def prepare(base, wrap, ids, device):
+    """The training step of a copy of base wrapped by wrap; step(times) appends the host time of
+    its forward, backward and optimizer step to times."""
     m = copy.deepcopy(base)
     opt = None
     if wrap is not None:
@@ -104,21 +106,21 @@ def measure(base, wrap, ids, device, repeat):
             for k, t in zip(("fwd", "bwd", "opt"), (t1 - t0, t2 - t1, t3 - t2)):
                 times[k].append(t * 1e6)
 
-    for _ in range(max(10, repeat // 10)):
-        step()
-    times = {"fwd": [], "bwd": [], "opt": []}
-    for _ in range(repeat):
-        step(times)
-    row = {k: statistics.median(v) for k, v in times.items()}
-    nodes = graph_nodes(m(**inputs()).loss)
+    step.nodes = lambda: graph_nodes(m(**inputs()).loss)
+    return step
+
+
+def counts(step) -> dict:
+    """Operators and kernel launches of one step (the profiler's events, nested ones included)."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=acts) as prof:
         step()
     names = [e.name for e in prof.events()]
-    row["ops"] = sum(n.startswith(("aten::", "reslora::")) for n in names)
-    row["launches"] = sum(n in ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC") for n in names)
-    row["nodes"] = nodes
-    return row
+    return {
+        "ops": sum(n.startswith(("aten::", "reslora::")) for n in names),
+        "launches": sum(n in ("cudaLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC") for n in names),
+        "nodes": step.nodes(),
+    }
 
 
 def main():
@@ -135,11 +137,24 @@ def main():
     base = model(device)
     ids = torch.randint(0, WIDTHS[5], (1, TOKENS), device=device)
     blocks = WIDTHS[2] * len(shapes.TARGETS)
-    rows = []
+    steps = {}
     for name, wrap in shapes.configs(RANK):
         if device.type == "cpu":
             name = name.replace(" bf16", "")  # the model and its adapters are float32 here
-        row = dict(config=name, **measure(base, wrap, ids, device, args.repeat))
+        steps[name] = prepare(base, wrap, ids, device)
+        for _ in range(10):
+            steps[name]()
+    # Round-robin over the configurations, so that a drift of the machine's speed during the run
+    # is shared by all of them, not charged to one.
+    times = {name: {"fwd": [], "bwd": [], "opt": []} for name in steps}
+    rounds = 10
+    for i in range(rounds):
+        for name, step in steps.items():
+            for _ in range(args.repeat // rounds + (i < args.repeat % rounds)):
+                step(times[name])
+    rows = []
+    for name, step in steps.items():
+        row = dict(config=name, **{k: statistics.median(v) for k, v in times[name].items()}, **counts(step))
         rows.append(row)
         print(
             f"{name}: fwd {row['fwd']:.0f} us, bwd {row['bwd']:.0f} us, opt {row['opt']:.0f} us, "
