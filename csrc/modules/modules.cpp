@@ -84,9 +84,16 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
   const double s = scaling();
   const std::optional<torch::Tensor> b =
       bias.defined() ? std::optional<torch::Tensor>(bias) : std::nullopt;
-  // Every variant is one lora_linear op (one autograd node per block).
+  // Every variant is one lora_linear op (one autograd node per block); in training is and ms
+  // blocks record their norm statistics in the same op (only the is / ms merges read them).
   torch::Tensor z_own, y;
   const std::optional<torch::Tensor> none;
+  const bool stats =
+      is_training() && (options_.variant() == Variant::kIS || options_.variant() == Variant::kMS);
+  const std::optional<torch::Tensor> xn = stats ? std::optional<torch::Tensor>(x_norms) : none;
+  const std::optional<torch::Tensor> zn = stats ? std::optional<torch::Tensor>(z_norms) : none;
+  const std::optional<torch::Tensor> count =
+      stats ? std::optional<torch::Tensor>(stats_count) : none;
   switch (options_.variant()) {
     case Variant::kLoRA:
       std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, n, r);
@@ -95,7 +102,7 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
       // A head has no previous input and uses its own: drop(2 x).
       const torch::Tensor x_prev = k_max == 0 ? x : need(n - 1, "input").inputs[n - 1];
       std::tie(y, z_own) =
-          lora_linear(x, x_prev, weight, b, lora_A, lora_B, none, s, p, seed, n, r);
+          lora_linear(x, x_prev, weight, b, lora_A, lora_B, none, s, p, seed, n, r, xn, zn, count);
       break;
     }
     case Variant::kBS: {
@@ -122,8 +129,8 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
         const torch::Tensor& zk = need(n - k, "mid activation").mids[n - k];
         z_shortcut = z_shortcut.has_value() ? *z_shortcut + zk : zk;
       }
-      std::tie(y, z_own) =
-          lora_linear(x, none, weight, b, lora_A, lora_B, z_shortcut, s, p, seed, n, r);
+      std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, z_shortcut, s, p, seed,
+                                       n, r, xn, zn, count);
       break;
     }
   }
@@ -133,11 +140,6 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
     if (options_.variant() == Variant::kMS) pass->mids[n] = z_own;
     pass->ran[n] = true;
     if (n + 1 == static_cast<int64_t>(state->blocks.size())) state->end();
-  }
-  if (is_training() && (options_.variant() == Variant::kIS || options_.variant() == Variant::kMS)) {
-    // Only the is / ms merges read the norm statistics.
-    torch::NoGradGuard no_grad;
-    record_stats_(x_norms, z_norms, stats_count, x, z_own);
   }
   return y;
 }

@@ -4,11 +4,14 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "../kernels/dropout_hash.h"
+#include "stats.h"
 
 namespace reslora {
 namespace detail {
@@ -113,6 +116,28 @@ inline void check_up(const char* op, const at::Tensor& x, const at::Tensor& weig
     check_same(op, "bias", *bias, x);
   }
   TORCH_CHECK(std::isfinite(scaling), "reslora::", op, ": scaling must be finite, got ", scaling);
+}
+
+// The statistics arguments of lora_linear: all three (then checked as record_stats_ checks
+// them) or none. Returns whether they were given.
+inline bool check_stats_args(const char* op, const std::optional<at::Tensor>& x_norms,
+                             const std::optional<at::Tensor>& z_norms,
+                             const std::optional<at::Tensor>& stats_count) {
+  std::string given_names;
+  int given = 0;
+  for (const auto& [name, t] :
+       {std::pair<const char*, const std::optional<at::Tensor>*>{"x_norms", &x_norms},
+        {"z_norms", &z_norms},
+        {"stats_count", &stats_count}}) {
+    if (!t->has_value()) continue;
+    given_names += (given++ ? " and " : "") + std::string(name);
+  }
+  TORCH_CHECK(given == 0 || given == 3, "reslora::", op,
+              ": x_norms, z_norms and stats_count must be given together or not at all, got ",
+              given_names, " alone");
+  if (given == 0) return false;
+  check_record_stats(*x_norms, *z_norms, *stats_count, op);
+  return true;
 }
 
 }  // namespace detail

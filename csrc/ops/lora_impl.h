@@ -22,6 +22,7 @@
 
 #include "../kernels/dropout_hash.h"
 #include "lora_checks.h"
+#include "reslora/ops.h"
 
 namespace reslora {
 namespace detail {
@@ -283,11 +284,14 @@ struct LoraOps {
       const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
       const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
       const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
-      const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank) {
+      const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
+      const std::optional<at::Tensor>& x_norms, const std::optional<at::Tensor>& z_norms,
+      const std::optional<at::Tensor>& stats_count) {
     const char* op = "lora_linear";
     check_x_width(op, x, weight);
     check_rank(op, A, B);
     check_down(op, x, x_prev, A, dropout, block_rank);
+    const bool stats = check_stats_args(op, x_norms, z_norms, stats_count);
     const auto s = seed_arg(op, seed, seed_offset, x, dropout);
     const int64_t d_in = x.size(-1), R = A.size(0);
     const at::Tensor x2 = x.reshape({-1, d_in});
@@ -302,6 +306,11 @@ struct LoraOps {
     const at::Tensor zt = z_shortcut.has_value() ? z + *z_shortcut : z;
     check_up(op, x, weight, bias, zt, B, scaling);
     const at::Tensor y = up_y<K>(x2, weight, bias, zt.reshape({-1, R}), B, scaling);
+    if (stats) {
+      // Through the dispatcher: the backend's record_stats_ (one fused pass on CUDA).
+      at::Tensor xn = *x_norms, zn = *z_norms, count = *stats_count;
+      record_stats_(xn, zn, count, x, R == block_rank ? z : z.narrow(-1, 0, block_rank));
+    }
     return {y.view(with_last(x.sizes(), weight.size(0))), z};
   }
 

@@ -47,10 +47,14 @@ TORCH_LIBRARY(reslora, m) {
       pt2);
   // One ResLoRA block under one autograd node (what the layers call for every variant):
   // z = drop(x [+ x_prev]) A^T, y = x W^T + bias + scaling (z + z_shortcut) B^T. Returns (y, z).
+  // With x_norms, z_norms and stats_count (all three or none) it also records the norm
+  // statistics of x and of the block's own z (its first block_rank columns) as record_stats_
+  // does, so an is / ms block in training is one op.
   m.def(
       "lora_linear(Tensor x, Tensor? x_prev, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
       "Tensor? z_shortcut, float scaling, float dropout, Tensor? seed, int seed_offset, "
-      "int block_rank) -> (Tensor, Tensor)",
+      "int block_rank, Tensor(a!)? x_norms=None, Tensor(b!)? z_norms=None, "
+      "Tensor(c!)? stats_count=None) -> (Tensor, Tensor)",
       pt2);
   // (grad_x, grad_x_prev, grad_A, grad_B, grad_z_shortcut) of lora_linear; grad_z: the gradient
   // that reached the returned z (from later ms blocks) or none. Unrequested results are empty.
@@ -130,10 +134,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
     const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
-    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank) {
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
+    const std::optional<at::Tensor>& x_norms, const std::optional<at::Tensor>& z_norms,
+    const std::optional<at::Tensor>& stats_count) {
   static auto op = handle<decltype(lora_linear)>("reslora::lora_linear");
   return op.call(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed, seed_offset,
-                 block_rank);
+                 block_rank, x_norms, z_norms, stats_count);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(

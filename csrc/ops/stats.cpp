@@ -26,13 +26,13 @@ static void check_count(const at::Tensor& count, const at::Tensor& ring, const c
 }
 
 void check_record_stats(const at::Tensor& x_norms, const at::Tensor& z_norms,
-                        const at::Tensor& count) {
-  check_ring(x_norms, "x_norms");
-  check_ring(z_norms, "z_norms");
-  TORCH_CHECK(z_norms.size(0) == x_norms.size(0),
-              "reslora::record_stats_: z_norms must have the length of x_norms (", x_norms.size(0),
-              "), got ", z_norms.size(0));
-  check_count(count, x_norms, "record_stats_");
+                        const at::Tensor& count, const char* op) {
+  check_ring(x_norms, "x_norms", op);
+  check_ring(z_norms, "z_norms", op);
+  TORCH_CHECK(z_norms.size(0) == x_norms.size(0), "reslora::", op,
+              ": z_norms must have the length of x_norms (", x_norms.size(0), "), got ",
+              z_norms.size(0));
+  check_count(count, x_norms, op);
 }
 
 void record_stats_generic(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,

@@ -6,9 +6,10 @@
 namespace reslora {
 namespace detail {
 
-// Argument checks of record_stats_ (the rings and the counter), shared by every backend.
+// Argument checks of the statistics (the rings and the counter), shared by every backend and by
+// lora_linear, which records them too; errors name `op`.
 void check_record_stats(const at::Tensor& x_norms, const at::Tensor& z_norms,
-                        const at::Tensor& count);
+                        const at::Tensor& count, const char* op = "record_stats_");
 
 void record_stats_generic(at::Tensor& x_norms, at::Tensor& z_norms, at::Tensor& count,
                           const at::Tensor& x, const at::Tensor& z);

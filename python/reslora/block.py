@@ -288,15 +288,25 @@ class ResLoRALinear(nn.Module):
             z_shortcut = chain.need(state, n, n - 1, "mid activation")
             for j in range(2, k + 1):
                 z_shortcut = z_shortcut + chain.need(state, n, n - j, "mid activation")
+        recompute = replay or in_backward()
+        # Only the is / ms merges read the norm statistics, recorded once per training forward
+        # (not again when a checkpointed segment is recomputed): by the block's op itself.
+        stats = (
+            (self.x_norms, self.z_norms, self.stats_count)
+            if self.training and self.variant in ("is", "ms") and not recompute
+            else (None, None, None)
+        )
         if self.opaque:
             # A quantized base (NF4, int8, ...): its own module computes x W^T + b, the ops the
             # low-rank term, with the same dropout streams.
             z = _ops.lora_down(x, x_prev, a, p, seed, n, r)
             low = nn.functional.linear(z if z_shortcut is None else z + z_shortcut, b)
             y = self.base_layer(x) + (s * low).to(x.dtype)
+            if stats[0] is not None:
+                _ops.record_stats_(*stats, x, z)
         else:
             y, z = _ops.lora_linear(
-                x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_shortcut, s, p, seed, n, r
+                x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_shortcut, s, p, seed, n, r, *stats
             )
         if self.calibration is not None and not self.training:
             p = None
@@ -305,15 +315,12 @@ class ResLoRALinear(nn.Module):
             elif k > 0 and self.variant == "ms":
                 p = z_shortcut
             self.calibration.add(self, x, p)
-        if replay or in_backward():
-            return y  # a recompute: the forward already recorded this block's results and norms
+        if recompute:
+            return y  # a recompute: the forward already recorded this block's results
         if state is not None:
-            # z is the block's own mid activation for is / ms, what record and the statistics
-            # read; bs's z is wider (the earlier blocks' ranks too), and nothing reads it
+            # z is the block's own mid activation for is / ms, what record reads; bs's z is
+            # wider (the earlier blocks' ranks too), and nothing reads it
             chain.record(state, n, self.variant, x, z)
-        if self.training and self.variant in ("is", "ms"):
-            # Only the is / ms merges read the norm statistics.
-            _ops.record_stats_(self.x_norms, self.z_norms, self.stats_count, x, z)
         return y
 
     def x_norm_mean(self) -> torch.Tensor:

@@ -215,8 +215,8 @@ def test_torch_compile_fullgraph(variant, backend):
 # docs/performance.md says ("What the compiler sees around the ops").
 GRAPH_EXTRAS = {
     "lora": ({}, {}),
-    "is": ({"auto_functionalized_v2": 4}, {"aten.add.Tensor": 4}),
-    "ms": ({"auto_functionalized_v2": 4}, {}),
+    "is": ({}, {"aten.add.Tensor": 4}),
+    "ms": ({}, {}),
     "bs": ({"aten.cat.default": 6}, {"aten.slice.Tensor": 12, "aten.add.Tensor": 6}),
 }
 
@@ -230,8 +230,14 @@ def test_compiled_graphs_hold_one_op_per_block(variant):
 
     graphs = []
 
+    def name(node):
+        # the block op declares its statistics buffers mutable: functionalized, it is wrapped
+        if str(node.target) == "auto_functionalized_v2":
+            return str(node.args[0])
+        return str(node.target)
+
     def compiler(gm, example_inputs):
-        graphs.append(Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function"))
+        graphs.append(Counter(name(n) for n in gm.graph.nodes if n.op == "call_function"))
         return make_boxed_func(gm.forward)
 
     def backend(gm, example_inputs):
@@ -243,6 +249,9 @@ def test_compiled_graphs_hold_one_op_per_block(variant):
     model = reslora.get_reslora_model(base, cfg).train()
     x = torch.randn(8, 16, requires_grad=True)
     torch.compile(model, backend=backend, fullgraph=True)(x).sum().backward()
+    # is / ms blocks recorded their statistics inside their op, once each
+    recorded = [int(blk.stats_count) for blk in model.blocks.values()]
+    assert recorded == [1 if variant in ("is", "ms") else 0] * 4
     fw, bw = graphs
     assert fw.pop("reslora.lora_linear.default") == 4 and bw.pop("reslora._lora_linear_backward.default") == 4
     assert fw.pop("aten.randint.low") == 1  # the pass's dropout seed
@@ -259,8 +268,8 @@ def test_compiled_graphs_hold_one_op_per_block(variant):
 # AccumulateGrad copies into the parameter's layout.
 EAGER_EXTRAS = {
     "lora": ({}, {}),
-    "is": ({"reslora.record_stats_.default": 4}, {"aten.add.Tensor": 2}),
-    "ms": ({"reslora.record_stats_.default": 4}, {}),
+    "is": ({}, {"aten.add.Tensor": 2}),
+    "ms": ({}, {}),
     "bs": (
         {"aten.cat.default": 6},
         {

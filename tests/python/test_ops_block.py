@@ -106,12 +106,53 @@ def test_opcheck_lora_linear(device):
         )
 
 
+def stats_buffers(device, window=3):
+    f32 = dict(device=device, dtype=torch.float32)
+    return torch.zeros(window, **f32), torch.zeros(window, **f32), torch.zeros(1, dtype=torch.long, device=device)
+
+
+@pytest.mark.parametrize("segments", [1, 2])
+def test_lora_linear_records_the_statistics_of_record_stats(segments, device):
+    # The block's op with the statistics buffers records what record_stats_ records for x and the
+    # block's own z (its first block_rank columns), slot after slot; its outputs and gradients
+    # are those of the op without them, and opcheck holds with the mutation declared.
+    x, xp, W, b, A, B, ze, r = block_args(device, True, False, segments=segments)
+    got, want = stats_buffers(device), stats_buffers(device)
+    for step in range(4):  # past the window of 3: the ring wraps
+        seed = S(step, x)
+        y, z = ops.lora_linear(x, xp, W, b, A, B, ze, 2.0, 0.25, seed, 1, r, *got)
+        y_ref, z_ref = ops.lora_linear(x, xp, W, b, A, B, ze, 2.0, 0.25, seed, 1, r)
+        ops.record_stats_(*want, x.detach(), z_ref.detach()[..., :r])
+        torch.testing.assert_close((y, z), (y_ref, z_ref), rtol=0, atol=0)
+        gy = torch.randn_like(y)
+        leaves = (x, xp, A, B)
+        torch.testing.assert_close(
+            torch.autograd.grad((y * gy).sum(), leaves), torch.autograd.grad((y_ref * gy).sum(), leaves), rtol=0, atol=0
+        )
+        x = (x.detach() * 1.5).requires_grad_()  # other norms each step
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert got[2].item() == 4 and not got[0].requires_grad
+    torch.library.opcheck(ops.lora_linear.default, (x, xp, W, b, A, B, ze, 2.0, 0.25, S(9, x), 1, r, *got))
+
+
 def test_lora_linear_bad_input():
     x, xp, W, b, A, B, ze, r = block_args("cpu", False, True, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"z_shortcut must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
         ops.lora_linear(x, None, W, b, A, B, ze[..., :3], 1.0, 0.0, S(0, x), 0, r)
     with pytest.raises(RuntimeError, match=r"lora_linear: weight must be frozen \(requires_grad=False\)"):
         ops.lora_linear(x, None, W.requires_grad_(), b, A, B, None, 1.0, 0.0, S(0, x), 0, r)
+    W.requires_grad_(False)
+    xn, zn, count = stats_buffers("cpu")
+    with pytest.raises(
+        RuntimeError,
+        match=r"lora_linear: x_norms, z_norms and stats_count must be given together or not at all, got x_norms alone",
+    ):
+        ops.lora_linear(x, None, W, b, A, B, None, 1.0, 0.0, S(0, x), 0, r, xn, None, None)
+    with pytest.raises(RuntimeError, match=r"lora_linear: z_norms must have the length of x_norms \(3\), got 4"):
+        ops.lora_linear(x, None, W, b, A, B, None, 1.0, 0.0, S(0, x), 0, r, xn, torch.zeros(4), count)
+    with pytest.raises(RuntimeError, match=r"lora_linear: count must be an int64 tensor with one element, got Float"):
+        ops.lora_linear(x, None, W, b, A, B, None, 1.0, 0.0, S(0, x), 0, r, xn, zn, count.float())
 
 
 def test_load_failure_names_built_and_found_versions(monkeypatch):

@@ -43,11 +43,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(const at::Tensor
 // One ResLoRA block under a single autograd node: z = drop(x [+ x_prev]) A^T and
 // y = x W^T + bias + scaling (z + z_shortcut) B^T. Returns (y, z). z_shortcut ([..., R] or none) is
 // the ms shortcut (the sum of earlier blocks' z); gradients reach x, x_prev, A, B and z_shortcut.
+// Given x_norms, z_norms and stats_count (all three or none), it also records the norms of x
+// and of the block's own z (its first block_rank columns) into them, as record_stats_ does.
 std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
     const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
-    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank);
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
+    const std::optional<at::Tensor>& x_norms = std::nullopt,
+    const std::optional<at::Tensor>& z_norms = std::nullopt,
+    const std::optional<at::Tensor>& stats_count = std::nullopt);
 
 // Backward of lora_linear: (grad_x, grad_x_prev, grad_A, grad_B, grad_z_shortcut).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(

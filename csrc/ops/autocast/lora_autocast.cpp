@@ -14,7 +14,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_autocast(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
     const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
-    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank) {
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
+    const std::optional<at::Tensor>& x_norms, const std::optional<at::Tensor>& z_norms,
+    const std::optional<at::Tensor>& stats_count) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(
       at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
   const auto dt = at::autocast::get_autocast_dtype(kDevice);
@@ -23,7 +25,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_autocast(
     return at::autocast::cached_cast(dt, t, kDevice);
   };
   return lora_linear(cast(x), cast_opt(x_prev), cast(weight), cast_opt(bias), cast(A), cast(B),
-                     cast_opt(z_shortcut), scaling, dropout, seed, seed_offset, block_rank);
+                     cast_opt(z_shortcut), scaling, dropout, seed, seed_offset, block_rank, x_norms,
+                     z_norms, stats_count);  // the float32 rings stay as they are
 }
 
 }  // namespace

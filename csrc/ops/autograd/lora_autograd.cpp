@@ -104,14 +104,17 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                const at::Tensor& B, const std::optional<at::Tensor>& z_shortcut,
                                double scaling, double dropout,
                                const std::optional<at::Tensor>& seed, int64_t seed_offset,
-                               int64_t block_rank) {
+                               int64_t block_rank, const std::optional<at::Tensor>& x_norms,
+                               const std::optional<at::Tensor>& z_norms,
+                               const std::optional<at::Tensor>& stats_count) {
     check_frozen("lora_linear", weight);
     // z is often unused downstream (every variant but ms): its gradient then stays undefined
     // instead of a zero tensor that backward would add.
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
+    // The statistics carry no gradient: they are recorded below autograd, with the block.
     auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed,
-                              seed_offset, block_rank);
+                              seed_offset, block_rank, x_norms, z_norms, stats_count);
     // Inputs and the rank-R z only: masks and the is-sum are recomputed in backward.
     // The seed tensor too: backward regenerates the masks from the value this pass drew.
     ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), weight, A, B, z,
@@ -157,6 +160,9 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),  // the statistics buffers: no gradient
+            at::Tensor(),
             at::Tensor()};
   }
 };
@@ -165,9 +171,12 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
     const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
-    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank) {
-  auto out = LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout,
-                                       seed, seed_offset, block_rank);
+    const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
+    const std::optional<at::Tensor>& x_norms, const std::optional<at::Tensor>& z_norms,
+    const std::optional<at::Tensor>& stats_count) {
+  auto out =
+      LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed,
+                                seed_offset, block_rank, x_norms, z_norms, stats_count);
   return {out[0], out[1]};
 }
 
