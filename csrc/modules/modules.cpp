@@ -110,15 +110,16 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
         std::tie(y, z_own) =
             lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, n, r);
       } else {
-        // All k + 1 products as one of rank (k + 1) r, one dropout mask per segment.
-        std::vector<torch::Tensor> As{lora_A}, Bs{lora_B};
+        // All k + 1 products as one of rank (k + 1) r, one dropout mask per segment: the op
+        // joins the earlier blocks' A and B to this block's.
+        std::vector<torch::Tensor> As, Bs;
         for (int64_t k = 1; k <= k_max; ++k) {
           As.push_back(state->blocks[n - k]->lora_A);
           Bs.push_back(state->blocks[n - k]->lora_B);
         }
         torch::Tensor z;
-        std::tie(y, z) = lora_linear(x, none, weight, b, torch::cat(As, 0), torch::cat(Bs, 1), none,
-                                     s, p, seed, n, r);
+        std::tie(y, z) = lora_linear(x, none, weight, b, lora_A, lora_B, none, s, p, seed, n, r,
+                                     none, none, none, As, Bs);
         z_own = z.narrow(-1, 0, r);
       }
       break;

@@ -140,5 +140,35 @@ inline bool check_stats_args(const char* op, const std::optional<at::Tensor>& x_
   return true;
 }
 
+// The bs shortcut's earlier blocks (A_shortcut[j]: [block_rank, d_in], B_shortcut[j]:
+// [d_out, block_rank], one pair per earlier block, nearest first), each with the dtype and
+// device of A / B. Their products join the block's own as further dropout segments.
+inline void check_shortcut_lists(const char* op, const at::Tensor& A, const at::Tensor& B,
+                                 at::TensorList A_shortcut, at::TensorList B_shortcut,
+                                 int64_t block_rank) {
+  TORCH_CHECK(A_shortcut.size() == B_shortcut.size(), "reslora::", op,
+              ": A_shortcut and B_shortcut must have one entry per earlier block each, got ",
+              A_shortcut.size(), " and ", B_shortcut.size());
+  if (A_shortcut.empty()) return;
+  TORCH_CHECK(A.dim() == 2 && B.dim() == 2, "reslora::", op, ": A and B must be 2-D, got A ",
+              A.sizes(), " and B ", B.sizes());
+  for (size_t j = 0; j < A_shortcut.size(); ++j) {
+    const at::Tensor& a = A_shortcut[j];
+    const at::Tensor& b = B_shortcut[j];
+    TORCH_CHECK(a.dim() == 2 && a.size(0) == block_rank && a.size(1) == A.size(1), "reslora::", op,
+                ": A_shortcut[", j, "] must have shape [block_rank, d_in] = [", block_rank, ", ",
+                A.size(1), "], got ", a.sizes());
+    TORCH_CHECK(b.dim() == 2 && b.size(0) == B.size(0) && b.size(1) == block_rank, "reslora::", op,
+                ": B_shortcut[", j, "] must have shape [d_out, block_rank] = [", B.size(0), ", ",
+                block_rank, "], got ", b.sizes());
+    TORCH_CHECK(a.scalar_type() == A.scalar_type() && a.device() == A.device() &&
+                    b.scalar_type() == B.scalar_type() && b.device() == B.device(),
+                "reslora::", op, ": A_shortcut[", j, "] and B_shortcut[", j,
+                "] must have the dtype and device of A and B (", A.scalar_type(), ", ", A.device(),
+                "), got ", a.scalar_type(), " on ", a.device(), " and ", b.scalar_type(), " on ",
+                b.device());
+  }
+}
+
 }  // namespace detail
 }  // namespace reslora

@@ -69,6 +69,21 @@ struct GenericOnly {
   }
 };
 
+// A and B of the whole low-rank product: the block's own, then the bs shortcut's earlier blocks'
+// (rows of A, columns of B), as one product of the summed rank.
+inline std::pair<at::Tensor, at::Tensor> joined_ranks(const char* op, const at::Tensor& A,
+                                                      const at::Tensor& B,
+                                                      at::TensorList A_shortcut,
+                                                      at::TensorList B_shortcut,
+                                                      int64_t block_rank) {
+  check_shortcut_lists(op, A, B, A_shortcut, B_shortcut, block_rank);
+  if (A_shortcut.empty()) return {A, B};
+  std::vector<at::Tensor> As{A}, Bs{B};
+  As.insert(As.end(), A_shortcut.begin(), A_shortcut.end());
+  Bs.insert(Bs.end(), B_shortcut.begin(), B_shortcut.end());
+  return {at::cat(As, 0), at::cat(Bs, 1)};
+}
+
 inline std::vector<int64_t> with_last(at::IntArrayRef sizes, int64_t last) {
   std::vector<int64_t> out(sizes.begin(), sizes.end());
   out.back() = last;
@@ -277,17 +292,21 @@ struct LoraOps {
         .view(with_last(x.sizes(), weight.size(0)));
   }
 
-  // One ResLoRA block: z = drop(x [+ x_prev]) A^T; y = x W^T + b + s (z + z_shortcut) B^T.
-  // Returns (y, z); z is the block's own mid activation, which ms chains pass on as later blocks'
-  // z_shortcut.
+  // One ResLoRA block: z = drop(x [+ x_prev]) A^T; y = x W^T + b + s (z + z_shortcut) B^T, A and
+  // B the block's own joined with the bs shortcut's (A_shortcut, B_shortcut). Returns (y, z); z
+  // is the block's mid activation (its first block_rank columns its own), which ms chains pass on
+  // as later blocks' z_shortcut.
   static std::tuple<at::Tensor, at::Tensor> linear(
       const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
-      const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
+      const std::optional<at::Tensor>& bias, const at::Tensor& A_own, const at::Tensor& B_own,
       const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
       const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
       const std::optional<at::Tensor>& x_norms, const std::optional<at::Tensor>& z_norms,
-      const std::optional<at::Tensor>& stats_count) {
+      const std::optional<at::Tensor>& stats_count, std::optional<at::TensorList> A_shortcut,
+      std::optional<at::TensorList> B_shortcut) {
     const char* op = "lora_linear";
+    const auto [A, B] = joined_ranks(op, A_own, B_own, A_shortcut.value_or(at::TensorList()),
+                                     B_shortcut.value_or(at::TensorList()), block_rank);
     check_x_width(op, x, weight);
     check_rank(op, A, B);
     check_down(op, x, x_prev, A, dropout, block_rank);

@@ -49,12 +49,15 @@ TORCH_LIBRARY(reslora, m) {
   // z = drop(x [+ x_prev]) A^T, y = x W^T + bias + scaling (z + z_shortcut) B^T. Returns (y, z).
   // With x_norms, z_norms and stats_count (all three or none) it also records the norm
   // statistics of x and of the block's own z (its first block_rank columns) as record_stats_
-  // does, so an is / ms block in training is one op.
+  // does, so an is / ms block in training is one op. A_shortcut / B_shortcut: the bs shortcut's
+  // earlier blocks' A [block_rank, d_in] and B [d_out, block_rank], nearest first, joined to A
+  // and B as further segments (gradients reach each of them).
   m.def(
       "lora_linear(Tensor x, Tensor? x_prev, Tensor weight, Tensor? bias, Tensor A, Tensor B, "
       "Tensor? z_shortcut, float scaling, float dropout, Tensor? seed, int seed_offset, "
       "int block_rank, Tensor(a!)? x_norms=None, Tensor(b!)? z_norms=None, "
-      "Tensor(c!)? stats_count=None) -> (Tensor, Tensor)",
+      "Tensor(c!)? stats_count=None, Tensor[]? A_shortcut=None, Tensor[]? B_shortcut=None) -> "
+      "(Tensor, Tensor)",
       pt2);
   // (grad_x, grad_x_prev, grad_A, grad_B, grad_z_shortcut) of lora_linear; grad_z: the gradient
   // that reached the returned z (from later ms blocks) or none. Unrequested results are empty.
@@ -136,10 +139,11 @@ std::tuple<at::Tensor, at::Tensor> lora_linear(
     const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
     const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
     const std::optional<at::Tensor>& x_norms, const std::optional<at::Tensor>& z_norms,
-    const std::optional<at::Tensor>& stats_count) {
+    const std::optional<at::Tensor>& stats_count, std::optional<at::TensorList> A_shortcut,
+    std::optional<at::TensorList> B_shortcut) {
   static auto op = handle<decltype(lora_linear)>("reslora::lora_linear");
   return op.call(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed, seed_offset,
-                 block_rank, x_norms, z_norms, stats_count);
+                 block_rank, x_norms, z_norms, stats_count, A_shortcut, B_shortcut);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(

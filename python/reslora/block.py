@@ -275,15 +275,17 @@ class ResLoRALinear(nn.Module):
                 seed = state.seed
         r, s = self.r, self.scaling
         x_prev, z_shortcut, a, b = None, None, self.lora_A, self.lora_B
+        a_shortcut = b_shortcut = None
         # Every variant is one low-rank product on x (one lora_linear op, one autograd node per
         # block); they differ in what joins it: is adds x_prev to x, bs the earlier blocks' A and
-        # B (concatenated rank), ms the earlier blocks' mid activations to z.
+        # B (the op joins them to the block's own rank), ms the earlier blocks' mid activations
+        # to z.
         if self.variant == "is":
             x_prev = x if k == 0 else chain.need(state, n, n - 1, "input")
         elif self.variant == "bs" and k > 0:
-            blocks = [self] + [chain.block(n, n - j) for j in range(1, k + 1)]
-            a = torch.cat([gathered(blk.lora_A, self.lora_A) for blk in blocks], 0)
-            b = torch.cat([gathered(blk.lora_B, self.lora_B) for blk in blocks], 1)
+            earlier = [chain.block(n, n - j) for j in range(1, k + 1)]
+            a_shortcut = [gathered(blk.lora_A, a) for blk in earlier]
+            b_shortcut = [gathered(blk.lora_B, b) for blk in earlier]
         elif self.variant == "ms" and k > 0:
             z_shortcut = chain.need(state, n, n - 1, "mid activation")
             for j in range(2, k + 1):
@@ -299,6 +301,8 @@ class ResLoRALinear(nn.Module):
         if self.opaque:
             # A quantized base (NF4, int8, ...): its own module computes x W^T + b, the ops the
             # low-rank term, with the same dropout streams.
+            if a_shortcut is not None:
+                a, b = torch.cat([a] + a_shortcut, 0), torch.cat([b] + b_shortcut, 1)
             z = _ops.lora_down(x, x_prev, a, p, seed, n, r)
             low = nn.functional.linear(z if z_shortcut is None else z + z_shortcut, b)
             y = self.base_layer(x) + (s * low).to(x.dtype)
@@ -306,7 +310,21 @@ class ResLoRALinear(nn.Module):
                 _ops.record_stats_(*stats, x, z)
         else:
             y, z = _ops.lora_linear(
-                x, x_prev, self.base_weight(), self.base_layer.bias, a, b, z_shortcut, s, p, seed, n, r, *stats
+                x,
+                x_prev,
+                self.base_weight(),
+                self.base_layer.bias,
+                a,
+                b,
+                z_shortcut,
+                s,
+                p,
+                seed,
+                n,
+                r,
+                *stats,
+                a_shortcut,
+                b_shortcut,
             )
         if self.calibration is not None and not self.training:
             p = None

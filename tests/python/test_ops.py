@@ -306,6 +306,16 @@ def test_eager_steps_dispatch_one_op_per_block(variant):
         model.zero_grad(set_to_none=True)
         with Dispatched() as fw:
             loss = model(x).sum()
+        # one autograd node per block, whatever the variant joins (bs: no node for the earlier
+        # blocks' A and B, which the op takes as they are)
+        seen, todo = set(), [loss.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None and node not in seen:
+                seen.add(node)
+                todo += [n for n, _ in node.next_functions]
+        nodes = Counter(node.name().split("::")[-1] for node in seen)
+        assert nodes == {"SumBackward0": 1, "LoraLinearFunction>": 4, "AccumulateGrad": 8}  # A, B
         with Dispatched() as bw:
             loss.backward()
     assert fw.ops.pop("reslora.lora_linear.default") == 4 and bw.ops.pop("reslora._lora_linear_backward.default") == 4

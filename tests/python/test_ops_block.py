@@ -136,6 +136,48 @@ def test_lora_linear_records_the_statistics_of_record_stats(segments, device):
     torch.library.opcheck(ops.lora_linear.default, (x, xp, W, b, A, B, ze, 2.0, 0.25, S(9, x), 1, r, *got))
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_linear_joins_the_shortcut_lists(dropout, device):
+    # bs: the earlier blocks' A and B as lists give the outputs of the op on their concatenation,
+    # and each list entry gets its own slice of that op's gradients.
+    x, xp, W, b, A, B, ze, r = block_args(device, False, False, segments=3)
+    parts_A = [t.detach().clone().requires_grad_() for t in A.split(r, 0)]
+    parts_B = [t.detach().clone().requires_grad_() for t in B.split(r, 1)]
+    seed = S(4, x)
+    y, z = ops.lora_linear(x, None, W, b, parts_A[0], parts_B[0], None, 1.5, dropout, seed, 2, r,
+                           None, None, None, parts_A[1:], parts_B[1:])  # fmt: skip
+    y_ref, z_ref = ops.lora_linear(x, None, W, b, A, B, None, 1.5, dropout, seed, 2, r)
+    torch.testing.assert_close((y, z), (y_ref, z_ref), rtol=0, atol=0)
+    gy, gz = torch.randn_like(y), torch.randn_like(z)
+    got = torch.autograd.grad((y * gy).sum() + (z * gz).sum(), [x] + parts_A + parts_B)
+    want = torch.autograd.grad((y_ref * gy).sum() + (z_ref * gz).sum(), [x, A, B])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(got[1:4], 0), want[1], rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(got[4:], 1), want[2], rtol=0, atol=0)
+    torch.library.opcheck(
+        ops.lora_linear.default,
+        (
+            x,
+            None,
+            W,
+            b,
+            parts_A[0],
+            parts_B[0],
+            None,
+            1.5,
+            dropout,
+            seed,
+            2,
+            r,
+            None,
+            None,
+            None,
+            parts_A[1:],
+            parts_B[1:],
+        ),
+    )
+
+
 def test_lora_linear_bad_input():
     x, xp, W, b, A, B, ze, r = block_args("cpu", False, True, requires_grad=False)
     with pytest.raises(RuntimeError, match=r"z_shortcut must have shape \[2, 3, 4\], got \[2, 3, 3\]"):
@@ -153,6 +195,24 @@ def test_lora_linear_bad_input():
         ops.lora_linear(x, None, W, b, A, B, None, 1.0, 0.0, S(0, x), 0, r, xn, torch.zeros(4), count)
     with pytest.raises(RuntimeError, match=r"lora_linear: count must be an int64 tensor with one element, got Float"):
         ops.lora_linear(x, None, W, b, A, B, None, 1.0, 0.0, S(0, x), 0, r, xn, zn, count.float())
+    a, bb = A[:r], B[:, :r]
+    args = (x, None, W, b, a, bb, None, 1.0, 0.0, S(0, x), 0, r, None, None, None)
+    with pytest.raises(
+        RuntimeError, match=r"A_shortcut and B_shortcut must have one entry per earlier block each, got 1 and 0"
+    ):
+        ops.lora_linear(*args, [a], [])
+    with pytest.raises(
+        RuntimeError, match=r"A_shortcut\[0\] must have shape \[block_rank, d_in\] = \[2, 6\], got \[3, 6\]"
+    ):
+        ops.lora_linear(*args, [torch.randn(3, 6)], [bb])
+    with pytest.raises(
+        RuntimeError, match=r"B_shortcut\[0\] must have shape \[d_out, block_rank\] = \[5, 2\], got \[4, 2\]"
+    ):
+        ops.lora_linear(*args, [a], [torch.randn(4, 2)])
+    with pytest.raises(
+        RuntimeError, match=r"A_shortcut\[0\] and B_shortcut\[0\] must have the dtype and device of A and B"
+    ):
+        ops.lora_linear(*args, [a.float()], [bb])
 
 
 def test_load_failure_names_built_and_found_versions(monkeypatch):

@@ -45,6 +45,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lora_up_backward(const at::Tensor
 // the ms shortcut (the sum of earlier blocks' z); gradients reach x, x_prev, A, B and z_shortcut.
 // Given x_norms, z_norms and stats_count (all three or none), it also records the norms of x
 // and of the block's own z (its first block_rank columns) into them, as record_stats_ does.
+// A_shortcut / B_shortcut (the bs shortcut): the earlier blocks' A [block_rank, d_in] and B
+// [d_out, block_rank], nearest first, joined to A and B as further dropout segments.
 std::tuple<at::Tensor, at::Tensor> lora_linear(
     const at::Tensor& x, const std::optional<at::Tensor>& x_prev, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& A, const at::Tensor& B,
@@ -52,7 +54,9 @@ std::tuple<at::Tensor, at::Tensor> lora_linear(
     const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
     const std::optional<at::Tensor>& x_norms = std::nullopt,
     const std::optional<at::Tensor>& z_norms = std::nullopt,
-    const std::optional<at::Tensor>& stats_count = std::nullopt);
+    const std::optional<at::Tensor>& stats_count = std::nullopt,
+    std::optional<at::TensorList> A_shortcut = std::nullopt,
+    std::optional<at::TensorList> B_shortcut = std::nullopt);
 
 // Backward of lora_linear: (grad_x, grad_x_prev, grad_A, grad_B, grad_z_shortcut).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_linear_backward(

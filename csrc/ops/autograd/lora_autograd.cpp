@@ -3,6 +3,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "../lora_impl.h"
 #include "reslora/ops.h"
 
 namespace reslora {
@@ -106,19 +107,26 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
                                const std::optional<at::Tensor>& seed, int64_t seed_offset,
                                int64_t block_rank, const std::optional<at::Tensor>& x_norms,
                                const std::optional<at::Tensor>& z_norms,
-                               const std::optional<at::Tensor>& stats_count) {
+                               const std::optional<at::Tensor>& stats_count,
+                               at::TensorList A_shortcut, at::TensorList B_shortcut) {
     check_frozen("lora_linear", weight);
     // z is often unused downstream (every variant but ms): its gradient then stays undefined
     // instead of a zero tensor that backward would add.
     ctx->set_materialize_grads(false);
     at::AutoDispatchBelowADInplaceOrView guard;
+    // bs: the earlier blocks' A and B joined to the block's own here, below autograd (no node
+    // of their own), and the joined pair saved for backward, which splits its gradients back.
+    const auto [A_all, B_all] =
+        detail::joined_ranks("lora_linear", A, B, A_shortcut, B_shortcut, block_rank);
     // The statistics carry no gradient: they are recorded below autograd, with the block.
-    auto [y, z] = lora_linear(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed,
-                              seed_offset, block_rank, x_norms, z_norms, stats_count);
+    auto [y, z] = lora_linear(x, x_prev, weight, bias, A_all, B_all, z_shortcut, scaling, dropout,
+                              seed, seed_offset, block_rank, x_norms, z_norms, stats_count);
     // Inputs and the rank-R z only: masks and the is-sum are recomputed in backward.
     // The seed tensor too: backward regenerates the masks from the value this pass drew.
-    ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), weight, A, B, z,
+    ctx->save_for_backward({x, x_prev.value_or(at::Tensor()), weight, A_all, B_all, z,
                             z_shortcut.value_or(at::Tensor()), seed.value_or(at::Tensor())});
+    ctx->saved_data["own_rank"] = A.size(0);
+    ctx->saved_data["shortcuts"] = static_cast<int64_t>(A_shortcut.size());
     ctx->saved_data["scaling"] = scaling;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["seed_offset"] = seed_offset;
@@ -149,21 +157,37 @@ class LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> 
     const int64_t bias_dtype = ctx->saved_data["bias_dtype"].toInt();
     at::Tensor grad_bias =
         bias_dtype >= 0 ? bias_grad(grad_y, static_cast<at::ScalarType>(bias_dtype)) : at::Tensor();
-    return {need_x ? gx : at::Tensor(),
-            (need_x && s[1].defined()) ? gxp : at::Tensor(),
-            at::Tensor(),
-            grad_bias,
-            gA,
-            gB,
-            s[6].defined() ? gze : at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),
-            at::Tensor(),  // the statistics buffers: no gradient
-            at::Tensor(),
-            at::Tensor()};
+    // The joined gradients split back: the block's own rows / columns, then each earlier block's.
+    const int64_t own = ctx->saved_data["own_rank"].toInt();
+    const int64_t shortcuts = ctx->saved_data["shortcuts"].toInt();
+    const int64_t br = ctx->saved_data["block_rank"].toInt();
+    variable_list grad_A_shortcut, grad_B_shortcut;
+    for (int64_t j = 0; j < shortcuts; ++j) {
+      grad_A_shortcut.push_back(gA.narrow(0, own + j * br, br));
+      grad_B_shortcut.push_back(gB.narrow(1, own + j * br, br));
+    }
+    if (shortcuts > 0) {
+      gA = gA.narrow(0, 0, own);
+      gB = gB.narrow(1, 0, own);
+    }
+    variable_list out{need_x ? gx : at::Tensor(),
+                      (need_x && s[1].defined()) ? gxp : at::Tensor(),
+                      at::Tensor(),
+                      grad_bias,
+                      gA,
+                      gB,
+                      s[6].defined() ? gze : at::Tensor(),
+                      at::Tensor(),
+                      at::Tensor(),
+                      at::Tensor(),
+                      at::Tensor(),
+                      at::Tensor(),
+                      at::Tensor(),  // the statistics buffers: no gradient
+                      at::Tensor(),
+                      at::Tensor()};
+    out.insert(out.end(), grad_A_shortcut.begin(), grad_A_shortcut.end());
+    out.insert(out.end(), grad_B_shortcut.begin(), grad_B_shortcut.end());
+    return out;
   }
 };
 
@@ -173,10 +197,13 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_autograd(
     const std::optional<at::Tensor>& z_shortcut, double scaling, double dropout,
     const std::optional<at::Tensor>& seed, int64_t seed_offset, int64_t block_rank,
     const std::optional<at::Tensor>& x_norms, const std::optional<at::Tensor>& z_norms,
-    const std::optional<at::Tensor>& stats_count) {
-  auto out =
-      LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout, seed,
-                                seed_offset, block_rank, x_norms, z_norms, stats_count);
+    const std::optional<at::Tensor>& stats_count, std::optional<at::TensorList> A_shortcut,
+    std::optional<at::TensorList> B_shortcut) {
+  // as plain lists: the autograd function tracks each of their tensors as an input
+  auto out = LoraLinearFunction::apply(x, x_prev, weight, bias, A, B, z_shortcut, scaling, dropout,
+                                       seed, seed_offset, block_rank, x_norms, z_norms, stats_count,
+                                       A_shortcut.value_or(at::TensorList()),
+                                       B_shortcut.value_or(at::TensorList()));
   return {out[0], out[1]};
 }
 
