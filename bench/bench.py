@@ -17,7 +17,6 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import os
 import statistics
 import subprocess
@@ -379,12 +378,7 @@ def main():
         ],
     }
     print(render.render(record))
-    os.makedirs(args.out, exist_ok=True)
-    stem = "results" if args.only == "eager" else "results_compiled"
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    print(f"wrote {os.path.join(args.out, stem + '.json')}; python bench/render.py puts it into docs/performance.md")
+    render.write_record(record, args.out, "results" if args.only == "eager" else "results_compiled")
 
 
 def run_info() -> dict:

@@ -17,7 +17,6 @@ machine, versions, date and commit; bench/render.py puts it into docs/performanc
 import argparse
 import copy
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import render
 import shapes
 
 import reslora
@@ -196,12 +196,7 @@ def main():
         },
         "rows": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"host_work_{device.type}.json")
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    print(f"wrote {path}; python bench/render.py puts it into docs/performance.md")
+    render.write_record(record, args.out, f"host_work_{device.type}")
 
 
 if __name__ == "__main__":

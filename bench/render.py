@@ -108,6 +108,19 @@ def rendered_doc(text: str) -> str:
     return text
 
 
+def write_record(record: dict, out_dir: str, stem: str) -> str:
+    """Writes a benchmark's record as out_dir/stem.json (what main() renders) and says so."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem + ".json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}; python bench/render.py puts it into docs/performance.md")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/performance.md is out of date")

@@ -15,7 +15,6 @@ the GPU, versions, date and commit; bench/render.py puts the records into docs/p
 import argparse
 import copy
 import gc
-import json
 import os
 import statistics
 import sys
@@ -214,12 +213,7 @@ def main():
                 workloads.append({"name": name, "rows": sweep(shape, r, mode, args)})
         record = {"info": info, "workloads": workloads}
         print(render.render(record))
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"results_shapes_{mode}.json")
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        print(f"wrote {path}")
+        render.write_record(record, args.out, f"results_shapes_{mode}")
 
 
 if __name__ == "__main__":
