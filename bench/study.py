@@ -457,7 +457,7 @@ def main():
                 flush=True,
             )
             results["tasks"][kind] = {"best_lr": dict(best), "runs": runs, "sizes": task.sizes, "partial": True}
-            (out_dir / "results.json").write_text(json.dumps(results, indent=1))  # so far
+            write_json(out_dir / "results.json", results)  # so far
         base = task.evaluate(task.fresh())
         results["tasks"][kind] = {"base": base, "best_lr": best, "runs": runs, "sizes": task.sizes}
     results["wall_time_s"] = time.time() - started
@@ -468,10 +468,17 @@ def main():
 # --- report ----------------------------------------------------------------------------------
 
 
+def write_json(path: Path, data) -> None:
+    """Writes path whole or not at all (a run stopped midway leaves the previous file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def write_results(results, args, out_dir):
     """results.json and the reports the run asked for: the ridge sweep's, the sequential fit's,
     or (neither asked) the study's."""
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(out_dir / "results.json", results)
     if args.ridges:
         ridge_report(results, args.ridges, out_dir)
     if args.sequential:

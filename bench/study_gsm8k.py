@@ -368,7 +368,7 @@ def main():
         )
         results["tasks"]["gsm8k"] = {"best_lr": dict(best), "runs": runs, "sizes": task.sizes, "partial": True}
         results["wall_time_s"] = earlier_s + time.time() - started
-        write_json(out_dir / "results.json", results)
+        study.write_json(out_dir / "results.json", results)
     base = task.fresh()
     results["tasks"]["gsm8k"] = {
         "base": dict(task.evaluate(base), **task.accuracy(base)),
@@ -377,16 +377,9 @@ def main():
         "sizes": task.sizes,
     }
     results["wall_time_s"] = earlier_s + time.time() - started
-    write_json(out_dir / "results.json", results)
+    study.write_json(out_dir / "results.json", results)
     report(results, out_dir, methods)
     print(f"[gsm8k] done in {results['wall_time_s']:.0f} s: {out_dir}")
-
-
-def write_json(path: Path, data) -> None:
-    """Writes path whole or not at all (a run stopped midway leaves the previous file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def resumed(path: Path, results: dict):

@@ -82,7 +82,7 @@ def test_bad_arguments_name_the_argument(monkeypatch, capsys, argv, message):
 
 def test_resume_refuses_another_setup(tmp_path):
     results = {"setup": {"steps": 400, "r": 4}, "model": "m", "data": "d"}
-    gsm.write_json(tmp_path / "results.json", dict(results, setup={"steps": 400, "r": 16}))
+    gsm.study.write_json(tmp_path / "results.json", dict(results, setup={"steps": 400, "r": 16}))
     with pytest.raises(SystemExit, match=r"--resume: .*results.json holds another setup \(setup: .*'r': 16.* there"):
         gsm.resumed(tmp_path / "results.json", results)
     assert gsm.resumed(tmp_path / "none.json", results) == ([], {}, 0.0)
