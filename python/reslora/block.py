@@ -251,8 +251,9 @@ class ResLoRALinear(nn.Module):
         k = self.reach if chain is not None else 0
         p = self.dropout.p if self.training else 0.0
         replay = chain is not None and chain.replaying > 0
+        recompute = replay or in_backward()  # a checkpointed segment's recompute
         if chain is not None and not replay:
-            if in_backward() and (k > 0 or p > 0.0):
+            if recompute and (k > 0 or p > 0.0):
                 raise RuntimeError(
                     f"reslora: block {n} of chain {chain.name!r} is being recomputed during "
                     "backward by a checkpoint function that does not restore its forward pass, so "
@@ -290,7 +291,6 @@ class ResLoRALinear(nn.Module):
             z_shortcut = chain.need(state, n, n - 1, "mid activation")
             for j in range(2, k + 1):
                 z_shortcut = z_shortcut + chain.need(state, n, n - j, "mid activation")
-        recompute = replay or in_backward()
         # Only the is / ms merges read the norm statistics, recorded once per training forward
         # (not again when a checkpointed segment is recomputed): by the block's op itself.
         stats = (
