@@ -13,6 +13,7 @@ namespace reslora {
 struct PassState {
   std::vector<torch::Tensor> inputs;
   std::vector<torch::Tensor> mids;
+  std::vector<torch::Tensor> sums;  // ms, pre_num -1: the mid activations of blocks 0..n summed
   std::vector<bool> ran;
   torch::Tensor seed;
 };
@@ -27,6 +28,7 @@ struct ChainState {
     pass = std::make_shared<PassState>();
     pass->inputs.assign(blocks.size(), torch::Tensor());
     pass->mids.assign(blocks.size(), torch::Tensor());
+    pass->sums.assign(blocks.size(), torch::Tensor());
     pass->ran.assign(blocks.size(), false);
   }
   void end() { pass.reset(); }
@@ -126,9 +128,15 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
     }
     case Variant::kMS: {
       std::optional<torch::Tensor> z_shortcut;
-      for (int64_t k = 1; k <= k_max; ++k) {
-        const torch::Tensor& zk = need(n - k, "mid activation").mids[n - k];
-        z_shortcut = z_shortcut.has_value() ? *z_shortcut + zk : zk;
+      if (k_max > 0 && options_.pre_num() == -1) {
+        // Every earlier block: the running sum the previous block left (one add per block,
+        // not one per earlier block).
+        z_shortcut = need(n - 1, "mid activation").sums[n - 1];
+      } else {
+        for (int64_t k = 1; k <= k_max; ++k) {
+          const torch::Tensor& zk = need(n - k, "mid activation").mids[n - k];
+          z_shortcut = z_shortcut.has_value() ? *z_shortcut + zk : zk;
+        }
       }
       std::tie(y, z_own) = lora_linear(x, none, weight, b, lora_A, lora_B, z_shortcut, s, p, seed,
                                        n, r, xn, zn, count);
@@ -138,9 +146,14 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
   if (pass) {
     // Only what a later block of this pass reads; the last block ends the pass.
     if (options_.variant() == Variant::kIS) pass->inputs[n] = x;
-    if (options_.variant() == Variant::kMS) pass->mids[n] = z_own;
+    const bool last = n + 1 == static_cast<int64_t>(state->blocks.size());
+    if (options_.variant() == Variant::kMS) {
+      pass->mids[n] = z_own;
+      if (options_.pre_num() == -1 && !last)
+        pass->sums[n] = n == 0 ? z_own : pass->sums[n - 1] + z_own;
+    }
     pass->ran[n] = true;
-    if (n + 1 == static_cast<int64_t>(state->blocks.size())) state->end();
+    if (last) state->end();
   }
   return y;
 }

@@ -40,6 +40,7 @@ class Pass:
     def __init__(self, n: int):
         self.inputs: List[Optional[torch.Tensor]] = [None] * n
         self.mids: List[Optional[torch.Tensor]] = [None] * n
+        self.sums: List[Optional[torch.Tensor]] = [None] * n  # ms, pre_num -1: mids 0..n summed
         self.seed: Optional[torch.Tensor] = None
 
 
@@ -79,20 +80,26 @@ class ChainLinks:
     def end(self) -> None:
         self.current = None
 
-    def record(self, state: Pass, n: int, variant: str, x: torch.Tensor, z: torch.Tensor) -> None:
-        # Only what a later block of this pass reads (is: inputs, ms: mid activations), or
-        # everything while capture is on. Every block of a chain has the head's variant.
+    def record(self, state: Pass, n: int, variant: str, pre_num: int, x: torch.Tensor, z: torch.Tensor) -> None:
+        # Only what a later block of this pass reads (is: inputs, ms: mid activations, and with
+        # pre_num -1 their running sum), or everything while capture is on. Every block of a
+        # chain has the head's variant and pre_num.
+        last = n + 1 == len(self.blocks)
         if variant == "is" or self.capture:
             state.inputs[n] = x
         if variant == "ms":
             state.mids[n] = z
-        if n + 1 == len(self.blocks) and not self.capture:
+            if pre_num == -1 and not last:
+                state.sums[n] = z if n == 0 else state.sums[n - 1] + z
+        if last and not self.capture:
             self.end()  # no later block reads this pass
 
     def need(self, state: Optional[Pass], n: int, j: int, what: str) -> torch.Tensor:
+        """What block j recorded in this pass for block n: its input, its mid activation, or the
+        running sum of the mid activations up to it ("mid activation sum")."""
         t = None
         if state is not None:
-            t = (state.inputs if what == "input" else state.mids)[j]
+            t = {"input": state.inputs, "mid activation": state.mids, "mid activation sum": state.sums}[what][j]
         if t is None:
             raise RuntimeError(
                 f"reslora: block {n} of chain {self.name!r} needs the {what} of block {j} from "
@@ -287,6 +294,10 @@ class ResLoRALinear(nn.Module):
             earlier = [chain.block(n, n - j) for j in range(1, k + 1)]
             a_shortcut = [gathered(blk.lora_A, a) for blk in earlier]
             b_shortcut = [gathered(blk.lora_B, b) for blk in earlier]
+        elif self.variant == "ms" and k > 0 and self.pre_num == -1:
+            # every earlier block: the running sum the previous block left (one add per block,
+            # not one per earlier block)
+            z_shortcut = chain.need(state, n, n - 1, "mid activation sum")
         elif self.variant == "ms" and k > 0:
             z_shortcut = chain.need(state, n, n - 1, "mid activation")
             for j in range(2, k + 1):
@@ -338,7 +349,7 @@ class ResLoRALinear(nn.Module):
         if state is not None:
             # z is the block's own mid activation for is / ms, what record reads; bs's z is
             # wider (the earlier blocks' ranks too), and nothing reads it
-            chain.record(state, n, self.variant, x, z)
+            chain.record(state, n, self.variant, self.pre_num, x, z)
         return y
 
     def x_norm_mean(self) -> torch.Tensor:

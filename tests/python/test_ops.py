@@ -326,6 +326,33 @@ def test_eager_steps_dispatch_one_op_per_block(variant):
         assert {k: v for k, v in counts.items() if k not in views} == want
 
 
+def test_ms_reaching_every_earlier_block_adds_one_running_sum_per_block():
+    # pre_num -1: block n's shortcut is the sum of the n earlier mid activations, carried as a
+    # running sum (one add per block; summing them anew would take n - 1 adds in block n), and
+    # the outputs are the float64 reference's.
+    torch.manual_seed(0)
+    base = nn.Sequential(*[nn.Linear(8, 8).double() for _ in range(6)])
+    cfg = reslora.ResLoRAConfig(
+        r=2, variant="ms", pre_num=-1, init_lora_weights=False, target_modules=[str(i) for i in range(6)]
+    )
+    model = reslora.get_reslora_model(base, cfg).train()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    out = model(x)
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    assert sum(node.name() == "AddBackward0" for node in seen) == 4  # the sums of blocks 1 to 4
+    h, mids = x, []
+    for blk in model.blocks.values():
+        z = h @ blk.lora_A.T
+        h = blk.base_layer(h) + blk.scaling * (z + sum(mids, torch.zeros_like(z))) @ blk.lora_B.T
+        mids.append(z)
+    torch.testing.assert_close(out, h)
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 
