@@ -38,25 +38,7 @@ RANK = 4
 
 
 def model(device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, mlp, layers, heads, kv, vocab = WIDTHS
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-    )
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(cfg).to(device)
-    if device.type == "cuda":
-        m = m.to(torch.bfloat16)
-    m.config.use_cache = False
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
+    return shapes.llama(WIDTHS, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def graph_nodes(loss) -> int:

@@ -260,6 +260,19 @@ def test_compiled_graphs_hold_one_op_per_block(variant):
         assert {k: v for k, v in counts.items() if k not in views} == want
 
 
+def autograd_nodes(t):
+    """The autograd nodes behind t, counted by name (each node once)."""
+    from collections import Counter
+
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return Counter(node.name() for node in seen)
+
+
 # What an eager training step dispatches for the same chain (its input needs no gradient here),
 # besides views: one op per block forward and backward, the pass's one seed draw, and per variant
 # only the extras the compiled graphs hold: is sums the gradients of blocks 1 and 2's inputs
@@ -308,13 +321,7 @@ def test_eager_steps_dispatch_one_op_per_block(variant):
             loss = model(x).sum()
         # one autograd node per block, whatever the variant joins (bs: no node for the earlier
         # blocks' A and B, which the op takes as they are)
-        seen, todo = set(), [loss.grad_fn]
-        while todo:
-            node = todo.pop()
-            if node is not None and node not in seen:
-                seen.add(node)
-                todo += [n for n, _ in node.next_functions]
-        nodes = Counter(node.name().split("::")[-1] for node in seen)
+        nodes = Counter(node.split("::")[-1] for node in autograd_nodes(loss).elements())
         assert nodes == {"SumBackward0": 1, "LoraLinearFunction>": 4, "AccumulateGrad": 8}  # A, B
         with Dispatched() as bw:
             loss.backward()
@@ -338,13 +345,7 @@ def test_ms_reaching_every_earlier_block_adds_one_running_sum_per_block():
     model = reslora.get_reslora_model(base, cfg).train()
     x = torch.randn(5, 8, dtype=torch.float64)
     out = model(x)
-    seen, todo = set(), [out.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo += [n for n, _ in node.next_functions]
-    assert sum(node.name() == "AddBackward0" for node in seen) == 4  # the sums of blocks 1 to 4
+    assert autograd_nodes(out)["AddBackward0"] == 4  # the sums of blocks 1 to 4
     h, mids = x, []
     for blk in model.blocks.values():
         z = h @ blk.lora_A.T
