@@ -183,31 +183,30 @@ def graph_step(base, wrap, x, g, targets):
 
 
 def llama(args):
+    # hidden, MLP, layers, heads, KV heads, vocabulary
+    return random_llama((1024, 2816, 4, 16, 4, 32000) if args.quick else (2048, 5632, 22, 32, 4, 32000))
+
+
+def random_llama(widths, device="cuda", dtype=torch.bfloat16, tie=False):
+    """A randomly initialised, frozen Llama of widths (hidden, MLP, layers, heads, KV heads,
+    vocabulary), seed 0, without a KV cache: what every benchmark times."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if args.quick:
-        cfg = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=1024,
-            intermediate_size=2816,
-            num_hidden_layers=4,
-            num_attention_heads=16,
-            num_key_value_heads=4,
-        )
-    else:
-        cfg = LlamaConfig(
-            vocab_size=32000,
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=22,
-            num_attention_heads=32,
-            num_key_value_heads=4,
-        )
+    hidden, mlp, layers, heads, kv, vocab = widths
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tie,
+    )
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
     model.config.use_cache = False
-    return model
+    return model.requires_grad_(False)
 
 
 def bench_training_step(args, compiled=False):

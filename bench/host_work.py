@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import render
 import shapes
 
+import bench
 import reslora
 
 # hidden, MLP, layers, heads, KV heads, vocabulary: 8 layers of 7 projections = 56 adapted blocks
@@ -38,7 +39,7 @@ RANK = 4
 
 
 def model(device):
-    return shapes.llama(WIDTHS, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return bench.random_llama(WIDTHS, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
 def graph_nodes(loss) -> int:
@@ -154,8 +155,6 @@ def main():
         machine = f"{platform.processor() or platform.machine()} CPU, 1 thread"
     import peft
     import transformers
-
-    import bench
 
     record = {
         "info": {

@@ -62,31 +62,7 @@ def configs(r):
 
 
 def model(shape):
-    return llama(SHAPES[shape], tie=shape.startswith("Qwen"))
-
-
-def llama(widths, device="cuda", dtype=torch.bfloat16, tie=False):
-    """A randomly initialised, frozen Llama of widths (hidden, MLP, layers, heads, KV heads,
-    vocabulary), seed 0."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hidden, mlp, layers, heads, kv, vocab = widths
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=mlp,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(0)
-    with torch.device(device):
-        m = LlamaForCausalLM(cfg).to(dtype)
-    m.config.use_cache = False
-    for p in m.parameters():
-        p.requires_grad_(False)
-    return m
+    return bench.random_llama(SHAPES[shape], tie=shape.startswith("Qwen"))
 
 
 def make_step(base, wrap, ids, mode):
