@@ -32,6 +32,16 @@ def train(model, name, steps=4, lr=5e-2, optim=torch.optim.AdamW):
     return losses
 
 
+def trainer_args(out, **kw):
+    """The HF Trainer's arguments for a test: on the CPU, nothing reported, no checkpoint and no
+    progress bar unless kw says otherwise."""
+    import transformers
+
+    base = dict(output_dir=str(out), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
 def logits(model, name):
     with torch.no_grad():
         b = batch(name, seed=99)

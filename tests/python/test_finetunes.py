@@ -12,6 +12,7 @@ import torch
 
 import reslora
 
+import hf_training
 from hf_models import batch, make
 
 transformers = pytest.importorskip("transformers")
@@ -33,18 +34,7 @@ def accuracy(model, data):
 
 
 def trainer_args(out, **kw):
-    base = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=8,
-        learning_rate=2e-2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
+    return hf_training.trainer_args(out, **{"per_device_train_batch_size": 8, "learning_rate": 2e-2, "seed": 0, **kw})
 
 
 @pytest.mark.slow

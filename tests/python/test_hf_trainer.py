@@ -10,7 +10,7 @@ import torch
 import reslora
 
 from hf_models import batch
-from hf_training import logits, train, wrap
+from hf_training import logits, train, trainer_args, wrap
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -76,15 +76,12 @@ def test_hf_trainer_unchanged(tmp_path):
     model, _ = wrap("llama", "ms")
     data = [batch("llama", seed=i, n=1) for i in range(8)]
     data = [{k: v[0] for k, v in d.items()} for d in data]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
+    args = trainer_args(
+        tmp_path,
         per_device_train_batch_size=2,
         max_steps=4,
         learning_rate=1e-2,
         logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
         gradient_checkpointing=True,
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -98,13 +95,10 @@ def test_hf_trainer_unchanged(tmp_path):
 def test_hf_trainer_reentrant_checkpointing_reaches_our_check(tmp_path):
     transformers = pytest.importorskip("transformers")
     model, _ = wrap("llama", "is")
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
+    args = trainer_args(
+        tmp_path,
         per_device_train_batch_size=2,
         max_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
         gradient_checkpointing=True,
         gradient_checkpointing_kwargs={"use_reentrant": True},
     )
@@ -119,15 +113,13 @@ def test_hf_trainer_checkpoints_and_resumes_tied_model(tmp_path):
 
     def run(resume):
         model, _ = wrap("gpt2", "is")  # GPT-2 ties its input and output embeddings
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path),
+        args = trainer_args(
+            tmp_path,
             per_device_train_batch_size=2,
             max_steps=4,
             learning_rate=1e-2,
-            report_to=[],
             save_strategy="steps",
             save_steps=2,
-            use_cpu=True,
             seed=0,
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
@@ -181,16 +173,7 @@ def test_hf_trainer_bf16_mixed_precision(tmp_path):
     transformers = pytest.importorskip("transformers")
     model, _ = wrap("llama", "is", lora_dropout=0.1)  # an fp32 model, bf16 autocast by the Trainer
     data = [{k: v[0] for k, v in batch("llama", seed=i, n=1).items()} for i in range(4)]
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        max_steps=2,
-        learning_rate=1e-2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=True,
-    )
+    args = trainer_args(tmp_path, per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2, bf16=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     transformers.Trainer(model=model, args=args, train_dataset=data).train()
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

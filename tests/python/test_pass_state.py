@@ -15,6 +15,7 @@ from torch import nn
 import reslora
 
 from hf_models import TARGETS, batch, make
+from hf_training import trainer_args
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,14 +119,11 @@ def test_hf_trainer_with_gradient_checkpointing_trains_as_without(tmp_path, vari
 
     def trained(ckpt):
         model = wrapped(variant, pre_num)
-        args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / str(ckpt)),
+        args = trainer_args(
+            tmp_path / str(ckpt),
             per_device_train_batch_size=2,
             max_steps=3,
             learning_rate=1e-2,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
             seed=11,
             gradient_checkpointing=ckpt,
             dataloader_drop_last=True,
