@@ -125,7 +125,7 @@ def main():
         if device.type == "cpu":
             name = name.replace(" bf16", "")  # the model and its adapters are float32 here
         steps[name] = prepare(base, wrap, ids, device)
-        for _ in range(10):
+        for _ in range(min(10, args.repeat)):  # warm-up
             steps[name]()
     # Round-robin over the configurations, so that a drift of the machine's speed during the run
     # is shared by all of them, not charged to one.
