@@ -65,6 +65,7 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
   if (state && n == 0) state->begin();  // the head starts a new pass
   const std::shared_ptr<PassState> pass = state ? state->pass : nullptr;
   const int64_t k_max = shortcut_reach(options_.variant(), n, options_.pre_num());
+  const bool running_sum = shortcut_running_sum(options_.variant(), options_.pre_num());
   const auto need = [&](int64_t j, const char* what) -> const PassState& {
     TORCH_CHECK(pass && pass->ran[j], "reslora: block ", n, " of chain '", state->name,
                 "' needs the ", what, " of block ", j, " from this forward pass, but block ", j,
@@ -128,7 +129,7 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
     }
     case Variant::kMS: {
       std::optional<torch::Tensor> z_shortcut;
-      if (k_max > 0 && options_.pre_num() == -1) {
+      if (k_max > 0 && running_sum) {
         // Every earlier block: the running sum the previous block left (one add per block,
         // not one per earlier block).
         z_shortcut = need(n - 1, "mid activation").sums[n - 1];
@@ -149,8 +150,7 @@ torch::Tensor ResLoRALinearImpl::forward(const torch::Tensor& x) {
     const bool last = n + 1 == static_cast<int64_t>(state->blocks.size());
     if (options_.variant() == Variant::kMS) {
       pass->mids[n] = z_own;
-      if (options_.pre_num() == -1 && !last)
-        pass->sums[n] = n == 0 ? z_own : pass->sums[n - 1] + z_own;
+      if (running_sum && !last) pass->sums[n] = n == 0 ? z_own : pass->sums[n - 1] + z_own;
     }
     pass->ran[n] = true;
     if (last) state->end();

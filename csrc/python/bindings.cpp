@@ -249,6 +249,13 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("variant"), py::arg("position"), py::arg("pre_num"),
       "How many predecessors block `position` reads in a pass.");
+  m.def(
+      "shortcut_running_sum",
+      [](const std::string& variant, int64_t pre_num) {
+        return reslora::shortcut_running_sum(reslora::parse_variant(variant), pre_num);
+      },
+      py::arg("variant"), py::arg("pre_num"),
+      "Whether a chain's blocks carry their mid activations as a running sum (ms, pre_num -1).");
   m.def("_chain_forward_cpp", &chain_forward_cpp, py::arg("variant"), py::arg("pre_num"),
         py::arg("r"), py::arg("lora_alpha"), py::arg("dropout"), py::arg("training"),
         py::arg("weights"), py::arg("As"), py::arg("Bs"), py::arg("xs"), py::arg("grad_outputs"),

@@ -95,6 +95,10 @@ std::string merged_twice_error(const std::string& subject) {
   return "reslora: " + subject + " is already merged; merge_to_lora() would apply the merge twice";
 }
 
+bool shortcut_running_sum(Variant variant, int64_t pre_num) {
+  return variant == Variant::kMS && pre_num == -1;
+}
+
 int64_t shortcut_reach(Variant variant, int64_t position, int64_t pre_num) {
   TORCH_CHECK_VALUE(position >= 0, "reslora: position must be >= 0, got ", position);
   switch (variant) {

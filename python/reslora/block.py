@@ -80,16 +80,16 @@ class ChainLinks:
     def end(self) -> None:
         self.current = None
 
-    def record(self, state: Pass, n: int, variant: str, pre_num: int, x: torch.Tensor, z: torch.Tensor) -> None:
-        # Only what a later block of this pass reads (is: inputs, ms: mid activations, and with
-        # pre_num -1 their running sum), or everything while capture is on. Every block of a
-        # chain has the head's variant and pre_num.
+    def record(self, state: Pass, n: int, variant: str, running_sum: bool, x: torch.Tensor, z: torch.Tensor) -> None:
+        # Only what a later block of this pass reads (is: inputs, ms: mid activations, and their
+        # running sum where the chain carries one), or everything while capture is on. Every
+        # block of a chain has the head's variant and pre_num.
         last = n + 1 == len(self.blocks)
         if variant == "is" or self.capture:
             state.inputs[n] = x
         if variant == "ms":
             state.mids[n] = z
-            if pre_num == -1 and not last:
+            if running_sum and not last:
                 state.sums[n] = z if n == 0 else state.sums[n - 1] + z
         if last and not self.capture:
             self.end()  # no later block reads this pass
@@ -115,6 +115,8 @@ class ResLoRALinear(nn.Module):
     base_layer: an nn.Linear (weight [d_out, d_in]) or a GPT-2 style Conv1D (weight
     [d_in, d_out]); it is frozen. lora_A: [r, d_in]; lora_B: [d_out, r]; scaling = lora_alpha / r.
     """
+
+    running_sum = False  # also for blocks pickled before chains carried running sums
 
     def __init__(
         self,
@@ -186,6 +188,7 @@ class ResLoRALinear(nn.Module):
         self.calibration: object = None  # set while the fit merge calibrates
         self.position = 0
         self.reach = 0  # predecessors this block reads in a pass (the C++ rule)
+        self.running_sum = False  # its chain carries the mid activations summed (the C++ rule)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) / .half() must not round the norm statistics: they stay float32.
@@ -294,7 +297,7 @@ class ResLoRALinear(nn.Module):
             earlier = [chain.block(n, n - j) for j in range(1, k + 1)]
             a_shortcut = [gathered(blk.lora_A, a) for blk in earlier]
             b_shortcut = [gathered(blk.lora_B, b) for blk in earlier]
-        elif self.variant == "ms" and k > 0 and self.pre_num == -1:
+        elif k > 0 and self.running_sum:
             # every earlier block: the running sum the previous block left (one add per block,
             # not one per earlier block)
             z_shortcut = chain.need(state, n, n - 1, "mid activation sum")
@@ -349,7 +352,7 @@ class ResLoRALinear(nn.Module):
         if state is not None:
             # z is the block's own mid activation for is / ms, what record reads; bs's z is
             # wider (the earlier blocks' ranks too), and nothing reads it
-            chain.record(state, n, self.variant, self.pre_num, x, z)
+            chain.record(state, n, self.variant, self.running_sum, x, z)
         return y
 
     def x_norm_mean(self) -> torch.Tensor:
@@ -396,3 +399,4 @@ class ResLoRALinear(nn.Module):
         self.use_rslora = False
         self.variant = "lora"
         self.reach = 0
+        self.running_sum = False

@@ -54,6 +54,7 @@ class ResLoRAChain:
         blk.links = self.links
         blk.position = n
         blk.reach = _C.shortcut_reach(blk.variant, n, blk.pre_num)
+        blk.running_sum = _C.shortcut_running_sum(blk.variant, blk.pre_num)
         self.blocks.append(blk)
         self.links.blocks.append(weakref.ref(blk))
         self.links.end()

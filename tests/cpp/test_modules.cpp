@@ -125,6 +125,14 @@ INSTANTIATE_TEST_SUITE_P(Variants, RandomShapes,
                                   (p < 0 ? std::string("all") : std::to_string(p));
                          });
 
+TEST(Rules, OnlyMsReachingEveryEarlierBlockCarriesARunningSum) {
+  EXPECT_TRUE(reslora::shortcut_running_sum(Variant::kMS, -1));
+  EXPECT_FALSE(reslora::shortcut_running_sum(Variant::kMS, 1));
+  EXPECT_FALSE(reslora::shortcut_running_sum(Variant::kMS, 2));
+  EXPECT_FALSE(reslora::shortcut_running_sum(Variant::kBS, -1));
+  EXPECT_FALSE(reslora::shortcut_running_sum(Variant::kIS, -1));
+}
+
 TEST(Modules, TrainsFromCpp) {
   torch::manual_seed(0);
   ResLoRAChain chain("train");

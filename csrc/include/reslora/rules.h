@@ -52,6 +52,11 @@ std::string merged_twice_error(const std::string& subject);
 // (their mid activations).
 int64_t shortcut_reach(Variant variant, int64_t position, int64_t pre_num);
 
+// Whether the blocks of a chain carry their mid activations as a running sum (block n records
+// the sum of blocks 0..n, and block n + 1 reads it as its whole shortcut): ms reaching every
+// earlier block (pre_num -1), where summing them anew would cost block n its n - 1 adds.
+bool shortcut_running_sum(Variant variant, int64_t pre_num);
+
 // The dropout seed of a pass: an int64 tensor of one element drawn from the default generator of
 // like's device (torch.manual_seed makes it reproducible), left on that device. Block n of a
 // chain uses it with seed_offset = n, so one draw serves a whole chain pass. Also the op
