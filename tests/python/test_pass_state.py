@@ -170,9 +170,11 @@ def test_a_foreign_checkpoint_function_is_a_clear_error_and_reslora_checkpoint_i
 # --- no state between passes ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant,what", [("is", "input"), ("ms", "mid activation")])
-def test_a_block_alone_after_a_pass_never_reads_that_pass(variant, what):
-    model = wrapped(variant, 1, dropout=0.0)
+@pytest.mark.parametrize(
+    "variant,pre_num,what", [("is", 1, "input"), ("ms", 1, "mid activation"), ("ms", -1, "mid activation sum")]
+)
+def test_a_block_alone_after_a_pass_never_reads_that_pass(variant, pre_num, what):
+    model = wrapped(variant, pre_num, dropout=0.0)
     model(**batch("llama"))
     chain = next(iter(model.linked_chains.values()))
     assert chain.links.current is None
