@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 from torch import nn
@@ -47,6 +48,26 @@ def timed(fn, warmup, repeat):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def timed_with_host(fn, warmup, repeat):
+    """Median GPU time of fn (CUDA events, ms), median time the host takes to issue it (ms,
+    without waiting for the GPU), and the peak memory (GiB) over the repeats."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    gpu, host = [], []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+        end.record()
+        torch.cuda.synchronize()
+        gpu.append(start.elapsed_time(end))
+    return statistics.median(gpu), statistics.median(host), torch.cuda.max_memory_allocated() / 2**30
 
 
 def measure(make_step, args):

@@ -12,7 +12,6 @@ and lists the host-side operators that take the most CPU time.
 """
 
 import argparse
-import time
 import warnings
 
 import torch
@@ -77,21 +76,7 @@ def report(name, step, args, steps=5):
 
 
 def report_host(name, step, args, steps):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    issue, run = [], []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        step()
-        issue.append((time.perf_counter() - t0) * 1e3)
-        end.record()
-        torch.cuda.synchronize()
-        run.append(start.elapsed_time(end))
-    issue.sort()
-    run.sort()
+    run, issue, _ = bench.timed_with_host(step, 3, steps)
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -100,8 +85,7 @@ def report_host(name, step, args, steps):
     torch.cuda.synchronize()
     syncs = sorted({str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)})
     print(
-        f"\n=== {name}: GPU {run[steps // 2]:.3f} ms per step, host issue {issue[steps // 2]:.3f} ms, "
-        f"host-device syncs in a step: {len(syncs)}"
+        f"\n=== {name}: GPU {run:.3f} ms per step, host issue {issue:.3f} ms, host-device syncs in a step: {len(syncs)}"
     )
     for s in syncs:
         print("    sync:", s)

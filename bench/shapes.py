@@ -16,9 +16,7 @@ import argparse
 import copy
 import gc
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -118,24 +116,6 @@ def make_step(base, wrap, ids, mode):
     return replay
 
 
-def timed(fn, warmup, repeat):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    gpu, host = [], []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        t0 = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - t0) * 1e3)
-        end.record()
-        torch.cuda.synchronize()
-        gpu.append(start.elapsed_time(end))
-    return statistics.median(gpu), statistics.median(host), torch.cuda.max_memory_allocated() / 2**30
-
-
 def sweep(shape, r, mode, args):
     base = model(shape)
     ids = torch.randint(0, SHAPES[shape][5], (BATCH, SEQ), device="cuda")
@@ -143,7 +123,7 @@ def sweep(shape, r, mode, args):
     for name, wrap in configs(r):
         try:
             step = make_step(base, wrap, ids, mode)
-            ms, host, mem = timed(step, args.warmup, args.repeat)
+            ms, host, mem = bench.timed_with_host(step, args.warmup, args.repeat)
             rows.append({"config": name, "ms": ms, "host_ms": host, "peak_gib": mem})
             print(f"  {shape} r={r} {mode} {name}: {ms:.2f} ms (host {host:.2f} ms)", flush=True)
         except Exception as e:  # a mode a configuration does not support is reported, not hidden
