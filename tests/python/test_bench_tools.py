@@ -43,7 +43,8 @@ def test_host_work_writes_a_record_that_renders(tmp_path):
     assert [n.split(",")[0] for n in names[2:]] == [f"reslora {v}" for v in ("lora", "is", "bs", "ms")]
     for row in rows[1:]:
         per = row["per_block"]
-        assert per["fwd"] > 0 and per["ops"] > 0  # an adapter adds host work over the base
+        # the counts, not the times: one repeat on a busy machine says nothing about time
+        assert per["ops"] > 0 and all(k in per for k in ("fwd", "bwd", "opt", "launches"))
     for row in rows[2:]:
         assert row["per_block"]["nodes"] < 1  # one op per block: no autograd node of its own
     text = load("render").render_host(record)
